@@ -1,0 +1,264 @@
+//! A typed view of the item under `#[task]` / `#[main]`, with every semantic check.
+//!
+//! Checks never stop at the first problem: each one adds to [`Errors`] so a user sees all of
+//! them in one compile, each on the offending token with the fix spelled out.
+
+use crate::args::Errors;
+use proc_macro2::{Span, TokenStream};
+use syn::spanned::Spanned;
+use syn::visit::Visit;
+use syn::{FnArg, Item, ItemFn, ReturnType, Type};
+
+/// A function accepted by `#[task]`.
+pub struct TaskFn {
+    pub item: ItemFn,
+    /// Argument types, in order.
+    pub arg_types: Vec<Type>,
+}
+
+/// Parses the input of `#[task]`. Returns the function even when it has problems, so the
+/// caller can emit it next to the errors (no cascade of "cannot find function" at call sites).
+pub fn parse_task(input: TokenStream, errors: &mut Errors) -> Result<TaskFn, TokenStream> {
+    let item = match syn::parse2::<Item>(input.clone()) {
+        Ok(Item::Fn(item)) => item,
+        Ok(other) => {
+            let what = describe(&other);
+            errors.error(
+                item_span(&other),
+                format!(
+                    "#[multiproc::task] applies to a free `fn`, not to {what}: put it on a function \
+                     defined at module level"
+                ),
+            );
+            return Err(input);
+        }
+        Err(err) => {
+            errors.push(err);
+            return Err(input);
+        }
+    };
+    check_signature(&item, errors);
+    let mut arg_types = Vec::new();
+    for arg in &item.sig.inputs {
+        match arg {
+            FnArg::Receiver(receiver) => errors.error(
+                receiver.span(),
+                "a task cannot take `self`: tasks are free functions run by name in another \
+                 process; move it out of the `impl` block and pass the value as an argument",
+            ),
+            FnArg::Typed(pat_type) => {
+                check_owned(&pat_type.ty, "argument", errors);
+                arg_types.push((*pat_type.ty).clone());
+            }
+        }
+    }
+    if let ReturnType::Type(_, ty) = &item.sig.output {
+        check_owned(ty, "return type", errors);
+    }
+    Ok(TaskFn { item, arg_types })
+}
+
+fn check_signature(item: &ItemFn, errors: &mut Errors) {
+    let sig = &item.sig;
+    if let Some(token) = &sig.asyncness {
+        errors.error(
+            token.span(),
+            "a task cannot be `async`: each task runs on its own worker process; make it a \
+             plain `fn` and, if it needs async I/O, build a runtime inside it (`block_on`)",
+        );
+    }
+    if let Some(token) = &sig.constness {
+        errors.error(
+            token.span(),
+            "a task cannot be `const fn`: remove `const`, or keep the `const fn` and call it from \
+             a separate #[task] function",
+        );
+    }
+    if let Some(token) = &sig.unsafety {
+        errors.error(
+            token.span(),
+            "a task cannot be `unsafe fn`: the pool calls it with whatever a caller sends and \
+             cannot uphold its safety contract; make the function safe and use `unsafe` blocks \
+             inside it",
+        );
+    }
+    if let Some(abi) = &sig.abi {
+        errors.error(
+            abi.span(),
+            "a task cannot declare an ABI: remove `extern`; the pool calls it as a Rust function",
+        );
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.error(variadic.span(), "a task cannot be variadic");
+    }
+    if !sig.generics.params.is_empty() {
+        errors.error(
+            sig.generics.params.span(),
+            "a task cannot be generic: a worker finds it by name and needs one concrete \
+             signature; write a #[task] for each concrete type (they can share a generic helper)",
+        );
+    }
+    if let Some(clause) = &sig.generics.where_clause {
+        errors.error(
+            clause.where_token.span(),
+            "a task cannot have a `where` clause: its argument and return types must be \
+             concrete; remove the clause",
+        );
+    }
+}
+
+/// Rejects types that cannot cross a process boundary by value: references, lifetimes, and
+/// `impl Trait`. Serialize/Deserialize are checked by the compiler at each type's span.
+fn check_owned(ty: &Type, role: &str, errors: &mut Errors) {
+    struct Finder<'a> {
+        role: &'a str,
+        errors: &'a mut Errors,
+    }
+    impl<'ast> Visit<'ast> for Finder<'_> {
+        fn visit_type_reference(&mut self, node: &'ast syn::TypeReference) {
+            let suggestion = owned_suggestion(&node.elem);
+            self.errors.error(
+                node.span(),
+                format!(
+                    "task {} is borrowed: values are sent to another process and must be owned; \
+                     use {suggestion}",
+                    self.role
+                ),
+            );
+        }
+        fn visit_lifetime(&mut self, node: &'ast syn::Lifetime) {
+            self.errors.error(
+                node.span(),
+                format!(
+                    "task {} has a lifetime: values are sent to another process and must be \
+                     owned (`'static` data such as `String`, `Vec<T>`)",
+                    self.role
+                ),
+            );
+        }
+        fn visit_type_impl_trait(&mut self, node: &'ast syn::TypeImplTrait) {
+            self.errors.error(
+                node.span(),
+                format!(
+                    "task {} cannot be `impl Trait`: a worker needs one concrete type to \
+                     deserialize; name the type",
+                    self.role
+                ),
+            );
+        }
+        fn visit_type_bare_fn(&mut self, node: &'ast syn::TypeBareFn) {
+            self.errors.error(
+                node.span(),
+                format!(
+                    "task {} cannot be a function pointer: addresses do not carry over to \
+                     another process; pass data, or another #[task] by name",
+                    self.role
+                ),
+            );
+        }
+        fn visit_type_trait_object(&mut self, node: &'ast syn::TypeTraitObject) {
+            self.errors.error(
+                node.span(),
+                format!(
+                    "task {} cannot be a trait object: a worker needs one concrete type to \
+                     deserialize; use an enum or a concrete type",
+                    self.role
+                ),
+            );
+        }
+    }
+    Finder { role, errors }.visit_type(ty);
+}
+
+fn owned_suggestion(elem: &Type) -> String {
+    match elem {
+        Type::Path(path) if path.path.is_ident("str") => "`String` instead of `&str`".into(),
+        Type::Path(path) if path.path.is_ident("Path") => "`PathBuf` instead of `&Path`".into(),
+        Type::Slice(slice) => {
+            let inner = quote::ToTokens::to_token_stream(&slice.elem).to_string();
+            format!("`Vec<{inner}>` instead of `&[{inner}]`")
+        }
+        other => {
+            let inner = quote::ToTokens::to_token_stream(other).to_string();
+            format!("`{inner}` by value instead of a reference")
+        }
+    }
+}
+
+/// Parses and checks the input of `#[main]`.
+pub fn parse_main(input: TokenStream, errors: &mut Errors) -> Result<ItemFn, TokenStream> {
+    let item = match syn::parse2::<Item>(input.clone()) {
+        Ok(Item::Fn(item)) => item,
+        Ok(other) => {
+            errors.error(
+                item_span(&other),
+                format!("#[multiproc::main] applies to `fn main`, not to {}", describe(&other)),
+            );
+            return Err(input);
+        }
+        Err(err) => {
+            errors.push(err);
+            return Err(input);
+        }
+    };
+    let sig = &item.sig;
+    if sig.ident != "main" {
+        errors.error(
+            sig.ident.span(),
+            format!(
+                "#[multiproc::main] goes on `fn main`, the entry a re-executed worker passes \
+                 through, not on `{}`; for tests, give the test target `harness = false` and \
+                 a `#[multiproc::main] fn main`",
+                sig.ident
+            ),
+        );
+    }
+    if let Some(token) = &sig.asyncness {
+        errors.error(
+            token.span(),
+            "#[multiproc::main] needs a synchronous `fn main`: place it below your runtime's \
+             attribute (`#[tokio::main] #[multiproc::main] async fn main`), which hands it the \
+             synchronous `main` it generates, or build the runtime inside a plain `fn main`",
+        );
+    }
+    if !sig.inputs.is_empty() {
+        errors.error(sig.inputs.span(), "`fn main` takes no arguments");
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        errors.error(sig.generics.span(), "`fn main` cannot be generic");
+    }
+    Ok(item)
+}
+
+fn describe(item: &Item) -> &'static str {
+    match item {
+        Item::Struct(_) => "a struct",
+        Item::Enum(_) => "an enum",
+        Item::Impl(_) => "an `impl` block (tasks cannot take `self`)",
+        Item::Trait(_) => "a trait",
+        Item::Mod(_) => "a module",
+        Item::Const(_) => "a const",
+        Item::Static(_) => "a static",
+        Item::Type(_) => "a type alias",
+        Item::Use(_) => "a `use` declaration",
+        Item::Union(_) => "a union",
+        Item::Macro(_) => "a macro invocation",
+        _ => "this item",
+    }
+}
+
+fn item_span(item: &Item) -> Span {
+    // Point at the keyword and name rather than the whole body.
+    match item {
+        Item::Struct(item) => item.ident.span(),
+        Item::Enum(item) => item.ident.span(),
+        Item::Impl(item) => item.impl_token.span(),
+        Item::Trait(item) => item.ident.span(),
+        Item::Mod(item) => item.ident.span(),
+        Item::Const(item) => item.ident.span(),
+        Item::Static(item) => item.ident.span(),
+        Item::Type(item) => item.ident.span(),
+        Item::Union(item) => item.ident.span(),
+        other => other.span(),
+    }
+}

@@ -1,0 +1,71 @@
+//! Splitting input into chunks and encoding them as `Run` frames.
+
+use crate::codec;
+use crate::error::{Error, ErrorKind};
+use crate::protocol::{self, Header};
+use crate::sched::{CallSink, Chunk, Shared};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// How many items go into one chunk (one message to a worker).
+///
+/// # Examples
+///
+/// ```
+/// use multiproc_runtime::Chunking;
+///
+/// assert_eq!(Chunking::default(), Chunking::Auto);
+/// let fixed = Chunking::Fixed(64);
+/// # let _ = fixed;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Chunking {
+    /// Chosen by the pool. For an input of known length (`map`, `starmap`):
+    /// `ceil(len / (4 × workers))`, Python's rule, so each worker gets about four chunks and
+    /// the last ones balance the load. For a stream (`imap`): starts at one item and adapts
+    /// to the measured time per item, aiming at chunks of a few milliseconds.
+    #[default]
+    Auto,
+    /// Exactly this many items per chunk (the last one may hold fewer). `Fixed(0)` acts as 1.
+    Fixed(usize),
+}
+
+impl Chunking {
+    /// The chunk size for an input of `len` items on `workers` workers.
+    pub(crate) fn for_len(self, len: usize, workers: usize) -> usize {
+        match self {
+            Chunking::Fixed(size) => size.max(1),
+            Chunking::Auto => len.div_ceil(4 * workers.max(1)).max(1),
+        }
+    }
+}
+
+/// Encodes `items` (the input positions `first..`) as one chunk of `call`.
+pub(crate) fn encode_chunk<A: Serialize>(
+    shared: &Shared,
+    call: Arc<dyn CallSink>,
+    task: u32,
+    first: usize,
+    items: impl ExactSizeIterator<Item = A>,
+    max_frame_len: u32,
+) -> Result<Chunk, (Arc<dyn CallSink>, usize, Error)> {
+    let count = items.len();
+    let seq = shared.next_seq();
+    let Ok(count32) = u32::try_from(count) else {
+        let err = Error::new(ErrorKind::Codec, "a chunk cannot hold more than u32::MAX items");
+        return Err((call, count, err));
+    };
+    let mut frame = Vec::with_capacity(16 + count * 8);
+    let start = protocol::begin_frame(&mut frame, &Header::Run { seq, task, count: count32 });
+    for (offset, item) in items.enumerate() {
+        if let Err(err) = codec::encode_into(&item, &mut frame) {
+            let index = first + offset;
+            let err = Error::codec(format!("the arguments of item {index} could not be encoded"), err);
+            return Err((call, count, err));
+        }
+    }
+    if let Err(err) = protocol::end_frame(&mut frame, start, max_frame_len) {
+        return Err((call, count, err));
+    }
+    Ok(Chunk { call, seq, first, count: count32, frame })
+}

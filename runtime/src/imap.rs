@@ -1,0 +1,208 @@
+//! [`IMap`]: the lazy streams of `imap` and `imap_unordered`.
+//!
+//! The input is pulled on the caller's thread, only while fewer than a window of items are
+//! outstanding (submitted, not yet yielded). That bounds memory whatever the input's length
+//! (an infinite iterator included), unlike Python's `imap`, which reads its input ahead.
+
+use crate::chunk::{Chunking, encode_chunk};
+use crate::error::Error;
+use crate::pool::{Pool, clone_error};
+use crate::registry::Registry;
+use crate::result::CallState;
+use crate::sched::{CallSink, Shared};
+use crate::task::Task;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Chunks of this duration amortise the per-message cost while keeping the stream lively.
+const TARGET_CHUNK_TIME: Duration = Duration::from_millis(2);
+/// Upper bound of an adaptive chunk.
+const MAX_AUTO_CHUNK: usize = 1 << 14;
+
+/// The iterator returned by [`Pool::imap`] (outputs in input order) and
+/// [`Pool::imap_unordered`] (outputs in completion order). Each item is the task's output for
+/// one input, or that input's error; the stream goes on after an error.
+///
+/// It pulls its input lazily, keeps a bounded number of items in flight, and does not borrow
+/// the pool: it may outlive it, in which case the items the pool could not finish come out
+/// as errors of kind [`ErrorKind::Closed`](crate::ErrorKind::Closed). Dropping it stops
+/// feeding and discards outstanding outputs without waiting for them.
+///
+/// # Examples
+///
+/// ```ignore
+/// let first: Vec<u64> = pool.imap(square, 0..).take(3).collect::<Result<_, _>>()?;
+/// assert_eq!(first, vec![0, 1, 4]);
+/// ```
+#[must_use = "an IMap does nothing unless iterated"]
+pub struct IMap<T: Task, I> {
+    shared: Arc<Shared>,
+    state: Arc<CallState<T::Output>>,
+    input: Option<I>,
+    task: Result<u32, Error>,
+    chunking: Chunking,
+    ordered: bool,
+    workers: usize,
+    max_frame_len: u32,
+    /// Index of the next input item to submit.
+    submitted: usize,
+    /// Outputs handed to the caller.
+    yielded: usize,
+    /// Ordered mode: index of the next output to yield, and outputs that came early.
+    next_index: usize,
+    early: BTreeMap<usize, Result<T::Output, Error>>,
+    /// Adaptive chunking: size of the last chunk, and when the stream started.
+    last_chunk: usize,
+    started: Instant,
+}
+
+impl<T: Task, I: Iterator> IMap<T, I>
+where
+    I::Item: Serialize,
+{
+    pub(crate) fn new(pool: &Pool, input: I, chunking: Chunking, ordered: bool) -> Self {
+        IMap {
+            shared: Arc::clone(pool.shared()),
+            state: CallState::new(T::NAME),
+            input: Some(input),
+            task: Registry::get().and_then(Registry::id_of_task::<T>),
+            chunking,
+            ordered,
+            workers: pool.processes(),
+            max_frame_len: pool.max_frame_len(),
+            submitted: 0,
+            yielded: 0,
+            next_index: 0,
+            early: BTreeMap::new(),
+            last_chunk: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// Items that may be outstanding: a few chunks per worker, so every worker has one
+    /// running and one queued while the caller consumes.
+    fn window(&self, chunk: usize) -> usize {
+        chunk * self.workers * 4
+    }
+
+    fn chunk_size(&self) -> usize {
+        match self.chunking {
+            Chunking::Fixed(size) => size.max(1),
+            Chunking::Auto => {
+                let done = self.yielded + self.early.len();
+                if done < self.workers * 2 {
+                    return 1;
+                }
+                // Wall time per item per worker, so far; the next chunk aims at the target
+                // duration and grows at most twofold per step.
+                let per_item = self.started.elapsed().as_secs_f64() * self.workers as f64 / done as f64;
+                let ideal = (TARGET_CHUNK_TIME.as_secs_f64() / per_item.max(1e-9)) as usize;
+                ideal.clamp(1, MAX_AUTO_CHUNK).min(self.last_chunk.max(1) * 2)
+            }
+        }
+    }
+
+    /// Pulls and submits input while the window has room.
+    fn feed(&mut self) {
+        loop {
+            if self.input.is_none() {
+                return;
+            }
+            let size = self.chunk_size();
+            if self.submitted - self.yielded >= self.window(size) {
+                return;
+            }
+            let input = self.input.as_mut().expect("checked above");
+            let items: Vec<I::Item> = input.by_ref().take(size).collect();
+            let exhausted = items.len() < size;
+            if exhausted {
+                self.input = None;
+            }
+            let count = items.len();
+            self.state.expect(count, exhausted);
+            if count == 0 {
+                return;
+            }
+            let first = self.submitted;
+            self.submitted += count;
+            self.last_chunk = count;
+            let sink: Arc<dyn CallSink> = self.state.clone();
+            let task = match &self.task {
+                Ok(task) => *task,
+                Err(err) => {
+                    sink.fail(first, count as u32, &|index| clone_error(err, T::NAME, index));
+                    continue;
+                }
+            };
+            match encode_chunk(&self.shared, sink, task, first, items.into_iter(), self.max_frame_len) {
+                Ok(chunk) => {
+                    if self.shared.submit([chunk]).is_err() {
+                        // The pool is gone: the refused items come out as errors; stop there.
+                        self.input = None;
+                        self.state.expect(0, true);
+                    }
+                }
+                Err((sink, count, err)) => {
+                    sink.fail(first, count as u32, &|index| clone_error(&err, T::NAME, index));
+                }
+            }
+        }
+    }
+}
+
+impl<T: Task, I: Iterator> Iterator for IMap<T, I>
+where
+    I::Item: Serialize,
+{
+    type Item = Result<T::Output, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.ordered {
+                if let Some(output) = self.early.remove(&self.next_index) {
+                    self.next_index += 1;
+                    self.yielded += 1;
+                    return Some(output);
+                }
+            }
+            self.feed();
+            let mut inbox = self
+                .state
+                .wait_until(None, |inbox| !inbox.ready.is_empty() || inbox.pending == 0);
+            if inbox.ready.is_empty() {
+                drop(inbox);
+                if self.input.is_none() && self.early.is_empty() {
+                    return None;
+                }
+                continue;
+            }
+            if self.ordered {
+                self.early.extend(inbox.ready.drain(..));
+            } else {
+                let (_, output) = inbox.ready.pop_front().expect("checked non-empty");
+                self.yielded += 1;
+                return Some(output);
+            }
+        }
+    }
+}
+
+impl<T: Task, I> Drop for IMap<T, I> {
+    fn drop(&mut self) {
+        // Queued chunks of this call are skipped; outputs still arriving are discarded.
+        self.state.abandon();
+    }
+}
+
+impl<T: Task, I> std::fmt::Debug for IMap<T, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IMap")
+            .field("task", &T::NAME)
+            .field("ordered", &self.ordered)
+            .field("submitted", &self.submitted)
+            .field("yielded", &self.yielded)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,35 @@
+//! Runtime of [multiproc](https://docs.rs/multiproc): the task registry, the worker entry,
+//! the wire protocol, the pool and its results. Depend on the `multiproc` crate instead; it
+//! re-exports everything public here, with the attribute macros.
+
+mod chunk;
+mod codec;
+mod error;
+mod imap;
+mod pool;
+mod protocol;
+mod registry;
+mod result;
+mod sched;
+mod slot;
+mod spawn;
+mod task;
+mod worker;
+
+pub use chunk::Chunking;
+pub use error::{Error, ErrorKind};
+pub use imap::IMap;
+pub use pool::{Call, Pool, PoolBuilder};
+pub use result::AsyncResult;
+pub use task::{Payload, Task, UnaryTask};
+
+/// Used by the code `#[multiproc::task]` and `#[multiproc::main]` generate. Not public API:
+/// anything here may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::TaskEntry;
+    pub use crate::task::{Task, UnaryTask, assert_payload};
+    pub use crate::worker::worker_main;
+    pub use inventory;
+    pub use serde;
+}

@@ -1,0 +1,577 @@
+//! [`Pool`]: a fixed set of worker processes that run tasks, with Python's `Pool` methods.
+
+use crate::chunk::{Chunking, encode_chunk};
+use crate::error::{Error, ErrorKind};
+use crate::imap::IMap;
+use crate::protocol::DEFAULT_MAX_FRAME_LEN;
+use crate::registry::Registry;
+use crate::result::{AsyncResult, CallState, collect_in_order};
+use crate::sched::{CallSink, Shared};
+use crate::slot::{Slot, SlotConfig};
+use crate::spawn::SpawnOptions;
+use crate::task::{Task, UnaryTask};
+use crate::worker;
+use serde::Serialize;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A pool of worker processes.
+///
+/// Each worker is this executable, started again and handed to `#[multiproc::main]`, which
+/// serves tasks instead of running `main`'s body. Work is cut into chunks that idle workers
+/// pull. A task's panic is an error for that item only; the pool keeps working.
+///
+/// Dropping a pool **terminates** it, like leaving Python's `with Pool(...)` block: workers
+/// are killed at once, and work still queued or running resolves to an error of kind
+/// [`ErrorKind::Closed`]. Outcomes that already arrived stay readable. Drop never waits on
+/// a task, so it never hangs. To let queued work finish first, call [`close`](Pool::close)
+/// then [`join`](Pool::join).
+///
+/// # Examples
+///
+/// ```ignore
+/// use multiproc::{task, Pool};
+///
+/// #[task]
+/// fn square(x: u64) -> u64 { x * x }
+///
+/// #[multiproc::main]
+/// fn main() -> Result<(), multiproc::Error> {
+///     let pool = Pool::new(4)?;
+///     assert_eq!(pool.map(square, [1, 2, 3])?, vec![1, 4, 9]);
+///     Ok(())
+/// }
+/// ```
+pub struct Pool {
+    shared: Arc<Shared>,
+    config: Arc<SlotConfig>,
+    processes: usize,
+    chunking: Chunking,
+    slots: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Configures a [`Pool`] before starting it.
+///
+/// # Examples
+///
+/// ```ignore
+/// let pool = multiproc::Pool::builder().processes(2).build()?;
+/// ```
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until .build() is called"]
+pub struct PoolBuilder {
+    processes: Option<usize>,
+    chunking: Chunking,
+    max_frame_len: u32,
+    start_timeout: Duration,
+    prefetch: usize,
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        PoolBuilder {
+            processes: None,
+            chunking: Chunking::Auto,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            start_timeout: Duration::from_secs(30),
+            prefetch: 2,
+        }
+    }
+}
+
+impl PoolBuilder {
+    /// Number of worker processes. Default: the parallelism available to this process,
+    /// which honours CPU affinity and cgroup CPU quotas.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().processes(8).build()?;
+    /// ```
+    pub fn processes(mut self, processes: usize) -> Self {
+        self.processes = Some(processes);
+        self
+    }
+
+    /// The default chunk size of the pool's calls. Default: [`Chunking::Auto`].
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().chunking(Chunking::Fixed(100)).build()?;
+    /// ```
+    pub fn chunking(mut self, chunking: Chunking) -> Self {
+        self.chunking = chunking;
+        self
+    }
+
+    /// The largest frame (one chunk of arguments or results) accepted on a worker channel, in
+    /// bytes. Default: 1 GiB. Larger frames are an error of kind [`ErrorKind::Codec`] and are
+    /// rejected before anything is allocated for them.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().max_frame_len(64 << 20).build()?;
+    /// ```
+    pub fn max_frame_len(mut self, bytes: u32) -> Self {
+        self.max_frame_len = bytes;
+        self
+    }
+
+    /// How long a new worker may take to start and complete its handshake. Default: 30 s.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().start_timeout(Duration::from_secs(5)).build()?;
+    /// ```
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// Starts the workers and waits for each to complete its handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Spawn`] when a worker cannot start, when its `fn main` lacks
+    /// `#[multiproc::main]`, when two tasks share a name, or when this process is itself a
+    /// worker that never passed through `#[multiproc::main]`.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().build()?;
+    /// ```
+    pub fn build(self) -> Result<Pool, Error> {
+        worker::check_may_spawn()?;
+        Registry::get()?;
+        let processes = match self.processes {
+            Some(0) => {
+                return Err(Error::new(ErrorKind::Spawn, "a pool needs at least one process"));
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        };
+        let shared = Arc::new(Shared::new(processes)?);
+        let config = Arc::new(SlotConfig {
+            spawn: SpawnOptions {
+                max_frame_len: self.max_frame_len,
+                start_timeout: self.start_timeout,
+            },
+            prefetch: self.prefetch.max(1),
+            shutdown_grace: Duration::from_secs(5),
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut handles = Vec::with_capacity(processes);
+        for index in 0..processes {
+            let slot = Slot::new(index, Arc::clone(&shared), Arc::clone(&config));
+            let ready = ready_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("multiproc-slot-{index}"))
+                .spawn(move || slot.run(ready));
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(err) => {
+                    shared.terminate();
+                    return Err(Error::io("starting a pool thread failed", err));
+                }
+            }
+        }
+        drop(ready_tx);
+        let pool = Pool {
+            shared,
+            config,
+            processes,
+            chunking: self.chunking,
+            slots: Mutex::new(handles),
+        };
+        for _ in 0..processes {
+            match ready_rx.recv() {
+                Ok(Ok(_pid)) => {}
+                Ok(Err(err)) => return Err(err), // dropping `pool` terminates the others
+                Err(_) => return Err(Error::new(ErrorKind::Spawn, "a pool thread stopped")),
+            }
+        }
+        Ok(pool)
+    }
+}
+
+impl Pool {
+    /// Starts a pool of `processes` workers. Same as `Pool::builder().processes(n).build()`.
+    ///
+    /// ```ignore
+    /// let pool = Pool::new(4)?;
+    /// ```
+    pub fn new(processes: usize) -> Result<Pool, Error> {
+        Pool::builder().processes(processes).build()
+    }
+
+    /// A builder with every option at its default.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().processes(2).build()?;
+    /// ```
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// The number of worker processes.
+    ///
+    /// ```ignore
+    /// assert_eq!(Pool::new(3)?.processes(), 3);
+    /// ```
+    pub fn processes(&self) -> usize {
+        self.processes
+    }
+
+    /// The process ids of the workers running now (a replaced worker has a new pid).
+    ///
+    /// ```ignore
+    /// for pid in pool.worker_pids() { println!("worker {pid}"); }
+    /// ```
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.shared.pids()
+    }
+
+    /// Per-call options, to change the chunk size of one call.
+    ///
+    /// ```ignore
+    /// let out = pool.with_chunking(Chunking::Fixed(1)).map(square, 0..10)?;
+    /// ```
+    pub fn with_chunking(&self, chunking: Chunking) -> Call<'_> {
+        Call { pool: self, chunking }
+    }
+
+    fn call(&self) -> Call<'_> {
+        Call { pool: self, chunking: self.chunking }
+    }
+
+    /// Applies a one-argument task to every item, in parallel; the outputs in input order.
+    /// Python's `Pool.map`. Returns the error of the first failing item (by position).
+    ///
+    /// ```ignore
+    /// assert_eq!(pool.map(square, [1, 2, 3, 4, 5])?, vec![1, 4, 9, 16, 25]);
+    /// ```
+    pub fn map<T: UnaryTask>(
+        &self,
+        task: T,
+        items: impl IntoIterator<Item = T::Arg>,
+    ) -> Result<Vec<T::Output>, Error> {
+        self.call().map(task, items)
+    }
+
+    /// Like [`map`](Self::map), for tasks of several arguments: each item is the tuple of
+    /// one call's arguments. Python's `Pool.starmap`.
+    ///
+    /// ```ignore
+    /// assert_eq!(pool.starmap(pow, [(1, 3), (2, 4)])?, vec![1, 16]);
+    /// ```
+    pub fn starmap<T: Task>(
+        &self,
+        task: T,
+        items: impl IntoIterator<Item = T::Args>,
+    ) -> Result<Vec<T::Output>, Error> {
+        self.call().starmap(task, items)
+    }
+
+    /// Runs one call of a task on a worker and returns its output. Python's `Pool.apply`.
+    ///
+    /// ```ignore
+    /// assert_eq!(pool.apply(pow, (2, 10))?, 1024);
+    /// ```
+    pub fn apply<T: Task>(&self, task: T, args: T::Args) -> Result<T::Output, Error> {
+        self.call().apply(task, args)
+    }
+
+    /// [`map`](Self::map) without blocking: returns at once with a handle to the outcome.
+    ///
+    /// ```ignore
+    /// let r = pool.map_async(square, 0..8);
+    /// assert_eq!(r.get()?, vec![0, 1, 4, 9, 16, 25, 36, 49]);
+    /// ```
+    pub fn map_async<T: UnaryTask>(
+        &self,
+        task: T,
+        items: impl IntoIterator<Item = T::Arg>,
+    ) -> AsyncResult<Vec<T::Output>> {
+        self.call().map_async(task, items)
+    }
+
+    /// [`starmap`](Self::starmap) without blocking.
+    ///
+    /// ```ignore
+    /// let r = pool.starmap_async(pow, [(1, 3), (2, 4)]);
+    /// assert_eq!(r.get()?, vec![1, 16]);
+    /// ```
+    pub fn starmap_async<T: Task>(
+        &self,
+        task: T,
+        items: impl IntoIterator<Item = T::Args>,
+    ) -> AsyncResult<Vec<T::Output>> {
+        self.call().starmap_async(task, items)
+    }
+
+    /// [`apply`](Self::apply) without blocking.
+    ///
+    /// ```ignore
+    /// let r = pool.apply_async(pow, (2, 10));
+    /// assert_eq!(r.get()?, 1024);
+    /// ```
+    pub fn apply_async<T: Task>(&self, task: T, args: T::Args) -> AsyncResult<T::Output> {
+        self.call().apply_async(task, args)
+    }
+
+    /// A lazy, ordered stream of outputs: pulls the input as workers need it (a bounded
+    /// number of items in flight), and yields each output in input order as soon as it and
+    /// all before it are done. A failing item yields its `Err` and the stream goes on.
+    /// Dropping the iterator stops feeding and discards what is outstanding.
+    ///
+    /// ```ignore
+    /// for square in pool.imap(square, 0..).take(1000) { println!("{}", square?); }
+    /// ```
+    pub fn imap<T: UnaryTask, I>(&self, task: T, items: I) -> IMap<T, I::IntoIter>
+    where
+        I: IntoIterator<Item = T::Arg>,
+    {
+        self.call().imap(task, items)
+    }
+
+    /// Like [`imap`](Self::imap), but yields outputs in completion order; each comes with
+    /// nothing but its value, so pair inputs with an id when you need to match them.
+    ///
+    /// ```ignore
+    /// let mut all: Vec<u64> = pool.imap_unordered(square, 0..10).collect::<Result<_, _>>()?;
+    /// all.sort();
+    /// ```
+    pub fn imap_unordered<T: UnaryTask, I>(&self, task: T, items: I) -> IMap<T, I::IntoIter>
+    where
+        I: IntoIterator<Item = T::Arg>,
+    {
+        self.call().imap_unordered(task, items)
+    }
+
+    /// Stops accepting new work; work already submitted still runs. Follow with
+    /// [`join`](Self::join) to wait for it. Python's `Pool.close`.
+    ///
+    /// ```ignore
+    /// let r = pool.map_async(square, 0..8);
+    /// pool.close();
+    /// pool.join();
+    /// assert!(r.ready());
+    /// ```
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
+    /// Stops now: kills every worker; queued and running work resolves to an error of kind
+    /// [`ErrorKind::Closed`]. Python's `Pool.terminate`.
+    ///
+    /// ```ignore
+    /// pool.terminate();
+    /// pool.join();
+    /// ```
+    pub fn terminate(&self) {
+        self.shared.terminate();
+    }
+
+    /// Waits for the workers to exit, after [`close`](Self::close) or
+    /// [`terminate`](Self::terminate). Without either it would wait forever, so it closes
+    /// the pool first.
+    ///
+    /// ```ignore
+    /// pool.close();
+    /// pool.join();
+    /// ```
+    pub fn join(&self) {
+        self.shared.close();
+        let handles: Vec<_> =
+            std::mem::take(&mut *self.slots.lock().unwrap_or_else(PoisonError::into_inner));
+        for handle in handles {
+            let _ = handle.join();
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn max_frame_len(&self) -> u32 {
+        self.config.spawn.max_frame_len
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.terminate();
+        self.join();
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("processes", &self.processes)
+            .field("worker_pids", &self.worker_pids())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One call's options, from [`Pool::with_chunking`]; has the same methods as [`Pool`].
+///
+/// ```ignore
+/// let outputs = pool.with_chunking(Chunking::Fixed(10)).map(square, 0..1000)?;
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[must_use = "call map, imap or another method on it"]
+pub struct Call<'a> {
+    pool: &'a Pool,
+    chunking: Chunking,
+}
+
+impl<'a> Call<'a> {
+    /// Sets the chunk size for this call.
+    ///
+    /// ```ignore
+    /// let out = pool.with_chunking(Chunking::Auto).with_chunking(Chunking::Fixed(2)).map(square, 0..4)?;
+    /// ```
+    pub fn with_chunking(mut self, chunking: Chunking) -> Self {
+        self.chunking = chunking;
+        self
+    }
+
+    /// [`Pool::map`] with these options.
+    ///
+    /// ```ignore
+    /// pool.with_chunking(Chunking::Fixed(1)).map(square, [1, 2])?;
+    /// ```
+    pub fn map<T: UnaryTask>(
+        self,
+        task: T,
+        items: impl IntoIterator<Item = T::Arg>,
+    ) -> Result<Vec<T::Output>, Error> {
+        self.map_async(task, items).get()
+    }
+
+    /// [`Pool::starmap`] with these options.
+    ///
+    /// ```ignore
+    /// pool.with_chunking(Chunking::Fixed(1)).starmap(pow, [(2, 2)])?;
+    /// ```
+    pub fn starmap<T: Task>(
+        self,
+        task: T,
+        items: impl IntoIterator<Item = T::Args>,
+    ) -> Result<Vec<T::Output>, Error> {
+        self.starmap_async(task, items).get()
+    }
+
+    /// [`Pool::apply`] with these options.
+    ///
+    /// ```ignore
+    /// pool.with_chunking(Chunking::Auto).apply(pow, (2, 3))?;
+    /// ```
+    pub fn apply<T: Task>(self, task: T, args: T::Args) -> Result<T::Output, Error> {
+        self.apply_async(task, args).get()
+    }
+
+    /// [`Pool::map_async`] with these options.
+    ///
+    /// ```ignore
+    /// let r = pool.with_chunking(Chunking::Fixed(4)).map_async(square, 0..8);
+    /// ```
+    pub fn map_async<T: UnaryTask>(
+        self,
+        task: T,
+        items: impl IntoIterator<Item = T::Arg>,
+    ) -> AsyncResult<Vec<T::Output>> {
+        let _ = task;
+        self.submit_all::<T, T::Arg>(items)
+    }
+
+    /// [`Pool::starmap_async`] with these options.
+    ///
+    /// ```ignore
+    /// let r = pool.with_chunking(Chunking::Fixed(4)).starmap_async(pow, [(2, 2)]);
+    /// ```
+    pub fn starmap_async<T: Task>(
+        self,
+        task: T,
+        items: impl IntoIterator<Item = T::Args>,
+    ) -> AsyncResult<Vec<T::Output>> {
+        let _ = task;
+        self.submit_all::<T, T::Args>(items)
+    }
+
+    /// [`Pool::apply_async`] with these options.
+    ///
+    /// ```ignore
+    /// let r = pool.with_chunking(Chunking::Auto).apply_async(pow, (2, 3));
+    /// ```
+    pub fn apply_async<T: Task>(self, task: T, args: T::Args) -> AsyncResult<T::Output> {
+        self.starmap_async(task, [args])
+            .map_output(|mut values| values.pop().expect("apply has exactly one output"))
+    }
+
+    /// [`Pool::imap`] with these options.
+    ///
+    /// ```ignore
+    /// let it = pool.with_chunking(Chunking::Fixed(100)).imap(square, 0..);
+    /// ```
+    pub fn imap<T: UnaryTask, I>(self, task: T, items: I) -> IMap<T, I::IntoIter>
+    where
+        I: IntoIterator<Item = T::Arg>,
+    {
+        let _ = task;
+        IMap::new(self.pool, items.into_iter(), self.chunking, true)
+    }
+
+    /// [`Pool::imap_unordered`] with these options.
+    ///
+    /// ```ignore
+    /// let it = pool.with_chunking(Chunking::Fixed(100)).imap_unordered(square, 0..);
+    /// ```
+    pub fn imap_unordered<T: UnaryTask, I>(self, task: T, items: I) -> IMap<T, I::IntoIter>
+    where
+        I: IntoIterator<Item = T::Arg>,
+    {
+        let _ = task;
+        IMap::new(self.pool, items.into_iter(), self.chunking, false)
+    }
+
+    /// Encodes every item (each `A` is the task's argument tuple, or its one argument: the
+    /// encodings are identical), queues the chunks, and returns the handle.
+    fn submit_all<T: Task, A: Serialize>(
+        self,
+        items: impl IntoIterator<Item = A>,
+    ) -> AsyncResult<Vec<T::Output>> {
+        let state = CallState::<T::Output>::new(T::NAME);
+        let items: Vec<A> = items.into_iter().collect();
+        let len = items.len();
+        let result = AsyncResult::new(Arc::clone(&state), move |state| collect_in_order(state, len));
+        state.expect(len, true);
+        let sink: Arc<dyn CallSink> = state;
+        let task = match Registry::get().and_then(Registry::id_of_task::<T>) {
+            Ok(task) => task,
+            Err(err) => {
+                sink.fail(0, len as u32, &|index| clone_error(&err, T::NAME, index));
+                return result;
+            }
+        };
+        let size = self.chunking.for_len(len, self.pool.processes);
+        let shared = self.pool.shared();
+        let mut chunks = Vec::with_capacity(len.div_ceil(size));
+        let mut items = items.into_iter();
+        let mut first = 0;
+        while first < len {
+            let count = size.min(len - first);
+            let slice = items.by_ref().take(count).collect::<Vec<_>>();
+            match encode_chunk(shared, Arc::clone(&sink), task, first, slice.into_iter(), self.pool.max_frame_len()) {
+                Ok(chunk) => chunks.push(chunk),
+                Err((sink, count, err)) => {
+                    sink.fail(first, count as u32, &|index| clone_error(&err, T::NAME, index));
+                }
+            }
+            first += count;
+        }
+        // A refused submission fails the chunks itself; the handle then resolves to it.
+        let _ = shared.submit(chunks);
+        result
+    }
+}
+
+pub(crate) fn clone_error(err: &Error, task: &str, index: usize) -> Error {
+    Error::new(err.kind(), err.message().to_owned()).with_task(task).with_index(index)
+}

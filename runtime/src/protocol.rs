@@ -1,0 +1,225 @@
+//! The wire protocol between a parent and its workers.
+//!
+//! A connection carries frames: a little-endian `u32` body length, then the body. The body is
+//! a [`Header`] encoded with postcard, followed by a payload whose meaning the header gives
+//! (the encoded arguments of a chunk of items, or their encoded outcomes). Keeping payloads
+//! outside the header means they are written once, straight into the frame buffer, and read
+//! in place: never copied into an envelope.
+//!
+//! Nothing here assumes a local pipe: the same frames travel over any byte stream, which is
+//! what lets a worker later be reached over an authenticated TCP socket.
+//!
+//! Why postcard: a maintained serde codec with a documented, stable wire format (a
+//! specification, versioned 1.0), compact varints for the small integers that dominate task
+//! arguments, and no self-description overhead. bincode 3.x on crates.io is a tombstone
+//! release; bitcode is faster on large vectors but its format is explicitly unstable between
+//! versions, and large payloads are better served by not encoding them twice anyway.
+//! `benches/codec.rs` measures the choice.
+
+use crate::error::{Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read};
+use std::ops::Range;
+
+/// Bumped on any change to [`Header`] or to the payload layouts.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// The default upper bound on one frame's body: larger lengths are rejected before any
+/// allocation. [`crate::PoolBuilder::max_frame_len`] changes it.
+pub(crate) const DEFAULT_MAX_FRAME_LEN: u32 = 1 << 30;
+
+/// Bytes of the length prefix.
+const PREFIX: usize = 4;
+
+/// Reads grow the buffer in steps of at least this much, and at most double what a frame has
+/// actually delivered: a corrupt length never makes us allocate memory for bytes that never
+/// arrive.
+const MIN_READ: usize = 64 * 1024;
+
+/// What a frame is about. Variant order is part of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Header {
+    /// Worker → parent, first frame: who it is and which registry it has.
+    Ready { version: u32, digest: u64, pid: u32 },
+    /// Worker → parent, instead of `Ready`: this process was started as a worker but its
+    /// `fn main` never passed through the worker entry (`#[multiproc::main]` is missing).
+    MissingEntry,
+    /// Parent → worker: run `count` items of task `task`; the payload holds their encoded
+    /// argument tuples, one after another.
+    Run { seq: u64, task: u32, count: u32 },
+    /// Worker → parent: outcomes of items `first..first + count` of chunk `seq`; the payload
+    /// holds one encoded [`crate::worker::Outcome`] per item.
+    Results { seq: u64, first: u32, count: u32 },
+    /// Parent → worker: finish and exit with status 0.
+    Shutdown,
+}
+
+/// Starts a frame in `buf`: a placeholder length, then the encoded header. The caller then
+/// appends the payload and calls [`end_frame`].
+pub(crate) fn begin_frame(buf: &mut Vec<u8>, header: &Header) -> usize {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; PREFIX]);
+    // Encoding our own enum into a Vec cannot fail: no custom Serialize, no size limit.
+    postcard::to_io(header, &mut *buf).expect("encoding a header into a Vec cannot fail");
+    start
+}
+
+/// Writes the length of the frame started at `start`, checking it against `max_len`.
+pub(crate) fn end_frame(buf: &mut [u8], start: usize, max_len: u32) -> Result<(), Error> {
+    let len = buf.len() - start - PREFIX;
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|&len| len <= max_len)
+        .ok_or_else(|| oversized(len as u64, max_len))?;
+    buf[start..start + PREFIX].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// A frame with an empty payload, ready to write.
+pub(crate) fn control_frame(header: &Header) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(16);
+    let start = begin_frame(&mut buf, header);
+    end_frame(&mut buf, start, u32::MAX).expect("a control frame is small");
+    buf
+}
+
+/// Splits a frame body into its header and payload.
+pub(crate) fn parse_body(body: &[u8]) -> Result<(Header, &[u8]), Error> {
+    postcard::take_from_bytes::<Header>(body)
+        .map_err(|err| Error::codec("corrupt frame: its header could not be decoded", err))
+}
+
+fn oversized(len: u64, max_len: u32) -> Error {
+    Error::new(
+        ErrorKind::Codec,
+        format!(
+            "frame of {len} bytes exceeds the limit of {max_len} bytes; raise it with \
+             `PoolBuilder::max_frame_len` if such payloads are intended"
+        ),
+    )
+}
+
+/// Reassembles frames from a byte stream, blocking or not.
+///
+/// The declared length is checked against the limit before the buffer grows for it, and the
+/// buffer then grows only as bytes arrive.
+pub(crate) struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    max_len: u32,
+}
+
+impl FrameReader {
+    pub(crate) fn new(max_len: u32) -> Self {
+        FrameReader { buf: Vec::new(), start: 0, end: 0, max_len }
+    }
+
+    /// Bytes received and not yet returned as frames.
+    pub(crate) fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The next complete frame, if one is buffered, as a range for [`FrameReader::body`].
+    /// `Err` for a length over the limit.
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Range<usize>>, Error> {
+        let available = self.end - self.start;
+        if available < PREFIX {
+            return Ok(None);
+        }
+        let len = self.declared_len()?;
+        if available < PREFIX + len {
+            return Ok(None);
+        }
+        let body = self.start + PREFIX..self.start + PREFIX + len;
+        self.start = body.end;
+        Ok(Some(body))
+    }
+
+    /// The bytes of a frame returned by `next_frame` or `read_frame`; valid until the next read.
+    pub(crate) fn body(&self, range: Range<usize>) -> &[u8] {
+        &self.buf[range]
+    }
+
+    fn declared_len(&self) -> Result<usize, Error> {
+        let prefix: [u8; PREFIX] = self.buf[self.start..self.start + PREFIX]
+            .try_into()
+            .expect("slice of PREFIX bytes");
+        let len = u32::from_le_bytes(prefix);
+        if len > self.max_len {
+            return Err(oversized(u64::from(len), self.max_len));
+        }
+        Ok(len as usize)
+    }
+
+    /// Reads once from `source` into the buffer. `Ok(0)` is end of stream.
+    pub(crate) fn read_from(&mut self, source: &mut impl Read) -> io::Result<usize> {
+        self.make_room().map_err(io::Error::other)?;
+        let n = source.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Blocks until a whole frame is buffered. `Ok(None)` is a clean end of stream between
+    /// frames; a stream that ends inside a frame is an error.
+    pub(crate) fn read_frame(
+        &mut self,
+        source: &mut impl Read,
+    ) -> Result<Option<Range<usize>>, Error> {
+        loop {
+            if let Some(range) = self.next_frame()? {
+                return Ok(Some(range));
+            }
+            match self.read_from(source) {
+                Ok(0) if self.buffered() == 0 => return Ok(None),
+                Ok(0) => return Err(truncated(self.buffered())),
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(read_error(err)),
+            }
+        }
+    }
+
+    /// Ensures spare room after `end` for the next read, compacting first. The room asked for
+    /// covers what the current frame still misses, capped at what has arrived so far (and at
+    /// least `MIN_READ`): the buffer at most doubles per read however large a length claims.
+    fn make_room(&mut self) -> Result<(), Error> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        let available = self.end - self.start;
+        let missing = if available >= PREFIX {
+            (PREFIX + self.declared_len()?).saturating_sub(available)
+        } else {
+            PREFIX - available
+        };
+        let room = missing.min(available.max(MIN_READ)).max(MIN_READ);
+        if self.buf.len() - self.end >= room {
+            return Ok(());
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < room {
+            self.buf.resize(self.end + room, 0);
+        }
+        Ok(())
+    }
+}
+
+fn read_error(err: io::Error) -> Error {
+    match err.downcast::<Error>() {
+        Ok(err) => err,
+        Err(err) => Error::io("reading a frame failed", err),
+    }
+}
+
+pub(crate) fn truncated(buffered: usize) -> Error {
+    Error::new(
+        ErrorKind::Codec,
+        format!("the stream ended in the middle of a frame ({buffered} bytes of it received)"),
+    )
+}

@@ -1,0 +1,393 @@
+//! The typed state of one call, and [`AsyncResult`], the handle to its outcome.
+//!
+//! Slots decode outcomes on their own threads and store them in the call's [`CallState`];
+//! the caller's handle only waits and assembles. Because the handle owns the state (not the
+//! pool), an outcome that arrived stays readable after the pool is closed or dropped, and
+//! work the pool can no longer finish is failed with [`ErrorKind::Closed`](crate::ErrorKind)
+//! by the pool as it stops: nothing waits forever.
+
+use crate::codec;
+use crate::error::Error;
+use crate::sched::CallSink;
+use crate::task::Payload;
+use crate::worker::Outcome;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Outcomes of one call, filled by slots, drained by the caller.
+pub(crate) struct CallState<O> {
+    task: &'static str,
+    inbox: Mutex<Inbox<O>>,
+    changed: Condvar,
+}
+
+pub(crate) struct Inbox<O> {
+    /// Outcomes in arrival order, with their input index.
+    pub ready: VecDeque<(usize, Result<O, Error>)>,
+    /// Items submitted whose outcome has not arrived.
+    pub pending: usize,
+    /// No more items will be submitted.
+    pub sealed: bool,
+    /// Some item failed.
+    pub failed: bool,
+    /// Nobody will read the outcomes any more.
+    pub abandoned: bool,
+    waker: Option<Waker>,
+}
+
+impl<O> Inbox<O> {
+    pub(crate) fn is_complete(&self) -> bool {
+        self.sealed && self.pending == 0
+    }
+}
+
+impl<O: Payload> CallState<O> {
+    pub(crate) fn new(task: &'static str) -> Arc<CallState<O>> {
+        Arc::new(CallState {
+            task,
+            inbox: Mutex::new(Inbox {
+                ready: VecDeque::new(),
+                pending: 0,
+                sealed: false,
+                failed: false,
+                abandoned: false,
+                waker: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inbox<O>> {
+        // Every update is a short, panic-free sequence: a poisoned lock is still consistent.
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts `items` more submitted items; `seal` when the input is exhausted.
+    pub(crate) fn expect(&self, items: usize, seal: bool) {
+        let mut inbox = self.lock();
+        inbox.pending += items;
+        inbox.sealed |= seal;
+        let done = inbox.is_complete();
+        let waker = done.then(|| inbox.waker.take()).flatten();
+        drop(inbox);
+        if done {
+            self.changed.notify_all();
+        }
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Blocks until `ready(inbox)` holds or `deadline` passes; returns the guard either way.
+    pub(crate) fn wait_until(
+        &self,
+        deadline: Option<Instant>,
+        ready: impl Fn(&Inbox<O>) -> bool,
+    ) -> MutexGuard<'_, Inbox<O>> {
+        let mut inbox = self.lock();
+        while !ready(&inbox) {
+            match deadline {
+                None => inbox = self.changed.wait(inbox).unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    inbox = self
+                        .changed
+                        .wait_timeout(inbox, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            }
+        }
+        inbox
+    }
+
+    pub(crate) fn abandon(&self) {
+        let mut inbox = self.lock();
+        inbox.abandoned = true;
+        inbox.ready.clear();
+    }
+
+    fn store(&self, outcomes: Vec<(usize, Result<O, Error>)>) {
+        let mut inbox = self.lock();
+        inbox.pending -= outcomes.len();
+        if !inbox.abandoned {
+            inbox.failed |= outcomes.iter().any(|(_, outcome)| outcome.is_err());
+            inbox.ready.extend(outcomes);
+        }
+        let waker = inbox.waker.take();
+        drop(inbox);
+        self.changed.notify_all();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn convert(&self, index: usize, outcome: Outcome<O>) -> Result<O, Error> {
+        match outcome {
+            Outcome::Ok(value) => Ok(value),
+            Outcome::Panicked { message, location } => {
+                Err(Error::new(crate::ErrorKind::Panicked, message).with_location(location))
+            }
+            Outcome::Failed { message } => Err(Error::new(crate::ErrorKind::Codec, message)),
+        }
+        .map_err(|err| err.with_task(self.task).with_index(index))
+    }
+}
+
+impl<O: Payload> CallSink for CallState<O> {
+    fn task_name(&self) -> &'static str {
+        self.task
+    }
+
+    fn deliver(&self, first: usize, count: u32, outcomes: &[u8]) {
+        let count = count as usize;
+        let mut decoded = Vec::with_capacity(count);
+        let mut rest = outcomes;
+        for index in first..first + count {
+            match codec::decode_front::<Outcome<O>>(rest) {
+                Ok((outcome, tail)) => {
+                    rest = tail;
+                    decoded.push((index, self.convert(index, outcome)));
+                }
+                Err(err) => {
+                    // The stream position is lost: this item and the rest of the frame fail.
+                    for index in index..first + count {
+                        let error = Error::codec("the result could not be decoded", err.clone());
+                        decoded.push((index, Err(error.with_task(self.task).with_index(index))));
+                    }
+                    break;
+                }
+            }
+        }
+        self.store(decoded);
+    }
+
+    fn fail(&self, first: usize, count: u32, error: &dyn Fn(usize) -> Error) {
+        self.store((first..first + count as usize).map(|index| (index, Err(error(index)))).collect());
+    }
+
+    fn abandoned(&self) -> bool {
+        self.lock().abandoned
+    }
+}
+
+/// What an [`AsyncResult`] needs of a call, whatever its output type.
+trait Completion: Send + Sync {
+    fn is_complete(&self) -> bool;
+    fn has_failed(&self) -> bool;
+    /// Waits until complete or `deadline`; true when complete.
+    fn wait(&self, deadline: Option<Instant>) -> bool;
+    /// Registers `waker` unless already complete; true when complete.
+    fn register(&self, waker: &Waker) -> bool;
+}
+
+impl<O: Payload> Completion for CallState<O> {
+    fn is_complete(&self) -> bool {
+        self.lock().is_complete()
+    }
+
+    fn has_failed(&self) -> bool {
+        self.lock().failed
+    }
+
+    fn wait(&self, deadline: Option<Instant>) -> bool {
+        self.wait_until(deadline, Inbox::is_complete).is_complete()
+    }
+
+    fn register(&self, waker: &Waker) -> bool {
+        let mut inbox = self.lock();
+        if inbox.is_complete() {
+            return true;
+        }
+        match &mut inbox.waker {
+            Some(existing) if existing.will_wake(waker) => {}
+            slot => *slot = Some(waker.clone()),
+        }
+        false
+    }
+}
+
+type Finish<T> = Box<dyn FnOnce() -> Result<T, Error> + Send>;
+
+/// The outcome of work submitted with `map_async`, `starmap_async` or `apply_async`: check
+/// it, wait for it, or take it, now or later. It also implements [`Future`], with no
+/// dependency on any async runtime.
+///
+/// It owns what it needs: a result whose work completed stays readable after the pool was
+/// closed or dropped, and work the pool can no longer run resolves to an error of kind
+/// [`ErrorKind::Closed`](crate::ErrorKind::Closed). Waiting never hangs on a pool that is gone.
+///
+/// # Examples
+///
+/// ```ignore
+/// let pool = Pool::new(4)?;
+/// let result = pool.map_async(square, 0..8u64);
+/// // ... do something else meanwhile ...
+/// result.wait();                     // Python's "wait inside the pool's scope"
+/// drop(pool);
+/// assert_eq!(result.get()?, vec![0, 1, 4, 9, 16, 25, 36, 49]); // "get outside"
+/// ```
+#[must_use = "the work runs either way; an AsyncResult that is never read discards its outcome"]
+pub struct AsyncResult<T> {
+    state: Arc<dyn Completion>,
+    finish: Option<Finish<T>>,
+}
+
+impl<T> AsyncResult<T> {
+    pub(crate) fn new<O: Payload>(
+        state: Arc<CallState<O>>,
+        finish: impl FnOnce(&CallState<O>) -> Result<T, Error> + Send + 'static,
+    ) -> AsyncResult<T> {
+        let owned = Arc::clone(&state);
+        AsyncResult {
+            state,
+            finish: Some(Box::new(move || finish(&owned))),
+        }
+    }
+
+    /// True when the work is done (successfully or not). Never blocks.
+    ///
+    /// ```ignore
+    /// let r = pool.apply_async(pow, (2, 10));
+    /// while !r.ready() { /* do something useful */ }
+    /// ```
+    pub fn ready(&self) -> bool {
+        self.state.is_complete()
+    }
+
+    /// Whether the work succeeded: `None` while it is not done.
+    ///
+    /// ```ignore
+    /// let r = pool.map_async(square, [1, 2]);
+    /// r.wait();
+    /// assert_eq!(r.successful(), Some(true));
+    /// ```
+    pub fn successful(&self) -> Option<bool> {
+        self.ready().then(|| !self.state.has_failed())
+    }
+
+    /// Blocks until the work is done.
+    ///
+    /// ```ignore
+    /// let r = pool.map_async(square, 0..100);
+    /// r.wait();
+    /// assert!(r.ready());
+    /// ```
+    pub fn wait(&self) {
+        self.state.wait(None);
+    }
+
+    /// Blocks until the work is done or `timeout` passes; true when done. Nothing is killed
+    /// when it returns false: the work goes on.
+    ///
+    /// ```ignore
+    /// let r = pool.apply_async(slow, (10,));
+    /// if !r.wait_timeout(Duration::from_secs(1)) { println!("still running"); }
+    /// ```
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.state.wait(Some(Instant::now() + timeout))
+    }
+
+    /// Waits for the work and returns its outcome: the value, or the first error (by input
+    /// position for `map`).
+    ///
+    /// ```ignore
+    /// let squares = pool.map_async(square, [1, 2, 3]).get()?;
+    /// ```
+    pub fn get(mut self) -> Result<T, Error> {
+        self.state.wait(None);
+        self.take()
+    }
+
+    /// Like [`get`](Self::get), but gives up after `timeout` with an error of kind
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout). Python's semantics: nothing is
+    /// killed, the work goes on and its worker is freed when it ends. To keep the result
+    /// after a timeout, use [`wait_timeout`](Self::wait_timeout) and then `get`.
+    ///
+    /// ```ignore
+    /// match pool.map_async(sleep_secs, 0..8).get_timeout(Duration::from_secs(5)) {
+    ///     Ok(values) => println!("{values:?}"),
+    ///     Err(err) if err.kind() == ErrorKind::Timeout => println!("TimeoutError"),
+    ///     Err(err) => return Err(err),
+    /// }
+    /// ```
+    pub fn get_timeout(mut self, timeout: Duration) -> Result<T, Error> {
+        if self.state.wait(Some(Instant::now() + timeout)) {
+            self.take()
+        } else {
+            Err(Error::wait_timeout(timeout))
+        }
+    }
+
+    /// Converts the value once it is taken.
+    pub(crate) fn map_output<U>(mut self, f: impl FnOnce(T) -> U + Send + 'static) -> AsyncResult<U>
+    where
+        T: 'static,
+    {
+        let finish = self.finish.take().expect("a fresh AsyncResult");
+        AsyncResult {
+            state: Arc::clone(&self.state),
+            finish: Some(Box::new(move || finish().map(f))),
+        }
+    }
+
+    fn take(&mut self) -> Result<T, Error> {
+        let finish = self.finish.take().expect("an AsyncResult is taken once");
+        finish()
+    }
+}
+
+impl<T> Future for AsyncResult<T> {
+    type Output = Result<T, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.finish.is_none() {
+            panic!("AsyncResult polled after it completed");
+        }
+        if self.state.register(cx.waker()) {
+            Poll::Ready(self.take())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for AsyncResult<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResult").field("ready", &self.ready()).finish_non_exhaustive()
+    }
+}
+
+/// Assembles a complete call's outcomes in input order: the values, or the error of the
+/// lowest-indexed failing item.
+pub(crate) fn collect_in_order<O: Payload>(state: &CallState<O>, len: usize) -> Result<Vec<O>, Error> {
+    let mut inbox = state.lock();
+    let mut slots: Vec<Option<O>> = Vec::with_capacity(len);
+    slots.resize_with(len, || None);
+    let mut first_error: Option<(usize, Error)> = None;
+    for (index, outcome) in inbox.ready.drain(..) {
+        match outcome {
+            Ok(value) => slots[index] = Some(value),
+            Err(err) => {
+                if first_error.as_ref().is_none_or(|(at, _)| index < *at) {
+                    first_error = Some((index, err));
+                }
+            }
+        }
+    }
+    drop(inbox);
+    if let Some((_, err)) = first_error {
+        return Err(err);
+    }
+    Ok(slots
+        .into_iter()
+        .map(|value| value.expect("a complete call has an outcome for every item"))
+        .collect())
+}

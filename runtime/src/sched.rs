@@ -1,0 +1,276 @@
+//! The work queue shared by the callers (who submit chunks) and the slots (one thread per
+//! worker process, which pull chunks when their worker has room: idle workers pull, nobody
+//! pushes round-robin).
+
+use crate::error::{Error, ErrorKind};
+use nix::unistd::pipe;
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Where a chunk's outcomes go: the typed state of one call (`map`, `imap`, `apply`, ...).
+pub(crate) trait CallSink: Send + Sync {
+    /// The registered name of the call's task, for errors.
+    fn task_name(&self) -> &'static str;
+    /// Decodes `count` encoded outcomes for items `first..` and stores them.
+    fn deliver(&self, first: usize, count: u32, outcomes: &[u8]);
+    /// Stores `error(index)` as the outcome of items `first..first + count`.
+    fn fail(&self, first: usize, count: u32, error: &dyn Fn(usize) -> Error);
+    /// True once nobody can read the outcomes (a dropped `imap`): its queued chunks are
+    /// dropped instead of run.
+    fn abandoned(&self) -> bool;
+}
+
+/// A run of consecutive items of one call, encoded as a complete `Run` frame.
+pub(crate) struct Chunk {
+    pub call: Arc<dyn CallSink>,
+    pub seq: u64,
+    /// Index in the call's input of the chunk's first item.
+    pub first: usize,
+    pub count: u32,
+    pub frame: Vec<u8>,
+}
+
+impl Chunk {
+    /// Fails every item of this chunk with `make(index)`.
+    pub(crate) fn fail_all(&self, make: &dyn Fn(usize) -> Error) {
+        self.call.fail(self.first, self.count, make);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// `close()`: no new work; queued work finishes.
+    Closing,
+    /// `terminate()`: stop now.
+    Terminated,
+}
+
+struct State {
+    queue: VecDeque<Chunk>,
+    /// Slots blocked waiting for work: a slot takes a second chunk ahead only when more
+    /// chunks are queued than there are idle slots, so prefetching never starves a worker.
+    idle: usize,
+    phase: Phase,
+    live_slots: usize,
+    /// Set when every slot has given up starting its worker: the pool cannot run anything.
+    fatal: Option<String>,
+}
+
+/// State shared by a pool's handle, its callers and its slots.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    work: Condvar,
+    next_seq: AtomicU64,
+    /// Closed on terminate: its read end then polls readable in every slot, waking slots
+    /// blocked on a worker's socket.
+    stop_write: Mutex<Option<OwnedFd>>,
+    pub(crate) stop_read: OwnedFd,
+    /// The pid of each slot's current worker.
+    pids: Mutex<Vec<Option<u32>>>,
+}
+
+/// What a slot should do next.
+pub(crate) enum Next {
+    Run(Chunk),
+    Exit,
+}
+
+impl Shared {
+    pub(crate) fn new(slots: usize) -> Result<Shared, Error> {
+        let (stop_read, stop_write) =
+            pipe().map_err(|err| Error::io("creating the pool's stop pipe failed", err.into()))?;
+        Ok(Shared {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                idle: 0,
+                phase: Phase::Running,
+                live_slots: slots,
+                fatal: None,
+            }),
+            work: Condvar::new(),
+            next_seq: AtomicU64::new(1),
+            stop_write: Mutex::new(Some(stop_write)),
+            stop_read,
+            pids: Mutex::new(vec![None; slots]),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queue half-updated (every update
+        // is a single push/pop), so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues chunks at the back. Fails them (and returns the error) if the pool no longer
+    /// accepts work.
+    pub(crate) fn submit(&self, chunks: impl IntoIterator<Item = Chunk>) -> Result<(), Error> {
+        let mut state = self.lock();
+        if let Some(error) = Self::refusal(&state) {
+            drop(state);
+            for chunk in chunks {
+                chunk.fail_all(&|index| clone_for(&error, chunk.call.task_name(), index));
+            }
+            return Err(error);
+        }
+        let before = state.queue.len();
+        state.queue.extend(chunks);
+        let added = state.queue.len() - before;
+        drop(state);
+        if added == 1 {
+            self.work.notify_one();
+        } else if added > 1 {
+            self.work.notify_all();
+        }
+        Ok(())
+    }
+
+    fn refusal(state: &State) -> Option<Error> {
+        if let Some(message) = &state.fatal {
+            return Some(Error::new(ErrorKind::Spawn, message.clone()));
+        }
+        match state.phase {
+            Phase::Running => None,
+            Phase::Closing | Phase::Terminated => Some(Error::closed(
+                "the pool is closed: it accepts no new work after close() or terminate()",
+            )),
+        }
+    }
+
+    /// Puts chunks that a dead worker never started back at the front, in order.
+    pub(crate) fn requeue_front(&self, chunks: Vec<Chunk>) {
+        if chunks.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        if state.phase == Phase::Terminated {
+            drop(state);
+            for chunk in chunks {
+                chunk.fail_all(&|index| terminated(chunk.call.task_name(), index));
+            }
+            return;
+        }
+        for chunk in chunks.into_iter().rev() {
+            state.queue.push_front(chunk);
+        }
+        drop(state);
+        self.work.notify_all();
+    }
+
+    /// Blocks until there is a chunk for this slot, or the slot should exit.
+    pub(crate) fn wait_next(&self) -> Next {
+        let mut state = self.lock();
+        loop {
+            if state.phase == Phase::Terminated {
+                return Next::Exit;
+            }
+            if let Some(chunk) = Self::pop_live(&mut state) {
+                return Next::Run(chunk);
+            }
+            if state.phase == Phase::Closing || state.fatal.is_some() {
+                return Next::Exit;
+            }
+            state.idle += 1;
+            state = self.work.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.idle -= 1;
+        }
+    }
+
+    /// A chunk to send ahead while this slot's worker is busy, if taking it leaves enough
+    /// queued for the idle slots.
+    pub(crate) fn try_prefetch(&self) -> Option<Chunk> {
+        let mut state = self.lock();
+        if state.phase == Phase::Terminated || state.queue.len() <= state.idle {
+            return None;
+        }
+        Self::pop_live(&mut state)
+    }
+
+    fn pop_live(state: &mut State) -> Option<Chunk> {
+        while let Some(chunk) = state.queue.pop_front() {
+            if !chunk.call.abandoned() {
+                return Some(chunk);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn set_pid(&self, slot: usize, pid: Option<u32>) {
+        self.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[slot] = pid;
+    }
+
+    /// The pids of the workers running now.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.pids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    pub(crate) fn is_terminated(&self) -> bool {
+        self.lock().phase == Phase::Terminated
+    }
+
+    /// `close()`: finish what is queued, accept nothing new.
+    pub(crate) fn close(&self) {
+        let mut state = self.lock();
+        if state.phase == Phase::Running {
+            state.phase = Phase::Closing;
+        }
+        drop(state);
+        self.work.notify_all();
+    }
+
+    /// `terminate()`: fail everything queued with `Closed` and wake every slot.
+    pub(crate) fn terminate(&self) {
+        let mut state = self.lock();
+        state.phase = Phase::Terminated;
+        let queued: Vec<Chunk> = state.queue.drain(..).collect();
+        drop(state);
+        self.work.notify_all();
+        drop(self.stop_write.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+        for chunk in queued {
+            chunk.fail_all(&|index| terminated(chunk.call.task_name(), index));
+        }
+    }
+
+    /// A slot gave up starting its worker. When it was the last, the pool cannot run
+    /// anything: queued work fails with the spawn error, and so does new work.
+    pub(crate) fn slot_lost(&self, error: &Error) {
+        let mut state = self.lock();
+        state.live_slots -= 1;
+        if state.live_slots > 0 {
+            return;
+        }
+        let message = format!("no worker process could be started: {error}");
+        state.fatal = Some(message.clone());
+        let queued: Vec<Chunk> = state.queue.drain(..).collect();
+        drop(state);
+        self.work.notify_all();
+        for chunk in queued {
+            let task = chunk.call.task_name();
+            chunk.fail_all(&|index| {
+                Error::new(ErrorKind::Spawn, message.clone()).with_task(task).with_index(index)
+            });
+        }
+    }
+}
+
+pub(crate) fn terminated(task: &str, index: usize) -> Error {
+    Error::closed("the pool was terminated before this item finished")
+        .with_task(task)
+        .with_index(index)
+}
+
+fn clone_for(error: &Error, task: &str, index: usize) -> Error {
+    Error::new(error.kind(), error.message().to_owned()).with_task(task).with_index(index)
+}

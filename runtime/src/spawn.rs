@@ -1,0 +1,255 @@
+//! Starting a worker process: the current executable, run again with [`ENV`](crate::worker::ENV)
+//! set, connected by a private socket that is neither stdin nor stdout (task code may print;
+//! its stdout and stderr are the parent's).
+
+use crate::error::{Error, ErrorKind};
+use crate::protocol::{self, FrameReader, Header};
+use crate::registry::Registry;
+use crate::worker::{ENV, WorkerSpec};
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::unistd::Pid;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to start a worker.
+#[derive(Clone, Debug)]
+pub(crate) struct SpawnOptions {
+    pub max_frame_len: u32,
+    pub start_timeout: Duration,
+}
+
+/// A running worker process and the parent's end of its channel.
+pub(crate) struct WorkerProcess {
+    child: Child,
+    pub conn: UnixStream,
+    reaped: Option<ExitStatus>,
+}
+
+impl WorkerProcess {
+    /// Starts a worker and completes the handshake: protocol version and registry digest must
+    /// match this process's, or the worker is killed and the error says why.
+    pub(crate) fn spawn(options: &SpawnOptions) -> Result<WorkerProcess, Error> {
+        let registry = Registry::get()?;
+        let (conn, child_end) = UnixStream::pair()
+            .map_err(|err| Error::io("creating a worker channel failed", err))
+            .map_err(spawn_kind)?;
+        let child_fd = child_end.as_raw_fd();
+        let spec = WorkerSpec {
+            fd: child_fd,
+            parent: std::process::id(),
+            max_frame_len: options.max_frame_len,
+        };
+        let mut command = Command::new(executable());
+        command
+            .env(ENV, spec.encode())
+            .stdin(Stdio::null())
+            // Its own process group: a timeout kills the task and everything it started, and
+            // a terminal's Ctrl-C reaches the parent, which stops the pool, not each worker.
+            .process_group(0);
+        let prepare = move || {
+            use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+            use std::os::fd::BorrowedFd;
+            // SAFETY: `child_fd` is open in the child: it is the inherited copy of
+            // `child_end`, which the parent keeps open until `spawn` returns.
+            let fd = unsafe { BorrowedFd::borrow_raw(child_fd) };
+            fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+            // SAFETY: installing SIG_IGN runs no handler code. Ignored dispositions survive
+            // exec: the worker ignores SIGINT from its first instruction.
+            unsafe { signal::signal(Signal::SIGINT, SigHandler::SigIgn) }?;
+            Ok(())
+        };
+        // SAFETY: `prepare` runs in the child between fork and exec and only makes
+        // async-signal-safe calls (fcntl, sigaction) on values it owns.
+        unsafe {
+            command.pre_exec(prepare);
+        }
+        let child = command
+            .spawn()
+            .map_err(|err| Error::io("starting a worker process failed", err))
+            .map_err(spawn_kind)?;
+        drop(child_end);
+        let mut worker = WorkerProcess { child, conn, reaped: None };
+        match worker.handshake(registry.digest(), options) {
+            Ok(()) => Ok(worker),
+            Err(err) => {
+                worker.kill();
+                Err(err)
+            }
+        }
+    }
+
+    fn handshake(&mut self, digest: u64, options: &SpawnOptions) -> Result<(), Error> {
+        let deadline = Instant::now() + options.start_timeout;
+        let mut reader = FrameReader::new(1024);
+        let range = loop {
+            if let Some(range) = reader.next_frame().map_err(spawn_kind)? {
+                break range;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.start_failure(format!(
+                    "the worker process did not finish its start-up within {:?}; is `fn main` \
+                     marked #[multiproc::main], and does it reach that attribute's entry at once?",
+                    options.start_timeout
+                )));
+            }
+            self.conn
+                .set_read_timeout(Some(left))
+                .map_err(|err| Error::io("configuring a worker channel failed", err))?;
+            match reader.read_from(&mut self.conn) {
+                Ok(0) => {
+                    let status = self.wait();
+                    return Err(self.start_failure(format!(
+                        "the worker process exited during start-up ({}) before reaching the \
+                         worker entry: is `fn main` marked #[multiproc::main]?",
+                        describe_status(status)
+                    )));
+                }
+                Ok(_) => {}
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(err) => return Err(spawn_kind(Error::io("reading the worker's handshake failed", err))),
+            }
+        };
+        self.conn
+            .set_read_timeout(None)
+            .map_err(|err| Error::io("configuring a worker channel failed", err))?;
+        let (header, _) = protocol::parse_body(reader.body(range)).map_err(spawn_kind)?;
+        match header {
+            Header::Ready { version, digest: theirs, .. } => {
+                if version != protocol::PROTOCOL_VERSION {
+                    return Err(self.start_failure(format!(
+                        "the worker speaks protocol version {version}, this process {}",
+                        protocol::PROTOCOL_VERSION
+                    )));
+                }
+                if theirs != digest {
+                    return Err(self.start_failure(
+                        "the worker's task registry differs from this process's: it runs a \
+                         different build of the executable"
+                            .to_owned(),
+                    ));
+                }
+                Ok(())
+            }
+            Header::MissingEntry => Err(self.start_failure(
+                "the worker process ran the program's `fn main` instead of serving tasks: mark \
+                 `fn main` with #[multiproc::main] (in tests, use a `harness = false` target \
+                 whose main has it)"
+                    .to_owned(),
+            )),
+            other => Err(self.start_failure(format!("unexpected first frame from a worker: {other:?}"))),
+        }
+    }
+
+    fn start_failure(&self, message: String) -> Error {
+        Error::new(ErrorKind::Spawn, message)
+    }
+
+    /// The worker's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the worker and every process it started (its process group), then reaps it.
+    pub(crate) fn kill(&mut self) -> ExitStatus {
+        if self.reaped.is_none() {
+            let group = Pid::from_raw(self.child.id().cast_signed());
+            // ESRCH (already gone) is fine: we reap below either way.
+            let _ = signal::killpg(group, Signal::SIGKILL);
+        }
+        self.wait()
+    }
+
+    /// Waits for the worker to exit and reaps it.
+    pub(crate) fn wait(&mut self) -> ExitStatus {
+        if let Some(status) = self.reaped {
+            return status;
+        }
+        let status = loop {
+            match self.child.wait() {
+                Ok(status) => break status,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                // Not our child any more (someone else reaped it): report a kill.
+                Err(_) => break ExitStatus::from_raw(Signal::SIGKILL as i32),
+            }
+        };
+        self.reaped = Some(status);
+        status
+    }
+
+    /// Asks the worker to exit, waits up to `grace` for it to close its end of the channel
+    /// (which it does by exiting), then kills and reaps it: a worker stuck in a task cannot
+    /// delay the caller by more than `grace`.
+    pub(crate) fn shutdown(&mut self, grace: Duration) {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + grace;
+        let _ = self.conn.set_nonblocking(false);
+        let _ = self.conn.set_write_timeout(Some(grace));
+        let frame = protocol::control_frame(&Header::Shutdown);
+        if self.conn.write_all(&frame).is_ok() {
+            let mut sink = [0u8; 256];
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || self.conn.set_read_timeout(Some(left)).is_err() {
+                    break;
+                }
+                match self.conn.read(&mut sink) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        // Reaps at once when the worker exited; kills it first when it did not.
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.reaped = Some(status);
+        }
+        self.kill();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `signal` and `exit code` of a status, for [`Error::with_status`].
+pub(crate) fn status_parts(status: ExitStatus) -> (Option<i32>, Option<i32>) {
+    (status.signal(), status.code())
+}
+
+pub(crate) fn describe_status(status: ExitStatus) -> String {
+    match (status.signal(), status.code()) {
+        (Some(signal), _) => format!("killed by {}", crate::error::signal_name(signal)),
+        (None, Some(code)) => format!("exit code {code}"),
+        (None, None) => status.to_string(),
+    }
+}
+
+fn spawn_kind(err: Error) -> Error {
+    if err.kind() == ErrorKind::Spawn {
+        err
+    } else {
+        Error::new(ErrorKind::Spawn, err.to_string()).with_source(err)
+    }
+}
+
+/// The executable to re-run. On Linux, `/proc/self/exe` is this very binary even if the file
+/// on disk was replaced since (a rebuild while a program runs).
+fn executable() -> std::path::PathBuf {
+    if cfg!(any(target_os = "linux", target_os = "android")) {
+        "/proc/self/exe".into()
+    } else {
+        std::env::current_exe().unwrap_or_else(|_| std::env::args_os().next().unwrap_or_default().into())
+    }
+}

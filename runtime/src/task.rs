@@ -1,0 +1,88 @@
+//! The traits `#[multiproc::task]` implements, and the bound on values that cross processes.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A value that can be sent to or returned from a worker process: anything `Serialize +
+/// DeserializeOwned + Send + 'static`. Implemented automatically; derive serde's traits for
+/// your own types.
+///
+/// # Examples
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Point { x: f64, y: f64 }
+///
+/// fn assert_payload<T: multiproc_runtime::Payload>() {}
+/// assert_payload::<Point>();
+/// assert_payload::<(String, Vec<u8>, Option<i64>)>();
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be sent between processes",
+    label = "task arguments and results must implement `serde::Serialize` and `serde::Deserialize`",
+    note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`, or use an owned type that has them (`String`, `Vec<T>`, ...)"
+)]
+pub trait Payload: Serialize + DeserializeOwned + Send + 'static {}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> Payload for T {}
+
+/// A function registered with `#[multiproc::task]`: a name a worker process can look up, the
+/// tuple of its arguments, and its output.
+///
+/// You do not implement this trait: the attribute does. Its path (`square`) is then a value
+/// that [`Pool::map`](crate::Pool::map) and friends accept, and it still calls the function
+/// directly (`square(3)`).
+///
+/// # Examples
+///
+/// ```ignore
+/// #[multiproc::task]
+/// fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+///
+/// use multiproc::Task;
+/// assert_eq!(<pow as Task>::call((2, 10)), 1024);
+/// assert!(<pow as Task>::NAME.ends_with("::pow"));
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a multiproc task",
+    label = "expected a function marked `#[multiproc::task]`",
+    note = "add `#[multiproc::task]` to the function so worker processes can find it by name; closures cannot be sent to another process"
+)]
+pub trait Task: Copy + Send + Sync + 'static {
+    /// The arguments, as a tuple: `(u64, u32)` for `fn pow(x: u64, y: u32)`, `()` for none.
+    type Args: Payload;
+    /// The return type; `()` for a function that returns nothing.
+    type Output: Payload;
+    /// The registered name: `module_path!()::fn_name`, or the `name = "..."` given.
+    const NAME: &'static str;
+    /// Runs the function in this process.
+    fn call(args: Self::Args) -> Self::Output;
+}
+
+/// A task of exactly one argument: what [`Pool::map`](crate::Pool::map) and
+/// [`Pool::imap`](crate::Pool::imap) take, each item being that argument.
+///
+/// # Examples
+///
+/// ```ignore
+/// #[multiproc::task]
+/// fn square(x: u64) -> u64 { x * x }
+///
+/// fn takes_unary<T: multiproc::UnaryTask<Arg = u64>>(_: T) {}
+/// takes_unary(square);
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a task of exactly one argument",
+    label = "`map` and `imap` pass each item as the task's only argument",
+    note = "for a task of several arguments, use `starmap` (or `imap` over tuples with `starmap`-style tasks) and give one tuple per call; for a plain function, add `#[multiproc::task]`"
+)]
+pub trait UnaryTask: Task {
+    /// The single argument's type.
+    type Arg: Payload;
+}
+
+/// Compile-time check emitted by `#[task]` at each argument and return type's span.
+#[doc(hidden)]
+pub const fn assert_payload<T: Payload>() {}

@@ -1,0 +1,346 @@
+//! The worker side: what a re-executed child does when `#[multiproc::main]` hands it control.
+//!
+//! A parent starts a worker by running its own executable again with [`ENV`] set to a
+//! [`WorkerSpec`]: the number of an inherited socket descriptor, the parent's pid and the
+//! frame limit. [`worker_main`] sees the variable, connects, says `Ready`, then runs each
+//! `Run` chunk it receives and answers with `Results`, until `Shutdown` or end of stream. It
+//! never returns to the user's `main` body.
+
+use crate::codec;
+use crate::error::{Error, ErrorKind};
+use crate::protocol::{self, FrameReader, Header};
+use crate::registry::{ItemHooks, Registry};
+use crate::task::Task;
+use serde::{Deserialize, Serialize};
+use std::cell::{Cell, RefCell};
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The environment variable that tells a process it was started as a worker.
+pub(crate) const ENV: &str = "MULTIPROC_WORKER";
+
+/// Set once this process has passed through [`worker_main`] as a worker.
+static ENTERED: AtomicBool = AtomicBool::new(false);
+/// Set once a missing entry has been reported, so it is reported once.
+static REPORTED_MISSING: AtomicBool = AtomicBool::new(false);
+
+/// What a parent tells a worker through [`ENV`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WorkerSpec {
+    pub fd: RawFd,
+    pub parent: u32,
+    pub max_frame_len: u32,
+}
+
+impl WorkerSpec {
+    pub(crate) fn encode(&self) -> String {
+        format!(
+            "v{}:{}:{}:{}",
+            protocol::PROTOCOL_VERSION,
+            self.fd,
+            self.parent,
+            self.max_frame_len
+        )
+    }
+
+    pub(crate) fn decode(value: &OsString) -> Result<WorkerSpec, String> {
+        let value = value.to_str().ok_or("not UTF-8")?;
+        let mut parts = value.split(':');
+        let version = parts.next().and_then(|v| v.strip_prefix('v'));
+        if version != Some(protocol::PROTOCOL_VERSION.to_string().as_str()) {
+            return Err(format!(
+                "protocol version {version:?} differs from this executable's {}",
+                protocol::PROTOCOL_VERSION
+            ));
+        }
+        let mut field = |name: &str| {
+            parts
+                .next()
+                .and_then(|part| part.parse::<u64>().ok())
+                .ok_or(format!("missing or malformed {name}"))
+        };
+        let fd = RawFd::try_from(field("descriptor")?).map_err(|e| e.to_string())?;
+        let parent = u32::try_from(field("parent pid")?).map_err(|e| e.to_string())?;
+        let max_frame_len = u32::try_from(field("frame limit")?).map_err(|e| e.to_string())?;
+        Ok(WorkerSpec { fd, parent, max_frame_len })
+    }
+}
+
+/// Entry point emitted by `#[multiproc::main]` at the top of `fn main`. Not public API.
+///
+/// In a parent (no [`ENV`]) it returns at once. In a worker it serves tasks and exits the
+/// process: status 0 after `Shutdown` or when the parent goes away, 1 on a protocol error.
+#[doc(hidden)]
+pub fn worker_main() {
+    let Some(value) = std::env::var_os(ENV) else {
+        return;
+    };
+    ENTERED.store(true, Ordering::SeqCst);
+    let code = match WorkerSpec::decode(&value) {
+        Ok(spec) => match serve(spec) {
+            Ok(()) => 0,
+            Err(err) => {
+                eprintln!("multiproc worker {}: {err}", std::process::id());
+                1
+            }
+        },
+        Err(err) => {
+            eprintln!("multiproc worker: malformed {ENV}: {err}");
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+/// Whether this process may start workers of its own.
+///
+/// A parent may; a worker running a task may too (nested pools are allowed: each level spawns
+/// its own children, and the no-orphan guarantees hold per level). A process that was started
+/// as a worker but never passed through [`worker_main`] may not: its `fn main` lacks
+/// `#[multiproc::main]`, and spawning would recurse. It tells its parent once, so the parent
+/// reports the missing attribute at once instead of waiting out the start-up timeout.
+pub(crate) fn check_may_spawn() -> Result<(), Error> {
+    let Some(value) = std::env::var_os(ENV) else {
+        return Ok(());
+    };
+    if ENTERED.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    if !REPORTED_MISSING.swap(true, Ordering::SeqCst) {
+        if let Ok(spec) = WorkerSpec::decode(&value) {
+            let frame = protocol::control_frame(&Header::MissingEntry);
+            // SAFETY: the parent passed this descriptor to this process for this channel and
+            // nothing in a process that never entered the worker closes it; a failed write
+            // (the descriptor is not what we think) is ignored, the parent then times out.
+            let fd = unsafe { BorrowedFd::borrow_raw(spec.fd) };
+            let _ = nix::unistd::write(fd, &frame);
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Spawn,
+        "this process was started as a multiproc worker, but its `fn main` is not marked \
+         #[multiproc::main], so it ran the program instead of serving tasks; add the attribute \
+         (in tests: a `harness = false` target whose main has it)",
+    ))
+}
+
+fn serve(spec: WorkerSpec) -> Result<(), Error> {
+    // SAFETY: the parent created this descriptor for this process alone, cleared its
+    // close-on-exec flag, and passed its number in ENV; nothing else here owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(spec.fd) };
+    guard_against_orphaning(spec.parent)?;
+    install_panic_hook();
+    let registry = Registry::get()?;
+    let mut conn = UnixStream::from(fd);
+    let ready = Header::Ready {
+        version: protocol::PROTOCOL_VERSION,
+        digest: registry.digest(),
+        pid: std::process::id(),
+    };
+    write_all(&mut conn, &protocol::control_frame(&ready))?;
+
+    let mut reader = FrameReader::new(spec.max_frame_len);
+    let mut out = Vec::new();
+    let hooks = ItemHooks { before_item: &|_| {} };
+    while let Some(range) = reader.read_frame(&mut conn)? {
+        let (header, payload) = protocol::parse_body(reader.body(range))?;
+        match header {
+            Header::Run { seq, task, count } => {
+                let entry = registry.entry(task).ok_or_else(|| {
+                    Error::new(ErrorKind::Codec, format!("unknown task id {task}"))
+                })?;
+                out.clear();
+                let start = protocol::begin_frame(&mut out, &Header::Results { seq, first: 0, count });
+                (entry.run())(payload, count, &mut out, &hooks);
+                if let Err(err) = protocol::end_frame(&mut out, start, spec.max_frame_len) {
+                    // The results are too large to send: report that for every item instead.
+                    out.clear();
+                    let start =
+                        protocol::begin_frame(&mut out, &Header::Results { seq, first: 0, count });
+                    let message = err.to_string();
+                    let failure: OutcomeRef<'_, ()> = OutcomeRef::Failed { message: &message };
+                    for _ in 0..count {
+                        codec::encode_into(&failure, &mut out)
+                            .map_err(|err| Error::codec("encoding a failure", err))?;
+                    }
+                    protocol::end_frame(&mut out, start, u32::MAX)?;
+                }
+                write_all(&mut conn, &out)?;
+            }
+            Header::Shutdown => return Ok(()),
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Codec,
+                    format!("unexpected frame from the parent: {other:?}"),
+                ));
+            }
+        }
+    }
+    // End of stream: the parent is gone or closed the channel.
+    Ok(())
+}
+
+fn write_all(conn: &mut UnixStream, bytes: &[u8]) -> Result<(), Error> {
+    conn.write_all(bytes)
+        .map_err(|err| Error::io("writing to the parent failed", err))
+}
+
+/// Makes this worker die with its parent. On Linux the kernel sends SIGKILL when the parent
+/// thread that spawned us exits; the parent pid is checked after arming the signal, which
+/// closes the race of a parent that died before that.
+fn guard_against_orphaning(parent: u32) -> Result<(), Error> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(|err| Error::io("arming the parent-death signal failed", err.into()))?;
+    }
+    if nix::unistd::getppid().as_raw().cast_unsigned() != parent {
+        return Err(Error::new(ErrorKind::Closed, "the parent exited before this worker started"));
+    }
+    Ok(())
+}
+
+/// One item's result as sent by the worker. Variant order is part of the protocol and must
+/// match [`Outcome`].
+#[derive(Serialize)]
+pub(crate) enum OutcomeRef<'a, T> {
+    Ok(&'a T),
+    Panicked { message: &'a str, location: Option<&'a str> },
+    Failed { message: &'a str },
+}
+
+/// One item's result as read by the parent.
+#[derive(Deserialize)]
+pub(crate) enum Outcome<T> {
+    Ok(T),
+    Panicked { message: String, location: Option<String> },
+    Failed { message: String },
+}
+
+/// Runs a chunk of items of task `T`. Each item's panic is caught and reported as that item's
+/// outcome; the worker goes on with the next item.
+pub(crate) fn run_chunk<T: Task>(input: &[u8], count: u32, output: &mut Vec<u8>, hooks: &ItemHooks) {
+    let mut rest = input;
+    for index in 0..count {
+        (hooks.before_item)(index);
+        let args = match postcard::take_from_bytes::<T::Args>(rest) {
+            Ok((args, tail)) => {
+                rest = tail;
+                args
+            }
+            Err(err) => {
+                let message = format!("could not decode the arguments: {err}");
+                for _ in index..count {
+                    push_failure::<T>(output, &message);
+                }
+                return;
+            }
+        };
+        match run_caught(|| T::call(args)) {
+            Ok(value) => {
+                let mark = output.len();
+                if let Err(err) = codec::encode_into(&OutcomeRef::Ok(&value), output) {
+                    output.truncate(mark);
+                    push_failure::<T>(output, &format!("could not encode the result: {err}"));
+                }
+            }
+            Err(panic) => {
+                let outcome: OutcomeRef<'_, T::Output> = OutcomeRef::Panicked {
+                    message: &panic.message,
+                    location: panic.location.as_deref(),
+                };
+                codec::encode_into(&outcome, output).expect("strings always encode");
+            }
+        }
+    }
+}
+
+fn push_failure<T: Task>(output: &mut Vec<u8>, message: &str) {
+    let failure: OutcomeRef<'_, T::Output> = OutcomeRef::Failed { message };
+    codec::encode_into(&failure, output)
+        .expect("strings always encode");
+}
+
+/// A caught panic: its message and where it happened.
+struct CaughtPanic {
+    message: String,
+    location: Option<String>,
+}
+
+thread_local! {
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+    static LAST_PANIC: RefCell<Option<CaughtPanic>> = const { RefCell::new(None) };
+}
+
+fn run_caught<R>(f: impl FnOnce() -> R) -> Result<R, CaughtPanic> {
+    IN_TASK.set(true);
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    IN_TASK.set(false);
+    result.map_err(|payload| {
+        LAST_PANIC.take().unwrap_or_else(|| CaughtPanic {
+            message: payload_message(&*payload),
+            location: None,
+        })
+    })
+}
+
+fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "Box<dyn Any>".to_owned()
+    }
+}
+
+/// In a worker, a task's panic is recorded for the parent instead of printed: the parent
+/// reports it as that item's error, with message, location and (with `RUST_BACKTRACE` set) a
+/// backtrace. Panics outside a task (threads the task spawned) go to the previous hook.
+fn install_panic_hook() {
+    let previous = panic::take_hook();
+    panic::set_hook(Box::new(move |info| {
+        if !IN_TASK.get() {
+            previous(info);
+            return;
+        }
+        let mut message = info.payload_as_str().unwrap_or("Box<dyn Any>").to_owned();
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            message.push_str(&format!("\n\nstack backtrace:\n{backtrace}"));
+        }
+        let location = info.location().map(ToString::to_string);
+        LAST_PANIC.set(Some(CaughtPanic { message, location }));
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips() {
+        let spec = WorkerSpec { fd: 7, parent: 4242, max_frame_len: 1 << 20 };
+        assert_eq!(WorkerSpec::decode(&spec.encode().into()), Ok(spec));
+    }
+
+    #[test]
+    fn spec_rejects_other_versions_and_garbage() {
+        assert!(WorkerSpec::decode(&"v999:7:1:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v1:x:1:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"".into()).is_err());
+    }
+
+    #[test]
+    fn caught_panic_has_message() {
+        install_panic_hook();
+        let caught = run_caught(|| panic!("boom {}", 7)).err().expect("it panicked");
+        assert!(caught.message.starts_with("boom 7"));
+        assert!(caught.location.expect("location").contains("worker.rs"));
+    }
+}
