@@ -3,8 +3,9 @@
 use crate::codec;
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Header};
-use crate::sched::{CallSink, Chunk, Shared};
+use crate::sched::{CallSink, Chunk, Shared, SkipArgs};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
 /// How many items go into one chunk (one message to a worker).
@@ -41,13 +42,30 @@ impl Chunking {
 }
 
 /// Encodes `items` (the input positions `first..`) as one chunk of `call`.
+/// How a call encodes its chunks.
+#[derive(Clone, Copy)]
+pub(crate) struct ChunkSpec {
+    pub task: u32,
+    pub timed: bool,
+    pub max_frame_len: u32,
+    pub skip: SkipArgs,
+}
+
+/// [`SkipArgs`] for argument tuples of type `A`.
+pub(crate) fn skip_args<A: DeserializeOwned>(payload: &[u8], n: u32) -> Option<usize> {
+    let mut rest = payload;
+    for _ in 0..n {
+        rest = codec::decode_front::<A>(rest).ok()?.1;
+    }
+    Some(payload.len() - rest.len())
+}
+
 pub(crate) fn encode_chunk<A: Serialize>(
     shared: &Shared,
     call: Arc<dyn CallSink>,
-    task: u32,
+    spec: ChunkSpec,
     first: usize,
     items: impl ExactSizeIterator<Item = A>,
-    max_frame_len: u32,
 ) -> Result<Chunk, (Arc<dyn CallSink>, usize, Error)> {
     let count = items.len();
     let seq = shared.next_seq();
@@ -56,7 +74,9 @@ pub(crate) fn encode_chunk<A: Serialize>(
         return Err((call, count, err));
     };
     let mut frame = Vec::with_capacity(16 + count * 8);
-    let start = protocol::begin_frame(&mut frame, &Header::Run { seq, task, count: count32 });
+    let header = Header::Run { seq, task: spec.task, count: count32, timed: spec.timed };
+    let start = protocol::begin_frame(&mut frame, &header);
+    let payload_at = frame.len();
     for (offset, item) in items.enumerate() {
         if let Err(err) = codec::encode_into(&item, &mut frame) {
             let index = first + offset;
@@ -64,8 +84,18 @@ pub(crate) fn encode_chunk<A: Serialize>(
             return Err((call, count, err));
         }
     }
-    if let Err(err) = protocol::end_frame(&mut frame, start, max_frame_len) {
+    if let Err(err) = protocol::end_frame(&mut frame, start, spec.max_frame_len) {
         return Err((call, count, err));
     }
-    Ok(Chunk { call, seq, first, count: count32, frame })
+    Ok(Chunk {
+        call,
+        seq,
+        task: spec.task,
+        first,
+        count: count32,
+        timed: spec.timed,
+        frame,
+        payload_at,
+        skip: spec.skip,
+    })
 }

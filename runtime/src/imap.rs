@@ -4,10 +4,9 @@
 //! outstanding (submitted, not yet yielded). That bounds memory whatever the input's length
 //! (an infinite iterator included), unlike Python's `imap`, which reads its input ahead.
 
-use crate::chunk::{Chunking, encode_chunk};
+use crate::chunk::{ChunkSpec, Chunking, encode_chunk};
 use crate::error::Error;
 use crate::pool::{Pool, clone_error};
-use crate::registry::Registry;
 use crate::result::CallState;
 use crate::sched::{CallSink, Shared};
 use crate::task::Task;
@@ -41,11 +40,10 @@ pub struct IMap<T: Task, I> {
     shared: Arc<Shared>,
     state: Arc<CallState<T::Output>>,
     input: Option<I>,
-    task: Result<u32, Error>,
+    spec: Result<ChunkSpec, Error>,
     chunking: Chunking,
     ordered: bool,
     workers: usize,
-    max_frame_len: u32,
     /// Index of the next input item to submit.
     submitted: usize,
     /// Outputs handed to the caller.
@@ -62,16 +60,21 @@ impl<T: Task, I: Iterator> IMap<T, I>
 where
     I::Item: Serialize,
 {
-    pub(crate) fn new(pool: &Pool, input: I, chunking: Chunking, ordered: bool) -> Self {
+    pub(crate) fn new(
+        pool: &Pool,
+        input: I,
+        spec: Result<ChunkSpec, Error>,
+        chunking: Chunking,
+        ordered: bool,
+    ) -> Self {
         IMap {
             shared: Arc::clone(pool.shared()),
             state: CallState::new(T::NAME),
             input: Some(input),
-            task: Registry::get().and_then(Registry::id_of_task::<T>),
+            spec,
             chunking,
             ordered,
             workers: pool.processes(),
-            max_frame_len: pool.max_frame_len(),
             submitted: 0,
             yielded: 0,
             next_index: 0,
@@ -129,14 +132,14 @@ where
             self.submitted += count;
             self.last_chunk = count;
             let sink: Arc<dyn CallSink> = self.state.clone();
-            let task = match &self.task {
-                Ok(task) => *task,
+            let spec = match &self.spec {
+                Ok(spec) => *spec,
                 Err(err) => {
                     sink.fail(first, count as u32, &|index| clone_error(err, T::NAME, index));
                     continue;
                 }
             };
-            match encode_chunk(&self.shared, sink, task, first, items.into_iter(), self.max_frame_len) {
+            match encode_chunk(&self.shared, sink, spec, first, items.into_iter()) {
                 Ok(chunk) => {
                     if self.shared.submit([chunk]).is_err() {
                         // The pool is gone: the refused items come out as errors; stop there.

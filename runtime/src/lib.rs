@@ -13,6 +13,7 @@ mod result;
 mod sched;
 mod slot;
 mod spawn;
+mod status;
 mod task;
 mod worker;
 

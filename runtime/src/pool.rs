@@ -1,6 +1,6 @@
 //! [`Pool`]: a fixed set of worker processes that run tasks, with Python's `Pool` methods.
 
-use crate::chunk::{Chunking, encode_chunk};
+use crate::chunk::{ChunkSpec, Chunking, encode_chunk, skip_args};
 use crate::error::{Error, ErrorKind};
 use crate::imap::IMap;
 use crate::protocol::DEFAULT_MAX_FRAME_LEN;
@@ -515,7 +515,8 @@ impl<'a> Call<'a> {
         I: IntoIterator<Item = T::Arg>,
     {
         let _ = task;
-        IMap::new(self.pool, items.into_iter(), self.chunking, true)
+        let spec = self.registered::<T>().map(|task| self.chunk_spec::<T>(task));
+        IMap::new(self.pool, items.into_iter(), spec, self.chunking, true)
     }
 
     /// [`Pool::imap_unordered`] with these options.
@@ -528,7 +529,21 @@ impl<'a> Call<'a> {
         I: IntoIterator<Item = T::Arg>,
     {
         let _ = task;
-        IMap::new(self.pool, items.into_iter(), self.chunking, false)
+        let spec = self.registered::<T>().map(|task| self.chunk_spec::<T>(task));
+        IMap::new(self.pool, items.into_iter(), spec, self.chunking, false)
+    }
+
+    fn registered<T: Task>(&self) -> Result<u32, Error> {
+        Registry::get().and_then(Registry::id_of_task::<T>)
+    }
+
+    fn chunk_spec<T: Task>(&self, task: u32) -> ChunkSpec {
+        ChunkSpec {
+            task,
+            timed: false,
+            max_frame_len: self.pool.max_frame_len(),
+            skip: skip_args::<T::Args>,
+        }
     }
 
     /// Encodes every item (each `A` is the task's argument tuple, or its one argument: the
@@ -543,13 +558,14 @@ impl<'a> Call<'a> {
         let result = AsyncResult::new(Arc::clone(&state), move |state| collect_in_order(state, len));
         state.expect(len, true);
         let sink: Arc<dyn CallSink> = state;
-        let task = match Registry::get().and_then(Registry::id_of_task::<T>) {
+        let task = match self.registered::<T>() {
             Ok(task) => task,
             Err(err) => {
                 sink.fail(0, len as u32, &|index| clone_error(&err, T::NAME, index));
                 return result;
             }
         };
+        let spec = self.chunk_spec::<T>(task);
         let size = self.chunking.for_len(len, self.pool.processes);
         let shared = self.pool.shared();
         let mut chunks = Vec::with_capacity(len.div_ceil(size));
@@ -558,7 +574,7 @@ impl<'a> Call<'a> {
         while first < len {
             let count = size.min(len - first);
             let slice = items.by_ref().take(count).collect::<Vec<_>>();
-            match encode_chunk(shared, Arc::clone(&sink), task, first, slice.into_iter(), self.pool.max_frame_len()) {
+            match encode_chunk(shared, Arc::clone(&sink), spec, first, slice.into_iter()) {
                 Ok(chunk) => chunks.push(chunk),
                 Err((sink, count, err)) => {
                     sink.fail(first, count as u32, &|index| clone_error(&err, T::NAME, index));

@@ -46,7 +46,8 @@ pub(crate) enum Header {
     MissingEntry,
     /// Parent → worker: run `count` items of task `task`; the payload holds their encoded
     /// argument tuples, one after another.
-    Run { seq: u64, task: u32, count: u32 },
+    /// With `timed`, the worker also publishes when each item starts, for deadlines.
+    Run { seq: u64, task: u32, count: u32, timed: bool },
     /// Worker → parent: outcomes of items `first..first + count` of chunk `seq`; the payload
     /// holds one encoded [`crate::worker::Outcome`] per item.
     Results { seq: u64, first: u32, count: u32 },

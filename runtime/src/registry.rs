@@ -109,10 +109,6 @@ impl Registry {
 }
 
 impl TaskEntry {
-    pub(crate) fn name(&self) -> &'static str {
-        self.name
-    }
-
     pub(crate) fn run(&self) -> RunChunk {
         self.run
     }

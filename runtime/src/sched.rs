@@ -3,6 +3,7 @@
 //! pushes round-robin).
 
 use crate::error::{Error, ErrorKind};
+use crate::protocol::{self, Header};
 use nix::unistd::pipe;
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -22,17 +23,55 @@ pub(crate) trait CallSink: Send + Sync {
     fn abandoned(&self) -> bool;
 }
 
+/// Finds where the `n`-th encoded argument tuple of a payload starts (typed per task).
+pub(crate) type SkipArgs = fn(payload: &[u8], n: u32) -> Option<usize>;
+
 /// A run of consecutive items of one call, encoded as a complete `Run` frame.
 pub(crate) struct Chunk {
     pub call: Arc<dyn CallSink>,
     pub seq: u64,
+    pub task: u32,
     /// Index in the call's input of the chunk's first item.
     pub first: usize,
     pub count: u32,
+    pub timed: bool,
     pub frame: Vec<u8>,
+    /// Where the arguments start in `frame`.
+    pub payload_at: usize,
+    pub skip: SkipArgs,
 }
 
 impl Chunk {
+    /// A new chunk of items `from..to` of this one (positions within the chunk), for work
+    /// that must run again after its worker died. `None` if the range is empty or the
+    /// arguments cannot be re-split (which cannot happen for frames we encoded).
+    pub(crate) fn sub(&self, shared: &Shared, from: u32, to: u32) -> Option<Chunk> {
+        if from >= to {
+            return None;
+        }
+        let payload = &self.frame[self.payload_at..];
+        let start = (self.skip)(payload, from)?;
+        let end = start + (self.skip)(&payload[start..], to - from)?;
+        let seq = shared.next_seq();
+        let header = Header::Run { seq, task: self.task, count: to - from, timed: self.timed };
+        let mut frame = Vec::with_capacity(16 + end - start);
+        let begin = protocol::begin_frame(&mut frame, &header);
+        let payload_at = frame.len();
+        frame.extend_from_slice(&payload[start..end]);
+        protocol::end_frame(&mut frame, begin, u32::MAX).ok()?;
+        Some(Chunk {
+            call: Arc::clone(&self.call),
+            seq,
+            task: self.task,
+            first: self.first + from as usize,
+            count: to - from,
+            timed: self.timed,
+            frame,
+            payload_at,
+            skip: self.skip,
+        })
+    }
+
     /// Fails every item of this chunk with `make(index)`.
     pub(crate) fn fail_all(&self, make: &dyn Fn(usize) -> Error) {
         self.call.fail(self.first, self.count, make);

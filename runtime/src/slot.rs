@@ -305,8 +305,11 @@ impl Slot {
         Ok(progress)
     }
 
-    /// The worker is gone: the items it was running fail, the chunks queued behind them go
-    /// back to the pool's queue, and the next loop starts a replacement.
+    /// The worker is gone. The status page says what it was doing: the one item it was
+    /// running fails; items of that chunk that never started, and the chunks queued behind
+    /// it, go back to the front of the queue; items of that chunk that had finished but whose
+    /// outcomes died with the worker (they are sent per chunk) run again. The next loop starts
+    /// a replacement.
     fn on_worker_lost(&mut self, why: Lost) {
         let Some(mut worker) = self.worker.take() else {
             return;
@@ -314,35 +317,48 @@ impl Slot {
         let pid = worker.pid();
         // Reaps a dead worker, or kills one that broke the protocol.
         let status = worker.kill();
+        let published = worker.status.read();
+        drop(worker);
         self.reset_channel_state();
         let mut inflight = std::mem::take(&mut self.inflight);
+        let mut again = Vec::new();
         if let Some(front) = inflight.pop_front() {
             let chunk = &front.chunk;
             let task = chunk.call.task_name();
-            let (signal, code) = status_parts(status);
-            let first = chunk.first + front.done as usize;
-            match &why {
-                Lost::Died => chunk.call.fail(first, chunk.count - front.done, &|index| {
-                    Error::new(
-                        ErrorKind::Crashed,
-                        format!("worker process {pid} died while running it"),
-                    )
-                    .with_task(task)
-                    .with_index(index)
-                    .with_status(signal, code)
-                }),
-                Lost::Protocol(err) => {
+            let running = (published.seq == chunk.seq
+                && (front.done..chunk.count).contains(&published.item))
+            .then_some(published.item);
+            match (&why, running) {
+                (Lost::Died, Some(culprit)) => {
+                    let (signal, code) = status_parts(status);
+                    chunk.call.fail(chunk.first + culprit as usize, 1, &|index| {
+                        Error::new(
+                            ErrorKind::Crashed,
+                            format!("worker process {pid} died while running it"),
+                        )
+                        .with_task(task)
+                        .with_index(index)
+                        .with_status(signal, code)
+                    });
+                    again.extend(chunk.sub(&self.shared, front.done, culprit));
+                    again.extend(chunk.sub(&self.shared, culprit + 1, chunk.count));
+                }
+                // It died before starting the chunk, or after finishing it: nothing to blame.
+                (Lost::Died, None) => again.extend(chunk.sub(&self.shared, front.done, chunk.count)),
+                // A malformed reply: its items fail rather than run again into the same fault.
+                (Lost::Protocol(err), _) => {
                     let message = format!(
                         "worker process {pid} sent a malformed reply and was stopped ({}): {err}",
                         describe_status(status)
                     );
-                    chunk.call.fail(first, chunk.count - front.done, &|index| {
+                    chunk.call.fail(chunk.first + front.done as usize, chunk.count - front.done, &|index| {
                         Error::new(ErrorKind::Codec, message.clone()).with_task(task).with_index(index)
                     });
                 }
             }
         }
-        self.shared.requeue_front(inflight.into_iter().map(|flight| flight.chunk).collect());
+        again.extend(inflight.into_iter().map(|flight| flight.chunk));
+        self.shared.requeue_front(again);
     }
 }
 

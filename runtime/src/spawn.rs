@@ -5,6 +5,7 @@
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
 use crate::registry::Registry;
+use crate::status::StatusPage;
 use crate::worker::{ENV, WorkerSpec};
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
@@ -26,6 +27,8 @@ pub(crate) struct SpawnOptions {
 pub(crate) struct WorkerProcess {
     child: Child,
     pub conn: UnixStream,
+    /// Where the worker publishes the item it is running.
+    pub status: StatusPage,
     reaped: Option<ExitStatus>,
 }
 
@@ -38,8 +41,11 @@ impl WorkerProcess {
             .map_err(|err| Error::io("creating a worker channel failed", err))
             .map_err(spawn_kind)?;
         let child_fd = child_end.as_raw_fd();
+        let status = StatusPage::create().map_err(spawn_kind)?;
+        let status_fd = status.fd().as_raw_fd();
         let spec = WorkerSpec {
             fd: child_fd,
+            status_fd,
             parent: std::process::id(),
             max_frame_len: options.max_frame_len,
         };
@@ -53,10 +59,12 @@ impl WorkerProcess {
         let prepare = move || {
             use nix::fcntl::{FcntlArg, FdFlag, fcntl};
             use std::os::fd::BorrowedFd;
-            // SAFETY: `child_fd` is open in the child: it is the inherited copy of
-            // `child_end`, which the parent keeps open until `spawn` returns.
-            let fd = unsafe { BorrowedFd::borrow_raw(child_fd) };
-            fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+            for raw in [child_fd, status_fd] {
+                // SAFETY: both are open in the child: inherited copies of `child_end` and of
+                // the status page, which the parent keeps open until `spawn` returns.
+                let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+            }
             // SAFETY: installing SIG_IGN runs no handler code. Ignored dispositions survive
             // exec: the worker ignores SIGINT from its first instruction.
             unsafe { signal::signal(Signal::SIGINT, SigHandler::SigIgn) }?;
@@ -72,7 +80,7 @@ impl WorkerProcess {
             .map_err(|err| Error::io("starting a worker process failed", err))
             .map_err(spawn_kind)?;
         drop(child_end);
-        let mut worker = WorkerProcess { child, conn, reaped: None };
+        let mut worker = WorkerProcess { child, conn, status, reaped: None };
         match worker.handshake(registry.digest(), options) {
             Ok(()) => Ok(worker),
             Err(err) => {

@@ -10,6 +10,7 @@ use crate::codec;
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
 use crate::registry::{ItemHooks, Registry};
+use crate::status::StatusPage;
 use crate::task::Task;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
@@ -32,6 +33,7 @@ static REPORTED_MISSING: AtomicBool = AtomicBool::new(false);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WorkerSpec {
     pub fd: RawFd,
+    pub status_fd: RawFd,
     pub parent: u32,
     pub max_frame_len: u32,
 }
@@ -39,9 +41,10 @@ pub(crate) struct WorkerSpec {
 impl WorkerSpec {
     pub(crate) fn encode(&self) -> String {
         format!(
-            "v{}:{}:{}:{}",
+            "v{}:{}:{}:{}:{}",
             protocol::PROTOCOL_VERSION,
             self.fd,
+            self.status_fd,
             self.parent,
             self.max_frame_len
         )
@@ -64,9 +67,10 @@ impl WorkerSpec {
                 .ok_or(format!("missing or malformed {name}"))
         };
         let fd = RawFd::try_from(field("descriptor")?).map_err(|e| e.to_string())?;
+        let status_fd = RawFd::try_from(field("status descriptor")?).map_err(|e| e.to_string())?;
         let parent = u32::try_from(field("parent pid")?).map_err(|e| e.to_string())?;
         let max_frame_len = u32::try_from(field("frame limit")?).map_err(|e| e.to_string())?;
-        Ok(WorkerSpec { fd, parent, max_frame_len })
+        Ok(WorkerSpec { fd, status_fd, parent, max_frame_len })
     }
 }
 
@@ -133,6 +137,8 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     // SAFETY: the parent created this descriptor for this process alone, cleared its
     // close-on-exec flag, and passed its number in ENV; nothing else here owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(spec.fd) };
+    // SAFETY: likewise for the status page's descriptor.
+    let status = StatusPage::open(unsafe { OwnedFd::from_raw_fd(spec.status_fd) })?;
     guard_against_orphaning(spec.parent)?;
     install_panic_hook();
     let registry = Registry::get()?;
@@ -146,17 +152,19 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
 
     let mut reader = FrameReader::new(spec.max_frame_len);
     let mut out = Vec::new();
-    let hooks = ItemHooks { before_item: &|_| {} };
     while let Some(range) = reader.read_frame(&mut conn)? {
         let (header, payload) = protocol::parse_body(reader.body(range))?;
         match header {
-            Header::Run { seq, task, count } => {
+            Header::Run { seq, task, count, timed } => {
+                let publish = |item| status.publish(seq, item, timed);
+                let hooks = ItemHooks { before_item: &publish };
                 let entry = registry.entry(task).ok_or_else(|| {
                     Error::new(ErrorKind::Codec, format!("unknown task id {task}"))
                 })?;
                 out.clear();
                 let start = protocol::begin_frame(&mut out, &Header::Results { seq, first: 0, count });
                 (entry.run())(payload, count, &mut out, &hooks);
+                status.publish(seq, count, false);
                 if let Err(err) = protocol::end_frame(&mut out, start, spec.max_frame_len) {
                     // The results are too large to send: report that for every item instead.
                     out.clear();
@@ -325,14 +333,14 @@ mod tests {
 
     #[test]
     fn spec_round_trips() {
-        let spec = WorkerSpec { fd: 7, parent: 4242, max_frame_len: 1 << 20 };
+        let spec = WorkerSpec { fd: 7, status_fd: 8, parent: 4242, max_frame_len: 1 << 20 };
         assert_eq!(WorkerSpec::decode(&spec.encode().into()), Ok(spec));
     }
 
     #[test]
     fn spec_rejects_other_versions_and_garbage() {
-        assert!(WorkerSpec::decode(&"v999:7:1:1".into()).is_err());
-        assert!(WorkerSpec::decode(&"v1:x:1:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v999:7:8:1:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v1:x:8:1:1".into()).is_err());
         assert!(WorkerSpec::decode(&"".into()).is_err());
     }
 

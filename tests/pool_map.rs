@@ -1,0 +1,267 @@
+//! The core: `#[task]`, `Pool::map`, `starmap`, `apply`, panics, a worker killed from outside.
+
+mod support;
+
+use multiproc::{ErrorKind, Pool, task};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use support::{TestResult, ensure};
+
+#[task]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[task]
+fn pow(x: u64, y: u32) -> u64 {
+    x.pow(y)
+}
+
+#[task]
+fn answer() -> u64 {
+    42
+}
+
+#[task]
+fn nothing(_x: u8) {}
+
+#[task]
+fn eight(a: u8, b: u16, c: u32, d: u64, e: i8, f: i16, g: i32, h: i64) -> i128 {
+    i128::from(a) + i128::from(b) + i128::from(c) + i128::from(d)
+        + i128::from(e) + i128::from(f) + i128::from(g) + i128::from(h)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Order {
+    id: u32,
+    customer: String,
+    lines: Vec<(String, u32)>,
+    note: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Invoice {
+    id: u32,
+    total: u64,
+    summary: BTreeMap<String, u32>,
+}
+
+#[task]
+fn invoice(order: Order, unit_price: u64) -> Invoice {
+    let total = order.lines.iter().map(|(_, qty)| u64::from(*qty) * unit_price).sum();
+    let summary = order.lines.into_iter().collect();
+    Invoice { id: order.id, total, summary }
+}
+
+#[task]
+fn shout(words: Vec<String>, suffix: Option<char>) -> Option<String> {
+    if words.is_empty() {
+        return None;
+    }
+    let mut out = words.join(" ").to_uppercase();
+    out.extend(suffix);
+    Some(out)
+}
+
+#[task]
+fn fragile(x: u64) -> u64 {
+    assert!(x != 13, "unlucky number {x}");
+    x + 1
+}
+
+#[task(name = "custom::renamed")]
+fn renamed(x: i32) -> i32 {
+    -x
+}
+
+mod nested {
+    pub mod deeper {
+        #[multiproc::task]
+        pub fn triple(x: u32) -> u32 {
+            x * 3
+        }
+    }
+}
+
+#[task]
+fn worker_pid() -> u32 {
+    std::process::id()
+}
+
+fn seed_example() -> TestResult {
+    let pool = Pool::new(4)?;
+    assert_eq!(pool.map(square, [1, 2, 3, 4, 5])?, vec![1, 4, 9, 16, 25]);
+    assert_eq!(pool.starmap(pow, [(1, 3), (2, 4)])?, vec![1, 16]);
+    assert_eq!(pool.apply(pow, (2, 10))?, 1024);
+    assert_eq!(square(3), 9);
+    Ok(())
+}
+
+fn map_100_000_items() -> TestResult {
+    let pool = Pool::new(2)?;
+    let out = pool.map(square, 0..100_000u64)?;
+    ensure(out.len() == 100_000, "length")?;
+    for (i, value) in out.into_iter().enumerate() {
+        ensure(value == (i as u64) * (i as u64), format!("item {i} is {value}"))?;
+    }
+    Ok(())
+}
+
+fn empty_input() -> TestResult {
+    let pool = Pool::new(2)?;
+    ensure(pool.map(square, Vec::<u64>::new())?.is_empty(), "map of nothing")?;
+    ensure(pool.starmap(pow, Vec::new())?.is_empty(), "starmap of nothing")?;
+    Ok(())
+}
+
+fn zero_and_eight_arguments_and_unit() -> TestResult {
+    let pool = Pool::new(2)?;
+    assert_eq!(pool.apply(answer, ())?, 42);
+    assert_eq!(pool.map(nothing, [1, 2, 3])?, vec![(), (), ()]);
+    assert_eq!(pool.apply(eight, (1, 2, 3, 4, -5, -6, -7, -8))?, -16);
+    Ok(())
+}
+
+fn structs_strings_vecs_options() -> TestResult {
+    let pool = Pool::new(2)?;
+    let orders: Vec<Order> = (0..50)
+        .map(|id| Order {
+            id,
+            customer: format!("customer {id} ✓"),
+            lines: vec![("apple".into(), id), ("pear".into(), 2)],
+            note: (id % 2 == 0).then(|| "even".to_string()),
+        })
+        .collect();
+    let args: Vec<(Order, u64)> = orders.iter().cloned().map(|o| (o, 3)).collect();
+    let invoices = pool.starmap(invoice, args)?;
+    for (order, got) in orders.into_iter().zip(invoices) {
+        assert_eq!(got, invoice(order, 3));
+    }
+    let phrases = pool.starmap(
+        shout,
+        [(vec!["hi".to_string(), "there".to_string()], Some('!')), (vec![], None)],
+    )?;
+    assert_eq!(phrases, vec![Some("HI THERE!".to_string()), None]);
+    Ok(())
+}
+
+fn panic_is_an_error_and_pool_lives_on() -> TestResult {
+    let pool = Pool::new(2)?;
+    let err = pool.map(fragile, 0..20).expect_err("item 13 panics");
+    assert_eq!(err.kind(), ErrorKind::Panicked);
+    assert_eq!(err.index(), Some(13));
+    ensure(err.task().is_some_and(|t| t.ends_with("::fragile")), format!("task name: {err}"))?;
+    ensure(err.message().contains("unlucky number 13"), format!("message: {err}"))?;
+    ensure(err.location().is_some_and(|l| l.contains("pool_map.rs")), format!("location: {err}"))?;
+    let text = err.to_string();
+    ensure(text.contains("panicked at") && text.contains("unlucky number 13"), text)?;
+    // The same pool, the same workers, keep working.
+    let pids = pool.worker_pids();
+    assert_eq!(pool.map(fragile, [1, 2, 3])?, vec![2, 3, 4]);
+    assert_eq!(pool.worker_pids(), pids, "a panic must not cost a worker");
+    Ok(())
+}
+
+fn killed_idle_worker_is_replaced() -> TestResult {
+    let pool = Pool::new(2)?;
+    assert_eq!(pool.map(square, [1, 2, 3])?, vec![1, 4, 9]);
+    let victim = pool.worker_pids()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)?;
+    // The next calls succeed: the dead worker's slot starts a replacement.
+    for _ in 0..3 {
+        assert_eq!(pool.map(square, 0..100u64)?, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    }
+    ensure(!pool.worker_pids().contains(&victim), "the killed worker is gone from the pool")?;
+    Ok(())
+}
+
+fn tasks_run_in_other_processes() -> TestResult {
+    let pool = Pool::new(2)?;
+    let pids: std::collections::HashSet<u32> = pool.starmap(worker_pid, vec![(); 50])?.into_iter().collect();
+    ensure(!pids.contains(&std::process::id()), "ran in the parent")?;
+    let workers: std::collections::HashSet<u32> = pool.worker_pids().into_iter().collect();
+    ensure(pids.is_subset(&workers), format!("{pids:?} not within {workers:?}"))?;
+    Ok(())
+}
+
+fn names_override_and_nesting() -> TestResult {
+    use multiproc::Task;
+    assert_eq!(<renamed as Task>::NAME, "custom::renamed");
+    assert_eq!(<square as Task>::NAME, "pool_map::square");
+    assert_eq!(<nested::deeper::triple as Task>::NAME, "pool_map::nested::deeper::triple");
+    let pool = Pool::new(1)?;
+    assert_eq!(pool.map(renamed, [1, -2])?, vec![-1, 2]);
+    assert_eq!(pool.map(nested::deeper::triple, [1, 2])?, vec![3, 6]);
+    Ok(())
+}
+
+fn still_an_ordinary_function() -> TestResult {
+    assert_eq!(square(12), 144);
+    assert_eq!(pow(3, 3), 27);
+    let doubled: Vec<u64> = [1, 2, 3].into_iter().map(*square).collect();
+    assert_eq!(doubled, vec![1, 4, 9]);
+    Ok(())
+}
+
+fn close_join_lets_work_finish() -> TestResult {
+    let pool = Pool::new(2)?;
+    let pending = pool.map_async(square, 0..1000u64);
+    pool.close();
+    pool.join();
+    ensure(pending.ready(), "close + join waits for queued work")?;
+    assert_eq!(pending.get()?.len(), 1000);
+    let refused = pool.map(square, [1]).expect_err("a closed pool refuses work");
+    assert_eq!(refused.kind(), ErrorKind::Closed);
+    Ok(())
+}
+
+fn drop_leaves_no_worker_behind() -> TestResult {
+    let pool = Pool::new(3)?;
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 3);
+    drop(pool);
+    for pid in pids {
+        ensure(!support::alive(pid), format!("worker {pid} outlived its pool"))?;
+    }
+    Ok(())
+}
+
+fn builder_and_default_size() -> TestResult {
+    let pool = Pool::builder().build()?;
+    let expected = std::thread::available_parallelism()?.get();
+    assert_eq!(pool.processes(), expected);
+    assert_eq!(pool.worker_pids().len(), expected);
+    let err = Pool::new(0).expect_err("zero processes");
+    assert_eq!(err.kind(), ErrorKind::Spawn);
+    Ok(())
+}
+
+fn explicit_chunking() -> TestResult {
+    use multiproc::Chunking;
+    let pool = Pool::new(2)?;
+    for size in [1, 7, 1000] {
+        let out = pool.with_chunking(Chunking::Fixed(size)).map(square, 0..500u64)?;
+        assert_eq!(out, (0..500u64).map(|x| x * x).collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+#[multiproc::main]
+fn main() {
+    support::run(tests![
+        seed_example,
+        map_100_000_items,
+        empty_input,
+        zero_and_eight_arguments_and_unit,
+        structs_strings_vecs_options,
+        panic_is_an_error_and_pool_lives_on,
+        killed_idle_worker_is_replaced,
+        tasks_run_in_other_processes,
+        names_override_and_nesting,
+        still_an_ordinary_function,
+        close_join_lets_work_finish,
+        drop_leaves_no_worker_behind,
+        builder_and_default_size,
+        explicit_chunking,
+    ]);
+}

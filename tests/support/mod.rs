@@ -1,0 +1,74 @@
+//! Shared by the integration tests. Each test target is `harness = false` with a
+//! `#[multiproc::main] fn main` that hands its test functions to libtest-mimic: worker
+//! processes re-execute the test binary and must pass through `#[multiproc::main]`, which
+//! libtest's own generated `main` would not do.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Runs `tests` (name, function) with libtest's command line and output.
+pub fn run(tests: Vec<(&'static str, fn() -> TestResult)>) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            libtest_mimic::Trial::test(name, move || test().map_err(|err| format!("{err:?}").into()))
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
+}
+
+/// `tests![a, b]` builds the list for [`run`] from test function names.
+#[macro_export]
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        vec![$((stringify!($name), $name as fn() -> $crate::support::TestResult)),*]
+    };
+}
+
+/// Fails the test if `f` takes longer than `limit`: proves something does not hang. The
+/// limit is generous on purpose; timing belongs in benchmarks.
+pub fn within<T>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String>
+where
+    T: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .map_err(|_| format!("{what} did not finish within {limit:?} (started {:?} ago)", started.elapsed()))
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Resident memory of this process, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn ensure(condition: bool, message: impl Into<String>) -> TestResult {
+    if condition { Ok(()) } else { Err(message.into().into()) }
+}
