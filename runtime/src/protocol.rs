@@ -224,3 +224,105 @@ pub(crate) fn truncated(buffered: usize) -> Error {
         format!("the stream ended in the middle of a frame ({buffered} bytes of it received)"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn frame(header: &Header, payload: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let start = begin_frame(&mut buf, header);
+        buf.extend_from_slice(payload);
+        end_frame(&mut buf, start, DEFAULT_MAX_FRAME_LEN).unwrap();
+        buf
+    }
+
+    #[test]
+    fn frames_round_trip_back_to_back() {
+        let run = Header::Run { seq: 9, task: 2, count: 3, timed: false };
+        let mut stream = frame(&run, b"abc");
+        stream.extend(frame(&Header::Shutdown, b""));
+        let mut source = Cursor::new(stream);
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
+        let range = reader.read_frame(&mut source).unwrap().unwrap();
+        let (header, payload) = parse_body(reader.body(range)).unwrap();
+        assert_eq!((header, payload), (run, &b"abc"[..]));
+        let range = reader.read_frame(&mut source).unwrap().unwrap();
+        assert_eq!(parse_body(reader.body(range)).unwrap().0, Header::Shutdown);
+        assert!(reader.read_frame(&mut source).unwrap().is_none(), "clean end of stream");
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_allocating() {
+        let mut stream = u32::MAX.to_le_bytes().to_vec();
+        stream.extend_from_slice(&[0; 16]);
+        let mut reader = FrameReader::new(1 << 20);
+        let err = reader.read_frame(&mut Cursor::new(stream)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Codec);
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+        assert!(reader.buf.len() <= MIN_READ, "allocated {} bytes", reader.buf.len());
+    }
+
+    #[test]
+    fn lying_length_within_the_limit_never_allocates_what_never_arrives() {
+        // Claims 512 MiB, delivers 10 bytes, then the stream ends.
+        let mut stream = (512u32 << 20).to_le_bytes().to_vec();
+        stream.extend_from_slice(&[7; 10]);
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
+        let err = reader.read_frame(&mut Cursor::new(stream)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Codec);
+        assert!(err.to_string().contains("ended in the middle of a frame"), "{err}");
+        assert!(reader.buf.len() <= 2 * MIN_READ, "allocated {} bytes", reader.buf.len());
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error() {
+        let whole = frame(&Header::Run { seq: 1, task: 0, count: 1, timed: true }, &[1, 2, 3, 4]);
+        for cut in 1..whole.len() {
+            let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
+            let err = reader.read_frame(&mut Cursor::new(&whole[..cut])).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Codec, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn corrupt_header_is_an_error_not_a_panic() {
+        for garbage in [&[0xff_u8; 8][..], &[0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], &[]] {
+            let err = parse_body(garbage).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Codec);
+        }
+        // Every byte string up to 3 bytes long: decoding returns, whatever it returns.
+        for a in 0..=255u8 {
+            for b in [0u8, 1, 127, 128, 255] {
+                let _ = parse_body(&[a, b]);
+                let _ = parse_body(&[a, b, a]);
+            }
+        }
+    }
+
+    #[test]
+    fn large_frames_arrive_through_small_reads() {
+        struct Trickle(Cursor<Vec<u8>>);
+        impl Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = buf.len().min(1000);
+                self.0.read(&mut buf[..n])
+            }
+        }
+        let payload: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let whole = frame(&Header::Results { seq: 5, first: 0, count: 1 }, &payload);
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
+        let range = reader.read_frame(&mut Trickle(Cursor::new(whole))).unwrap().unwrap();
+        let (_, got) = parse_body(reader.body(range)).unwrap();
+        assert_eq!(got, &payload[..]);
+    }
+
+    #[test]
+    fn end_frame_enforces_the_limit() {
+        let mut buf = Vec::new();
+        let start = begin_frame(&mut buf, &Header::Shutdown);
+        buf.extend_from_slice(&[0; 100]);
+        assert_eq!(end_frame(&mut buf, start, 50).unwrap_err().kind(), ErrorKind::Codec);
+    }
+}
