@@ -1,9 +1,86 @@
-//! multiproc: placeholder, replaced below.
-pub use multiproc_macros::{main, task};
+#![doc = include_str!("../README.md")]
+//!
+//! # The pieces, in this crate's API
+//!
+//! - [`task`] registers a function; [`Task`] and [`UnaryTask`] are what it implements.
+//! - [`main`] diverts a re-executed child into the worker loop.
+//! - [`Pool`] (built with [`PoolBuilder`]) runs tasks: [`Pool::map`], [`Pool::starmap`],
+//!   [`Pool::apply`], their `_async` forms returning [`AsyncResult`], and the lazy streams
+//!   [`Pool::imap`] and [`Pool::imap_unordered`] ([`IMap`]). [`Chunking`] sets how many items
+//!   travel in one message; [`Pool::with_chunking`] sets it for one call ([`Call`]).
+//! - [`Error`] and [`ErrorKind`]: every failure, typed. [`Payload`] is the bound on values
+//!   that cross a process boundary.
+
+/// Registers a free function as a task that worker processes can run by name.
+///
+/// The function stays callable as before, and its path becomes a value that [`Pool::map`],
+/// [`Pool::starmap`], [`Pool::apply`] and the other calls accept. Arguments and the return
+/// type must be owned and implement serde's `Serialize` and `Deserialize` ([`Payload`]).
+///
+/// Options:
+/// - `name = "..."`: the registered name; default `module_path!()::fn_name`. Two tasks with
+///   one name make the first pool fail to start, naming both.
+/// - `crate = path`: where to find this crate when it is re-exported under another name.
+///
+/// # Examples
+///
+/// ```rust,standalone_crate
+/// use multiproc::{Pool, task};
+///
+/// #[task]
+/// fn add(x: i64, y: i64) -> i64 {
+///     x + y
+/// }
+///
+/// #[task(name = "geometry::area")]
+/// fn area(w: f64, h: f64) -> f64 {
+///     w * h
+/// }
+///
+/// #[multiproc::main]
+/// fn main() -> Result<(), multiproc::Error> {
+///     assert_eq!(add(1, 2), 3); // a direct call, in this process
+///     let pool = Pool::new(2)?;
+///     assert_eq!(pool.starmap(add, [(1, 2), (3, 4)])?, vec![3, 7]);
+///     assert_eq!(pool.apply(area, (2.0, 3.0))?, 6.0);
+///     Ok(())
+/// }
+/// ```
+pub use multiproc_macros::task;
+
+/// Marks `fn main` as the entry a re-executed worker passes through.
+///
+/// In the parent, `main`'s body runs unchanged. In a worker (a copy of this executable started
+/// by a pool), the worker serves tasks and exits before the body would run. Every binary that
+/// starts pools needs it on its `main`: programs, examples, and `harness = false` test
+/// targets. Without it, pools fail to start with an error that names this attribute.
+///
+/// `fn main` may return `()` or a `Result`. With an async runtime, put this attribute below
+/// the runtime's (`#[tokio::main] #[multiproc::main] async fn main`): it then sees the
+/// synchronous `main` that the runtime's attribute generates.
+///
+/// # Examples
+///
+/// ```rust,standalone_crate
+/// #[multiproc::task]
+/// fn shout(s: String) -> String {
+///     s.to_uppercase()
+/// }
+///
+/// #[multiproc::main]
+/// fn main() {
+///     let pool = multiproc::Pool::new(1).expect("pool");
+///     assert_eq!(pool.apply(shout, ("hi".into(),)).expect("task"), "HI");
+/// }
+/// ```
+pub use multiproc_macros::main;
+
 pub use multiproc_runtime::{
-    AsyncResult, Call, Chunking, Error, ErrorKind, IMap, Payload, Pool, PoolBuilder, Task, UnaryTask,
+    AsyncResult, Call, Chunking, Error, ErrorKind, IMap, Payload, Pool, PoolBuilder, Task,
+    UnaryTask,
 };
 
+/// Used by the code the attributes generate. Not public API.
 #[doc(hidden)]
 pub mod __private {
     pub use multiproc_runtime::__private::*;

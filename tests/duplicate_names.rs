@@ -20,8 +20,14 @@ fn main() {
     assert_eq!(err.kind(), ErrorKind::Spawn);
     let text = err.to_string();
     assert!(text.contains("`shared::name`"), "{text}");
-    assert!(text.contains("duplicate_names.rs:5"), "names the first: {text}");
-    assert!(text.contains("duplicate_names.rs:11"), "names the second: {text}");
+    assert!(
+        text.contains("duplicate_names.rs:5"),
+        "names the first: {text}"
+    );
+    assert!(
+        text.contains("duplicate_names.rs:11"),
+        "names the second: {text}"
+    );
     assert!(text.contains("#[task(name"), "says how to fix it: {text}");
     let _ = (first(1), elsewhere::second(1));
     println!("duplicate_names: 1 passed, 0 failed");

@@ -26,7 +26,10 @@ fn main() {
     let elapsed = started.elapsed();
     assert_eq!(err.kind(), ErrorKind::Spawn, "{err}");
     let text = err.to_string();
-    assert!(text.contains("#[multiproc::main]"), "the error names the missing attribute: {text}");
+    assert!(
+        text.contains("#[multiproc::main]"),
+        "the error names the missing attribute: {text}"
+    );
     // Generous: the point is that it does not hang until a start-up timeout (30 s).
     assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
     let _ = square(2);

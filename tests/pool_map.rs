@@ -1,5 +1,8 @@
 //! The core: `#[task]`, `Pool::map`, `starmap`, `apply`, panics, a worker killed from outside.
 
+// Test functions share one signature for the harness, fallible or not.
+#![allow(clippy::unnecessary_wraps)]
+
 mod support;
 
 use multiproc::{ErrorKind, Pool, task};
@@ -25,10 +28,18 @@ fn answer() -> u64 {
 #[task]
 fn nothing(_x: u8) {}
 
+// Eight arguments is the point of this task.
+#[allow(clippy::too_many_arguments, clippy::many_single_char_names)]
 #[task]
 fn eight(a: u8, b: u16, c: u32, d: u64, e: i8, f: i16, g: i32, h: i64) -> i128 {
-    i128::from(a) + i128::from(b) + i128::from(c) + i128::from(d)
-        + i128::from(e) + i128::from(f) + i128::from(g) + i128::from(h)
+    i128::from(a)
+        + i128::from(b)
+        + i128::from(c)
+        + i128::from(d)
+        + i128::from(e)
+        + i128::from(f)
+        + i128::from(g)
+        + i128::from(h)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,9 +59,17 @@ struct Invoice {
 
 #[task]
 fn invoice(order: Order, unit_price: u64) -> Invoice {
-    let total = order.lines.iter().map(|(_, qty)| u64::from(*qty) * unit_price).sum();
+    let total = order
+        .lines
+        .iter()
+        .map(|(_, qty)| u64::from(*qty) * unit_price)
+        .sum();
     let summary = order.lines.into_iter().collect();
-    Invoice { id: order.id, total, summary }
+    Invoice {
+        id: order.id,
+        total,
+        summary,
+    }
 }
 
 #[task]
@@ -102,15 +121,24 @@ fn map_100_000_items() -> TestResult {
     let out = pool.map(square, 0..100_000u64)?;
     ensure(out.len() == 100_000, "length")?;
     for (i, value) in out.into_iter().enumerate() {
-        ensure(value == (i as u64) * (i as u64), format!("item {i} is {value}"))?;
+        ensure(
+            value == (i as u64) * (i as u64),
+            format!("item {i} is {value}"),
+        )?;
     }
     Ok(())
 }
 
 fn empty_input() -> TestResult {
     let pool = Pool::new(2)?;
-    ensure(pool.map(square, Vec::<u64>::new())?.is_empty(), "map of nothing")?;
-    ensure(pool.starmap(pow, Vec::new())?.is_empty(), "starmap of nothing")?;
+    ensure(
+        pool.map(square, Vec::<u64>::new())?.is_empty(),
+        "map of nothing",
+    )?;
+    ensure(
+        pool.starmap(pow, Vec::new())?.is_empty(),
+        "starmap of nothing",
+    )?;
     Ok(())
 }
 
@@ -139,7 +167,10 @@ fn structs_strings_vecs_options() -> TestResult {
     }
     let phrases = pool.starmap(
         shout,
-        [(vec!["hi".to_string(), "there".to_string()], Some('!')), (vec![], None)],
+        [
+            (vec!["hi".to_string(), "there".to_string()], Some('!')),
+            (vec![], None),
+        ],
     )?;
     assert_eq!(phrases, vec![Some("HI THERE!".to_string()), None]);
     Ok(())
@@ -150,11 +181,23 @@ fn panic_is_an_error_and_pool_lives_on() -> TestResult {
     let err = pool.map(fragile, 0..20).expect_err("item 13 panics");
     assert_eq!(err.kind(), ErrorKind::Panicked);
     assert_eq!(err.index(), Some(13));
-    ensure(err.task().is_some_and(|t| t.ends_with("::fragile")), format!("task name: {err}"))?;
-    ensure(err.message().contains("unlucky number 13"), format!("message: {err}"))?;
-    ensure(err.location().is_some_and(|l| l.contains("pool_map.rs")), format!("location: {err}"))?;
+    ensure(
+        err.task().is_some_and(|t| t.ends_with("::fragile")),
+        format!("task name: {err}"),
+    )?;
+    ensure(
+        err.message().contains("unlucky number 13"),
+        format!("message: {err}"),
+    )?;
+    ensure(
+        err.location().is_some_and(|l| l.contains("pool_map.rs")),
+        format!("location: {err}"),
+    )?;
     let text = err.to_string();
-    ensure(text.contains("panicked at") && text.contains("unlucky number 13"), text)?;
+    ensure(
+        text.contains("panicked at") && text.contains("unlucky number 13"),
+        text,
+    )?;
     // The same pool, the same workers, keep working.
     let pids = pool.worker_pids();
     assert_eq!(pool.map(fragile, [1, 2, 3])?, vec![2, 3, 4]);
@@ -166,21 +209,36 @@ fn killed_idle_worker_is_replaced() -> TestResult {
     let pool = Pool::new(2)?;
     assert_eq!(pool.map(square, [1, 2, 3])?, vec![1, 4, 9]);
     let victim = pool.worker_pids()[0];
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim.cast_signed()),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     // The next calls succeed: the dead worker's slot starts a replacement.
     for _ in 0..3 {
-        assert_eq!(pool.map(square, 0..100u64)?, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+        assert_eq!(
+            pool.map(square, 0..100u64)?,
+            (0..100u64).map(|x| x * x).collect::<Vec<_>>()
+        );
     }
-    ensure(!pool.worker_pids().contains(&victim), "the killed worker is gone from the pool")?;
+    ensure(
+        !pool.worker_pids().contains(&victim),
+        "the killed worker is gone from the pool",
+    )?;
     Ok(())
 }
 
 fn tasks_run_in_other_processes() -> TestResult {
     let pool = Pool::new(2)?;
-    let pids: std::collections::HashSet<u32> = pool.starmap(worker_pid, vec![(); 50])?.into_iter().collect();
+    let pids: std::collections::HashSet<u32> = pool
+        .starmap(worker_pid, vec![(); 50])?
+        .into_iter()
+        .collect();
     ensure(!pids.contains(&std::process::id()), "ran in the parent")?;
     let workers: std::collections::HashSet<u32> = pool.worker_pids().into_iter().collect();
-    ensure(pids.is_subset(&workers), format!("{pids:?} not within {workers:?}"))?;
+    ensure(
+        pids.is_subset(&workers),
+        format!("{pids:?} not within {workers:?}"),
+    )?;
     Ok(())
 }
 
@@ -188,7 +246,10 @@ fn names_override_and_nesting() -> TestResult {
     use multiproc::Task;
     assert_eq!(<renamed as Task>::NAME, "custom::renamed");
     assert_eq!(<square as Task>::NAME, "pool_map::square");
-    assert_eq!(<nested::deeper::triple as Task>::NAME, "pool_map::nested::deeper::triple");
+    assert_eq!(
+        <nested::deeper::triple as Task>::NAME,
+        "pool_map::nested::deeper::triple"
+    );
     let pool = Pool::new(1)?;
     assert_eq!(pool.map(renamed, [1, -2])?, vec![-1, 2]);
     assert_eq!(pool.map(nested::deeper::triple, [1, 2])?, vec![3, 6]);
@@ -210,7 +271,9 @@ fn close_join_lets_work_finish() -> TestResult {
     pool.join();
     ensure(pending.ready(), "close + join waits for queued work")?;
     assert_eq!(pending.get()?.len(), 1000);
-    let refused = pool.map(square, [1]).expect_err("a closed pool refuses work");
+    let refused = pool
+        .map(square, [1])
+        .expect_err("a closed pool refuses work");
     assert_eq!(refused.kind(), ErrorKind::Closed);
     Ok(())
 }
@@ -221,7 +284,10 @@ fn drop_leaves_no_worker_behind() -> TestResult {
     assert_eq!(pids.len(), 3);
     drop(pool);
     for pid in pids {
-        ensure(!support::alive(pid), format!("worker {pid} outlived its pool"))?;
+        ensure(
+            !support::alive(pid),
+            format!("worker {pid} outlived its pool"),
+        )?;
     }
     Ok(())
 }
@@ -240,7 +306,9 @@ fn explicit_chunking() -> TestResult {
     use multiproc::Chunking;
     let pool = Pool::new(2)?;
     for size in [1, 7, 1000] {
-        let out = pool.with_chunking(Chunking::Fixed(size)).map(square, 0..500u64)?;
+        let out = pool
+            .with_chunking(Chunking::Fixed(size))
+            .map(square, 0..500u64)?;
         assert_eq!(out, (0..500u64).map(|x| x * x).collect::<Vec<_>>());
     }
     Ok(())

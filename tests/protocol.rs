@@ -44,7 +44,11 @@ fn corrupt_channel(_x: u8) -> u8 {
     use std::io::Write;
     use std::os::fd::FromRawFd;
     let spec = std::env::var("MULTIPROC_WORKER").expect("runs in a worker");
-    let fd: i32 = spec.split(':').nth(1).and_then(|fd| fd.parse().ok()).expect("fd");
+    let fd: i32 = spec
+        .split(':')
+        .nth(1)
+        .and_then(|fd| fd.parse().ok())
+        .expect("fd");
     // SAFETY: the worker's channel descriptor; ManuallyDrop keeps it open for the worker.
     let mut channel = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
     channel.write_all(&[0xff; 16]).expect("write");
@@ -53,9 +57,14 @@ fn corrupt_channel(_x: u8) -> u8 {
 
 fn undecodable_result_is_a_codec_error() -> TestResult {
     let pool = Pool::new(1)?;
-    let err = pool.map(unreadable, [1, 2]).expect_err("the parent cannot decode the result");
+    let err = pool
+        .map(unreadable, [1, 2])
+        .expect_err("the parent cannot decode the result");
     assert_eq!(err.kind(), ErrorKind::Codec);
-    ensure(err.task().is_some_and(|t| t.ends_with("::unreadable")), err.to_string())?;
+    ensure(
+        err.task().is_some_and(|t| t.ends_with("::unreadable")),
+        err.to_string(),
+    )?;
     assert_eq!(err.index(), Some(0));
     assert_eq!(pool.map(echo, [5, 6])?, vec![5, 6]);
     Ok(())
@@ -64,23 +73,41 @@ fn undecodable_result_is_a_codec_error() -> TestResult {
 fn corrupt_frame_from_a_worker_fails_its_item_and_the_pool_goes_on() -> TestResult {
     let pool = Pool::new(1)?;
     let before = pool.worker_pids();
-    let err = pool.apply(corrupt_channel, (1,)).expect_err("corrupt frame");
+    let err = pool
+        .apply(corrupt_channel, (1,))
+        .expect_err("corrupt frame");
     assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
     ensure(err.to_string().contains("malformed"), err.to_string())?;
     // The offending worker was replaced; the pool works.
     assert_eq!(pool.map(echo, 0..100)?, (0..100).collect::<Vec<_>>());
-    ensure(pool.worker_pids() != before, "the corrupt worker was replaced")?;
+    ensure(
+        pool.worker_pids() != before,
+        "the corrupt worker was replaced",
+    )?;
     Ok(())
 }
 
 fn oversized_results_and_arguments_are_item_errors() -> TestResult {
-    let pool = Pool::builder().processes(1).max_frame_len(1 << 20).build()?;
-    let err = pool.apply(bytes, (2 << 20,)).expect_err("result over the limit");
+    let pool = Pool::builder()
+        .processes(1)
+        .max_frame_len(1 << 20)
+        .build()?;
+    let err = pool
+        .apply(bytes, (2 << 20,))
+        .expect_err("result over the limit");
     assert_eq!(err.kind(), ErrorKind::Codec);
-    ensure(err.to_string().contains("exceeds the limit"), err.to_string())?;
-    let err = pool.apply(length, (vec![0; 2 << 20],)).expect_err("arguments over the limit");
+    ensure(
+        err.to_string().contains("exceeds the limit"),
+        err.to_string(),
+    )?;
+    let err = pool
+        .apply(length, (vec![0; 2 << 20],))
+        .expect_err("arguments over the limit");
     assert_eq!(err.kind(), ErrorKind::Codec);
-    ensure(err.to_string().contains("exceeds the limit"), err.to_string())?;
+    ensure(
+        err.to_string().contains("exceeds the limit"),
+        err.to_string(),
+    )?;
     // Within the limit, the same pool works.
     assert_eq!(pool.apply(bytes, (1000,))?.len(), 1000);
     assert_eq!(pool.apply(length, (vec![1; 1000],))?, 1000);
@@ -92,7 +119,10 @@ fn large_payloads_round_trip() -> TestResult {
     let sizes = [0usize, 1, 65_535, 65_536, 1 << 20, 8 << 20];
     let out = pool.map(bytes, sizes)?;
     for (size, data) in sizes.iter().zip(&out) {
-        ensure(data.len() == *size && data.iter().all(|&b| b == 7), format!("size {size}"))?;
+        ensure(
+            data.len() == *size && data.iter().all(|&b| b == 7),
+            format!("size {size}"),
+        )?;
     }
     assert_eq!(pool.map(length, out)?, sizes.to_vec());
     Ok(())

@@ -60,7 +60,10 @@ impl MainArgs {
 fn parse_name(meta: &ParseNestedMeta) -> syn::Result<LitStr> {
     let expr: syn::Expr = meta.value()?.parse()?;
     match expr {
-        syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(lit), .. }) => {
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(lit),
+            ..
+        }) => {
             if lit.value().is_empty() {
                 Err(syn::Error::new(lit.span(), "a task name cannot be empty"))
             } else {
@@ -91,7 +94,12 @@ fn parse_crate(meta: &ParseNestedMeta) -> syn::Result<Path> {
     })
 }
 
-fn set_once<T>(meta: &ParseNestedMeta, slot: &mut Option<T>, value: T, key: &str) -> syn::Result<()> {
+fn set_once<T>(
+    meta: &ParseNestedMeta,
+    slot: &mut Option<T>,
+    value: T,
+    key: &str,
+) -> syn::Result<()> {
     if slot.is_some() {
         return Err(meta.error(format!("duplicate `{key}` option: give it once")));
     }
@@ -104,10 +112,12 @@ fn unknown_key(meta: &ParseNestedMeta, valid: &str) -> syn::Error {
         || quote::ToTokens::to_token_stream(&meta.path).to_string(),
         ToString::to_string,
     );
-    meta.error(format!("unknown option `{key}`: the valid options are {valid}"))
+    meta.error(format!(
+        "unknown option `{key}`: the valid options are {valid}"
+    ))
 }
 
-/// Every problem found in one expansion, reported together (serde_derive's `Ctxt`).
+/// Every problem found in one expansion, reported together (like `Ctxt` in `serde_derive`).
 #[derive(Default)]
 pub struct Errors(Option<syn::Error>);
 

@@ -192,7 +192,10 @@ pub fn parse_main(input: TokenStream, errors: &mut Errors) -> Result<ItemFn, Tok
         Ok(other) => {
             errors.error(
                 item_span(&other),
-                format!("#[multiproc::main] applies to `fn main`, not to {}", describe(&other)),
+                format!(
+                    "#[multiproc::main] applies to `fn main`, not to {}",
+                    describe(&other)
+                ),
             );
             return Err(input);
         }

@@ -46,15 +46,16 @@ fn emit_task(args: &TaskArgs, task: &ast::TaskFn) -> TokenStream {
     let (docs, cfgs, fn_attrs) = split_attrs(std::mem::take(&mut item.attrs));
     item.attrs = cfgs.iter().cloned().chain(fn_attrs).collect();
 
-    let name = match &args.name {
-        Some(lit) => quote!(#lit),
-        None => {
-            let unraw = ident.unraw().to_string();
-            quote!(::core::concat!(::core::module_path!(), "::", #unraw))
-        }
+    let name = if let Some(lit) = &args.name {
+        quote!(#lit)
+    } else {
+        let unraw = ident.unraw().to_string();
+        quote!(::core::concat!(::core::module_path!(), "::", #unraw))
     };
     let arg_types = &task.arg_types;
-    let vars: Vec<_> = (0..arg_types.len()).map(|i| format_ident!("__arg{i}")).collect();
+    let vars: Vec<_> = (0..arg_types.len())
+        .map(|i| format_ident!("__arg{i}"))
+        .collect();
     let output = match &item.sig.output {
         ReturnType::Default => quote!(()),
         ReturnType::Type(_, ty) => quote!(#ty),
@@ -89,6 +90,8 @@ fn emit_task(args: &TaskArgs, task: &ast::TaskFn) -> TokenStream {
         #vis struct #ident;
 
         #[doc(hidden)]
+        // Tasks take owned arguments by design: they arrive by value from another process.
+        #[allow(clippy::needless_pass_by_value)]
         #item
 
         #(#cfgs)*

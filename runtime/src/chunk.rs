@@ -70,17 +70,28 @@ pub(crate) fn encode_chunk<A: Serialize>(
     let count = items.len();
     let seq = shared.next_seq();
     let Ok(count32) = u32::try_from(count) else {
-        let err = Error::new(ErrorKind::Codec, "a chunk cannot hold more than u32::MAX items");
+        let err = Error::new(
+            ErrorKind::Codec,
+            "a chunk cannot hold more than u32::MAX items",
+        );
         return Err((call, count, err));
     };
     let mut frame = Vec::with_capacity(16 + count * 8);
-    let header = Header::Run { seq, task: spec.task, count: count32, timed: spec.timed };
+    let header = Header::Run {
+        seq,
+        task: spec.task,
+        count: count32,
+        timed: spec.timed,
+    };
     let start = protocol::begin_frame(&mut frame, &header);
     let payload_at = frame.len();
     for (offset, item) in items.enumerate() {
         if let Err(err) = codec::encode_into(&item, &mut frame) {
             let index = first + offset;
-            let err = Error::codec(format!("the arguments of item {index} could not be encoded"), err);
+            let err = Error::codec(
+                format!("the arguments of item {index} could not be encoded"),
+                err,
+            );
             return Err((call, count, err));
         }
     }

@@ -163,11 +163,6 @@ impl Error {
         self
     }
 
-    pub(crate) fn with_stderr_tail(mut self, tail: Option<String>) -> Self {
-        self.inner.stderr_tail = tail.filter(|tail| !tail.is_empty());
-        self
-    }
-
     /// The category of this error.
     ///
     /// ```
@@ -261,8 +256,10 @@ impl Error {
 
 /// A signal number as its conventional name (`SIGSEGV`), for messages.
 pub(crate) fn signal_name(signal: i32) -> String {
-    nix::sys::signal::Signal::try_from(signal)
-        .map_or_else(|_| format!("signal {signal}"), |sig| sig.as_str().to_owned())
+    nix::sys::signal::Signal::try_from(signal).map_or_else(
+        |_| format!("signal {signal}"),
+        |sig| sig.as_str().to_owned(),
+    )
 }
 
 impl fmt::Display for Error {
@@ -301,7 +298,8 @@ impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = &*self.inner;
         let mut s = f.debug_struct("Error");
-        s.field("kind", &inner.kind).field("message", &inner.message);
+        s.field("kind", &inner.kind)
+            .field("message", &inner.message);
         if let Some(task) = &inner.task {
             s.field("task", task);
         }

@@ -90,6 +90,8 @@ where
         chunk * self.workers * 4
     }
 
+    // Float arithmetic on counts far below 2^52, and a positive, clamped result.
+    #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
     fn chunk_size(&self) -> usize {
         match self.chunking {
             Chunking::Fixed(size) => size.max(1),
@@ -100,9 +102,12 @@ where
                 }
                 // Wall time per item per worker, so far; the next chunk aims at the target
                 // duration and grows at most twofold per step.
-                let per_item = self.started.elapsed().as_secs_f64() * self.workers as f64 / done as f64;
+                let per_item =
+                    self.started.elapsed().as_secs_f64() * self.workers as f64 / done as f64;
                 let ideal = (TARGET_CHUNK_TIME.as_secs_f64() / per_item.max(1e-9)) as usize;
-                ideal.clamp(1, MAX_AUTO_CHUNK).min(self.last_chunk.max(1) * 2)
+                ideal
+                    .clamp(1, MAX_AUTO_CHUNK)
+                    .min(self.last_chunk.max(1) * 2)
             }
         }
     }
@@ -135,7 +140,9 @@ where
             let spec = match &self.spec {
                 Ok(spec) => *spec,
                 Err(err) => {
-                    sink.fail(first, count as u32, &|index| clone_error(err, T::NAME, index));
+                    sink.fail(first, count as u32, &|index| {
+                        clone_error(err, T::NAME, index)
+                    });
                     continue;
                 }
             };
@@ -148,7 +155,9 @@ where
                     }
                 }
                 Err((sink, count, err)) => {
-                    sink.fail(first, count as u32, &|index| clone_error(&err, T::NAME, index));
+                    sink.fail(first, count as u32, &|index| {
+                        clone_error(&err, T::NAME, index)
+                    });
                 }
             }
         }
@@ -163,12 +172,12 @@ where
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if self.ordered {
-                if let Some(output) = self.early.remove(&self.next_index) {
-                    self.next_index += 1;
-                    self.yielded += 1;
-                    return Some(output);
-                }
+            if self.ordered
+                && let Some(output) = self.early.remove(&self.next_index)
+            {
+                self.next_index += 1;
+                self.yielded += 1;
+                return Some(output);
             }
             self.feed();
             let mut inbox = self

@@ -140,7 +140,10 @@ impl PoolBuilder {
         Registry::get()?;
         let processes = match self.processes {
             Some(0) => {
-                return Err(Error::new(ErrorKind::Spawn, "a pool needs at least one process"));
+                return Err(Error::new(
+                    ErrorKind::Spawn,
+                    "a pool needs at least one process",
+                ));
             }
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
@@ -232,11 +235,17 @@ impl Pool {
     /// let out = pool.with_chunking(Chunking::Fixed(1)).map(square, 0..10)?;
     /// ```
     pub fn with_chunking(&self, chunking: Chunking) -> Call<'_> {
-        Call { pool: self, chunking }
+        Call {
+            pool: self,
+            chunking,
+        }
     }
 
     fn call(&self) -> Call<'_> {
-        Call { pool: self, chunking: self.chunking }
+        Call {
+            pool: self,
+            chunking: self.chunking,
+        }
     }
 
     /// Applies a one-argument task to every item, in parallel; the outputs in input order.
@@ -421,7 +430,7 @@ pub struct Call<'a> {
     chunking: Chunking,
 }
 
-impl<'a> Call<'a> {
+impl Call<'_> {
     /// Sets the chunk size for this call.
     ///
     /// ```ignore
@@ -500,6 +509,8 @@ impl<'a> Call<'a> {
     /// ```ignore
     /// let r = pool.with_chunking(Chunking::Auto).apply_async(pow, (2, 3));
     /// ```
+    // The `expect` cannot fire: a successful call of one item has exactly one output.
+    #[allow(clippy::missing_panics_doc)]
     pub fn apply_async<T: Task>(self, task: T, args: T::Args) -> AsyncResult<T::Output> {
         self.starmap_async(task, [args])
             .map_output(|mut values| values.pop().expect("apply has exactly one output"))
@@ -515,7 +526,7 @@ impl<'a> Call<'a> {
         I: IntoIterator<Item = T::Arg>,
     {
         let _ = task;
-        let spec = self.registered::<T>().map(|task| self.chunk_spec::<T>(task));
+        let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
         IMap::new(self.pool, items.into_iter(), spec, self.chunking, true)
     }
 
@@ -529,11 +540,11 @@ impl<'a> Call<'a> {
         I: IntoIterator<Item = T::Arg>,
     {
         let _ = task;
-        let spec = self.registered::<T>().map(|task| self.chunk_spec::<T>(task));
+        let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
         IMap::new(self.pool, items.into_iter(), spec, self.chunking, false)
     }
 
-    fn registered<T: Task>(&self) -> Result<u32, Error> {
+    fn registered<T: Task>() -> Result<u32, Error> {
         Registry::get().and_then(Registry::id_of_task::<T>)
     }
 
@@ -555,10 +566,12 @@ impl<'a> Call<'a> {
         let state = CallState::<T::Output>::new(T::NAME);
         let items: Vec<A> = items.into_iter().collect();
         let len = items.len();
-        let result = AsyncResult::new(Arc::clone(&state), move |state| collect_in_order(state, len));
+        let result = AsyncResult::new(Arc::clone(&state), move |state| {
+            collect_in_order(state, len)
+        });
         state.expect(len, true);
         let sink: Arc<dyn CallSink> = state;
-        let task = match self.registered::<T>() {
+        let task = match Self::registered::<T>() {
             Ok(task) => task,
             Err(err) => {
                 sink.fail(0, len as u32, &|index| clone_error(&err, T::NAME, index));
@@ -577,7 +590,9 @@ impl<'a> Call<'a> {
             match encode_chunk(shared, Arc::clone(&sink), spec, first, slice.into_iter()) {
                 Ok(chunk) => chunks.push(chunk),
                 Err((sink, count, err)) => {
-                    sink.fail(first, count as u32, &|index| clone_error(&err, T::NAME, index));
+                    sink.fail(first, count as u32, &|index| {
+                        clone_error(&err, T::NAME, index)
+                    });
                 }
             }
             first += count;
@@ -589,5 +604,7 @@ impl<'a> Call<'a> {
 }
 
 pub(crate) fn clone_error(err: &Error, task: &str, index: usize) -> Error {
-    Error::new(err.kind(), err.message().to_owned()).with_task(task).with_index(index)
+    Error::new(err.kind(), err.message().to_owned())
+        .with_task(task)
+        .with_index(index)
 }

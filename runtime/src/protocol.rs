@@ -47,7 +47,12 @@ pub(crate) enum Header {
     /// Parent → worker: run `count` items of task `task`; the payload holds their encoded
     /// argument tuples, one after another.
     /// With `timed`, the worker also publishes when each item starts, for deadlines.
-    Run { seq: u64, task: u32, count: u32, timed: bool },
+    Run {
+        seq: u64,
+        task: u32,
+        count: u32,
+        timed: bool,
+    },
     /// Worker → parent: outcomes of items `first..first + count` of chunk `seq`; the payload
     /// holds one encoded [`crate::worker::Outcome`] per item.
     Results { seq: u64, first: u32, count: u32 },
@@ -113,7 +118,12 @@ pub(crate) struct FrameReader {
 
 impl FrameReader {
     pub(crate) fn new(max_len: u32) -> Self {
-        FrameReader { buf: Vec::new(), start: 0, end: 0, max_len }
+        FrameReader {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            max_len,
+        }
     }
 
     /// Bytes received and not yet returned as frames.
@@ -240,7 +250,12 @@ mod tests {
 
     #[test]
     fn frames_round_trip_back_to_back() {
-        let run = Header::Run { seq: 9, task: 2, count: 3, timed: false };
+        let run = Header::Run {
+            seq: 9,
+            task: 2,
+            count: 3,
+            timed: false,
+        };
         let mut stream = frame(&run, b"abc");
         stream.extend(frame(&Header::Shutdown, b""));
         let mut source = Cursor::new(stream);
@@ -250,7 +265,10 @@ mod tests {
         assert_eq!((header, payload), (run, &b"abc"[..]));
         let range = reader.read_frame(&mut source).unwrap().unwrap();
         assert_eq!(parse_body(reader.body(range)).unwrap().0, Header::Shutdown);
-        assert!(reader.read_frame(&mut source).unwrap().is_none(), "clean end of stream");
+        assert!(
+            reader.read_frame(&mut source).unwrap().is_none(),
+            "clean end of stream"
+        );
     }
 
     #[test]
@@ -261,7 +279,11 @@ mod tests {
         let err = reader.read_frame(&mut Cursor::new(stream)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Codec);
         assert!(err.to_string().contains("exceeds the limit"), "{err}");
-        assert!(reader.buf.len() <= MIN_READ, "allocated {} bytes", reader.buf.len());
+        assert!(
+            reader.buf.len() <= MIN_READ,
+            "allocated {} bytes",
+            reader.buf.len()
+        );
     }
 
     #[test]
@@ -272,23 +294,44 @@ mod tests {
         let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
         let err = reader.read_frame(&mut Cursor::new(stream)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Codec);
-        assert!(err.to_string().contains("ended in the middle of a frame"), "{err}");
-        assert!(reader.buf.len() <= 2 * MIN_READ, "allocated {} bytes", reader.buf.len());
+        assert!(
+            err.to_string().contains("ended in the middle of a frame"),
+            "{err}"
+        );
+        assert!(
+            reader.buf.len() <= 2 * MIN_READ,
+            "allocated {} bytes",
+            reader.buf.len()
+        );
     }
 
     #[test]
     fn truncated_frame_is_an_error() {
-        let whole = frame(&Header::Run { seq: 1, task: 0, count: 1, timed: true }, &[1, 2, 3, 4]);
+        let whole = frame(
+            &Header::Run {
+                seq: 1,
+                task: 0,
+                count: 1,
+                timed: true,
+            },
+            &[1, 2, 3, 4],
+        );
         for cut in 1..whole.len() {
             let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
-            let err = reader.read_frame(&mut Cursor::new(&whole[..cut])).unwrap_err();
+            let err = reader
+                .read_frame(&mut Cursor::new(&whole[..cut]))
+                .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Codec, "cut at {cut}");
         }
     }
 
     #[test]
     fn corrupt_header_is_an_error_not_a_panic() {
-        for garbage in [&[0xff_u8; 8][..], &[0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], &[]] {
+        for garbage in [
+            &[0xff_u8; 8][..],
+            &[0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            &[],
+        ] {
             let err = parse_body(garbage).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Codec);
         }
@@ -311,9 +354,19 @@ mod tests {
             }
         }
         let payload: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
-        let whole = frame(&Header::Results { seq: 5, first: 0, count: 1 }, &payload);
+        let whole = frame(
+            &Header::Results {
+                seq: 5,
+                first: 0,
+                count: 1,
+            },
+            &payload,
+        );
         let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
-        let range = reader.read_frame(&mut Trickle(Cursor::new(whole))).unwrap().unwrap();
+        let range = reader
+            .read_frame(&mut Trickle(Cursor::new(whole)))
+            .unwrap()
+            .unwrap();
         let (_, got) = parse_body(reader.body(range)).unwrap();
         assert_eq!(got, &payload[..]);
     }
@@ -323,6 +376,9 @@ mod tests {
         let mut buf = Vec::new();
         let start = begin_frame(&mut buf, &Header::Shutdown);
         buf.extend_from_slice(&[0; 100]);
-        assert_eq!(end_frame(&mut buf, start, 50).unwrap_err().kind(), ErrorKind::Codec);
+        assert_eq!(
+            end_frame(&mut buf, start, 50).unwrap_err().kind(),
+            ErrorKind::Codec
+        );
     }
 }

@@ -78,7 +78,10 @@ impl Registry {
             entry.name.hash(&mut hasher);
             (entry.signature)().hash(&mut hasher);
         }
-        Ok(Registry { entries, digest: hasher.finish() })
+        Ok(Registry {
+            entries,
+            digest: hasher.finish(),
+        })
     }
 
     /// A digest of every name and signature: equal in two processes running one executable.
@@ -98,7 +101,10 @@ impl Registry {
         self.id_of(T::NAME).ok_or_else(|| {
             Error::new(
                 ErrorKind::Spawn,
-                format!("task `{}` is not in the registry of this executable", T::NAME),
+                format!(
+                    "task `{}` is not in the registry of this executable",
+                    T::NAME
+                ),
             )
         })
     }

@@ -91,7 +91,12 @@ impl<O: Payload> CallState<O> {
         let mut inbox = self.lock();
         while !ready(&inbox) {
             match deadline {
-                None => inbox = self.changed.wait(inbox).unwrap_or_else(PoisonError::into_inner),
+                None => {
+                    inbox = self
+                        .changed
+                        .wait(inbox)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -170,7 +175,11 @@ impl<O: Payload> CallSink for CallState<O> {
     }
 
     fn fail(&self, first: usize, count: u32, error: &dyn Fn(usize) -> Error) {
-        self.store((first..first + count as usize).map(|index| (index, Err(error(index)))).collect());
+        self.store(
+            (first..first + count as usize)
+                .map(|index| (index, Err(error(index))))
+                .collect(),
+        );
     }
 
     fn abandoned(&self) -> bool {
@@ -348,9 +357,10 @@ impl<T> Future for AsyncResult<T> {
     type Output = Result<T, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.finish.is_none() {
-            panic!("AsyncResult polled after it completed");
-        }
+        assert!(
+            self.finish.is_some(),
+            "AsyncResult polled after it completed"
+        );
         if self.state.register(cx.waker()) {
             Poll::Ready(self.take())
         } else {
@@ -361,13 +371,18 @@ impl<T> Future for AsyncResult<T> {
 
 impl<T> std::fmt::Debug for AsyncResult<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AsyncResult").field("ready", &self.ready()).finish_non_exhaustive()
+        f.debug_struct("AsyncResult")
+            .field("ready", &self.ready())
+            .finish_non_exhaustive()
     }
 }
 
 /// Assembles a complete call's outcomes in input order: the values, or the error of the
 /// lowest-indexed failing item.
-pub(crate) fn collect_in_order<O: Payload>(state: &CallState<O>, len: usize) -> Result<Vec<O>, Error> {
+pub(crate) fn collect_in_order<O: Payload>(
+    state: &CallState<O>,
+    len: usize,
+) -> Result<Vec<O>, Error> {
     let mut inbox = state.lock();
     let mut slots: Vec<Option<O>> = Vec::with_capacity(len);
     slots.resize_with(len, || None);

@@ -53,7 +53,12 @@ impl Chunk {
         let start = (self.skip)(payload, from)?;
         let end = start + (self.skip)(&payload[start..], to - from)?;
         let seq = shared.next_seq();
-        let header = Header::Run { seq, task: self.task, count: to - from, timed: self.timed };
+        let header = Header::Run {
+            seq,
+            task: self.task,
+            count: to - from,
+            timed: self.timed,
+        };
         let mut frame = Vec::with_capacity(16 + end - start);
         let begin = protocol::begin_frame(&mut frame, &header);
         let payload_at = frame.len();
@@ -140,7 +145,9 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the queue half-updated (every update
         // is a single push/pop), so a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn next_seq(&self) -> u64 {
@@ -216,7 +223,10 @@ impl Shared {
                 return Next::Exit;
             }
             state.idle += 1;
-            state = self.work.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+            state = self
+                .work
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             state.idle -= 1;
         }
     }
@@ -241,7 +251,9 @@ impl Shared {
     }
 
     pub(crate) fn set_pid(&self, slot: usize, pid: Option<u32>) {
-        self.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[slot] = pid;
+        self.pids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[slot] = pid;
     }
 
     /// The pids of the workers running now.
@@ -276,7 +288,12 @@ impl Shared {
         let queued: Vec<Chunk> = state.queue.drain(..).collect();
         drop(state);
         self.work.notify_all();
-        drop(self.stop_write.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+        drop(
+            self.stop_write
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
         for chunk in queued {
             chunk.fail_all(&|index| terminated(chunk.call.task_name(), index));
         }
@@ -298,7 +315,9 @@ impl Shared {
         for chunk in queued {
             let task = chunk.call.task_name();
             chunk.fail_all(&|index| {
-                Error::new(ErrorKind::Spawn, message.clone()).with_task(task).with_index(index)
+                Error::new(ErrorKind::Spawn, message.clone())
+                    .with_task(task)
+                    .with_index(index)
             });
         }
     }
@@ -311,5 +330,7 @@ pub(crate) fn terminated(task: &str, index: usize) -> Error {
 }
 
 fn clone_for(error: &Error, task: &str, index: usize) -> Error {
-    Error::new(error.kind(), error.message().to_owned()).with_task(task).with_index(index)
+    Error::new(error.kind(), error.message().to_owned())
+        .with_task(task)
+        .with_index(index)
 }

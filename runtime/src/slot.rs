@@ -133,7 +133,7 @@ impl Slot {
             match self.pump() {
                 Pumped::Progress => {}
                 Pumped::Stop => return,
-                Pumped::Lost(why) => self.on_worker_lost(why),
+                Pumped::Lost(why) => self.on_worker_lost(&why),
             }
         }
     }
@@ -145,9 +145,12 @@ impl Slot {
         for flight in self.inflight.drain(..) {
             let task = flight.chunk.call.task_name();
             let first = flight.chunk.first + flight.done as usize;
-            flight.chunk.call.fail(first, flight.chunk.count - flight.done, &|index| {
-                terminated(task, index)
-            });
+            flight
+                .chunk
+                .call
+                .fail(first, flight.chunk.count - flight.done, &|index| {
+                    terminated(task, index)
+                });
         }
         if let Some(mut worker) = self.worker.take() {
             if terminated_now {
@@ -265,7 +268,11 @@ impl Slot {
         let worker = self.worker.as_ref().expect("write_some runs with a worker");
         while let Some(flight) = self.inflight.get(self.sent_chunks) {
             let frame = &flight.chunk.frame[self.sent_bytes..];
-            match send(worker.conn.as_raw_fd(), frame, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
+            match send(
+                worker.conn.as_raw_fd(),
+                frame,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            ) {
                 Ok(n) => {
                     self.sent_bytes += n;
                     if self.sent_bytes == flight.chunk.frame.len() {
@@ -286,7 +293,9 @@ impl Slot {
         while let Some(range) = self.reader.next_frame()? {
             let (header, payload) = protocol::parse_body(self.reader.body(range))?;
             let Header::Results { seq, first, count } = header else {
-                return Err(protocol_error(format!("unexpected frame from a worker: {header:?}")));
+                return Err(protocol_error(format!(
+                    "unexpected frame from a worker: {header:?}"
+                )));
             };
             let front = self
                 .inflight
@@ -294,7 +303,10 @@ impl Slot {
                 .filter(|front| front.chunk.seq == seq && front.done == first)
                 .filter(|front| count <= front.chunk.count - front.done)
                 .ok_or_else(|| protocol_error(format!("results for an unexpected chunk {seq}")))?;
-            front.chunk.call.deliver(front.chunk.first + first as usize, count, payload);
+            front
+                .chunk
+                .call
+                .deliver(front.chunk.first + first as usize, count, payload);
             front.done += count;
             if front.done == front.chunk.count {
                 self.inflight.pop_front();
@@ -310,7 +322,7 @@ impl Slot {
     /// it, go back to the front of the queue; items of that chunk that had finished but whose
     /// outcomes died with the worker (they are sent per chunk) run again. The next loop starts
     /// a replacement.
-    fn on_worker_lost(&mut self, why: Lost) {
+    fn on_worker_lost(&mut self, why: &Lost) {
         let Some(mut worker) = self.worker.take() else {
             return;
         };
@@ -328,32 +340,42 @@ impl Slot {
             let running = (published.seq == chunk.seq
                 && (front.done..chunk.count).contains(&published.item))
             .then_some(published.item);
-            match (&why, running) {
+            match (why, running) {
                 (Lost::Died, Some(culprit)) => {
                     let (signal, code) = status_parts(status);
-                    chunk.call.fail(chunk.first + culprit as usize, 1, &|index| {
-                        Error::new(
-                            ErrorKind::Crashed,
-                            format!("worker process {pid} died while running it"),
-                        )
-                        .with_task(task)
-                        .with_index(index)
-                        .with_status(signal, code)
-                    });
+                    chunk
+                        .call
+                        .fail(chunk.first + culprit as usize, 1, &|index| {
+                            Error::new(
+                                ErrorKind::Crashed,
+                                format!("worker process {pid} died while running it"),
+                            )
+                            .with_task(task)
+                            .with_index(index)
+                            .with_status(signal, code)
+                        });
                     again.extend(chunk.sub(&self.shared, front.done, culprit));
                     again.extend(chunk.sub(&self.shared, culprit + 1, chunk.count));
                 }
                 // It died before starting the chunk, or after finishing it: nothing to blame.
-                (Lost::Died, None) => again.extend(chunk.sub(&self.shared, front.done, chunk.count)),
+                (Lost::Died, None) => {
+                    again.extend(chunk.sub(&self.shared, front.done, chunk.count));
+                }
                 // A malformed reply: its items fail rather than run again into the same fault.
                 (Lost::Protocol(err), _) => {
                     let message = format!(
                         "worker process {pid} sent a malformed reply and was stopped ({}): {err}",
                         describe_status(status)
                     );
-                    chunk.call.fail(chunk.first + front.done as usize, chunk.count - front.done, &|index| {
-                        Error::new(ErrorKind::Codec, message.clone()).with_task(task).with_index(index)
-                    });
+                    chunk.call.fail(
+                        chunk.first + front.done as usize,
+                        chunk.count - front.done,
+                        &|index| {
+                            Error::new(ErrorKind::Codec, message.clone())
+                                .with_task(task)
+                                .with_index(index)
+                        },
+                    );
                 }
             }
         }

@@ -80,7 +80,12 @@ impl WorkerProcess {
             .map_err(|err| Error::io("starting a worker process failed", err))
             .map_err(spawn_kind)?;
         drop(child_end);
-        let mut worker = WorkerProcess { child, conn, status, reaped: None };
+        let mut worker = WorkerProcess {
+            child,
+            conn,
+            status,
+            reaped: None,
+        };
         match worker.handshake(registry.digest(), options) {
             Ok(()) => Ok(worker),
             Err(err) => {
@@ -99,7 +104,7 @@ impl WorkerProcess {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(self.start_failure(format!(
+                return Err(Self::start_failure(format!(
                     "the worker process did not finish its start-up within {:?}; is `fn main` \
                      marked #[multiproc::main], and does it reach that attribute's entry at once?",
                     options.start_timeout
@@ -111,7 +116,7 @@ impl WorkerProcess {
             match reader.read_from(&mut self.conn) {
                 Ok(0) => {
                     let status = self.wait();
-                    return Err(self.start_failure(format!(
+                    return Err(Self::start_failure(format!(
                         "the worker process exited during start-up ({}) before reaching the \
                          worker entry: is `fn main` marked #[multiproc::main]?",
                         describe_status(status)
@@ -121,9 +126,16 @@ impl WorkerProcess {
                 Err(err)
                     if matches!(
                         err.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
                     ) => {}
-                Err(err) => return Err(spawn_kind(Error::io("reading the worker's handshake failed", err))),
+                Err(err) => {
+                    return Err(spawn_kind(Error::io(
+                        "reading the worker's handshake failed",
+                        err,
+                    )));
+                }
             }
         };
         self.conn
@@ -131,15 +143,19 @@ impl WorkerProcess {
             .map_err(|err| Error::io("configuring a worker channel failed", err))?;
         let (header, _) = protocol::parse_body(reader.body(range)).map_err(spawn_kind)?;
         match header {
-            Header::Ready { version, digest: theirs, .. } => {
+            Header::Ready {
+                version,
+                digest: theirs,
+                ..
+            } => {
                 if version != protocol::PROTOCOL_VERSION {
-                    return Err(self.start_failure(format!(
+                    return Err(Self::start_failure(format!(
                         "the worker speaks protocol version {version}, this process {}",
                         protocol::PROTOCOL_VERSION
                     )));
                 }
                 if theirs != digest {
-                    return Err(self.start_failure(
+                    return Err(Self::start_failure(
                         "the worker's task registry differs from this process's: it runs a \
                          different build of the executable"
                             .to_owned(),
@@ -147,17 +163,19 @@ impl WorkerProcess {
                 }
                 Ok(())
             }
-            Header::MissingEntry => Err(self.start_failure(
+            Header::MissingEntry => Err(Self::start_failure(
                 "the worker process ran the program's `fn main` instead of serving tasks: mark \
                  `fn main` with #[multiproc::main] (in tests, use a `harness = false` target \
                  whose main has it)"
                     .to_owned(),
             )),
-            other => Err(self.start_failure(format!("unexpected first frame from a worker: {other:?}"))),
+            other => Err(Self::start_failure(format!(
+                "unexpected first frame from a worker: {other:?}"
+            ))),
         }
     }
 
-    fn start_failure(&self, message: String) -> Error {
+    fn start_failure(message: String) -> Error {
         Error::new(ErrorKind::Spawn, message)
     }
 
@@ -258,6 +276,7 @@ fn executable() -> std::path::PathBuf {
     if cfg!(any(target_os = "linux", target_os = "android")) {
         "/proc/self/exe".into()
     } else {
-        std::env::current_exe().unwrap_or_else(|_| std::env::args_os().next().unwrap_or_default().into())
+        std::env::current_exe()
+            .unwrap_or_else(|_| std::env::args_os().next().unwrap_or_default().into())
     }
 }

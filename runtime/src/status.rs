@@ -50,7 +50,7 @@ impl StatusPage {
     /// passes it to one worker explicitly.
     pub(crate) fn create() -> Result<StatusPage, Error> {
         let fd = anonymous_file()?;
-        nix::unistd::ftruncate(&fd, SIZE as i64)
+        nix::unistd::ftruncate(&fd, i64::try_from(SIZE).expect("a small struct"))
             .map_err(|err| Error::io("sizing a worker status page failed", err.into()))?;
         StatusPage::map(fd)
     }
@@ -65,10 +65,20 @@ impl StatusPage {
         // SAFETY: a fresh shared mapping of a file we own, of the size we gave it; no
         // existing memory is affected.
         let map = unsafe {
-            mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &fd, 0)
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
         }
         .map_err(|err| Error::io("mapping a worker status page failed", err.into()))?;
-        Ok(StatusPage { map: map.cast(), fd })
+        Ok(StatusPage {
+            map: map.cast(),
+            fd,
+        })
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {

@@ -15,6 +15,7 @@ use crate::task::Task;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -70,7 +71,12 @@ impl WorkerSpec {
         let status_fd = RawFd::try_from(field("status descriptor")?).map_err(|e| e.to_string())?;
         let parent = u32::try_from(field("parent pid")?).map_err(|e| e.to_string())?;
         let max_frame_len = u32::try_from(field("frame limit")?).map_err(|e| e.to_string())?;
-        Ok(WorkerSpec { fd, status_fd, parent, max_frame_len })
+        Ok(WorkerSpec {
+            fd,
+            status_fd,
+            parent,
+            max_frame_len,
+        })
     }
 }
 
@@ -115,8 +121,10 @@ pub(crate) fn check_may_spawn() -> Result<(), Error> {
     if ENTERED.load(Ordering::SeqCst) {
         return Ok(());
     }
-    if !REPORTED_MISSING.swap(true, Ordering::SeqCst) {
-        if let Ok(spec) = WorkerSpec::decode(&value) {
+    if !REPORTED_MISSING.swap(true, Ordering::SeqCst)
+        && let Ok(spec) = WorkerSpec::decode(&value)
+    {
+        {
             let frame = protocol::control_frame(&Header::MissingEntry);
             // SAFETY: the parent passed this descriptor to this process for this channel and
             // nothing in a process that never entered the worker closes it; a failed write
@@ -155,21 +163,41 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     while let Some(range) = reader.read_frame(&mut conn)? {
         let (header, payload) = protocol::parse_body(reader.body(range))?;
         match header {
-            Header::Run { seq, task, count, timed } => {
+            Header::Run {
+                seq,
+                task,
+                count,
+                timed,
+            } => {
                 let publish = |item| status.publish(seq, item, timed);
-                let hooks = ItemHooks { before_item: &publish };
+                let hooks = ItemHooks {
+                    before_item: &publish,
+                };
                 let entry = registry.entry(task).ok_or_else(|| {
                     Error::new(ErrorKind::Codec, format!("unknown task id {task}"))
                 })?;
                 out.clear();
-                let start = protocol::begin_frame(&mut out, &Header::Results { seq, first: 0, count });
+                let start = protocol::begin_frame(
+                    &mut out,
+                    &Header::Results {
+                        seq,
+                        first: 0,
+                        count,
+                    },
+                );
                 (entry.run())(payload, count, &mut out, &hooks);
                 status.publish(seq, count, false);
                 if let Err(err) = protocol::end_frame(&mut out, start, spec.max_frame_len) {
                     // The results are too large to send: report that for every item instead.
                     out.clear();
-                    let start =
-                        protocol::begin_frame(&mut out, &Header::Results { seq, first: 0, count });
+                    let start = protocol::begin_frame(
+                        &mut out,
+                        &Header::Results {
+                            seq,
+                            first: 0,
+                            count,
+                        },
+                    );
                     let message = err.to_string();
                     let failure: OutcomeRef<'_, ()> = OutcomeRef::Failed { message: &message };
                     for _ in 0..count {
@@ -208,7 +236,10 @@ fn guard_against_orphaning(parent: u32) -> Result<(), Error> {
             .map_err(|err| Error::io("arming the parent-death signal failed", err.into()))?;
     }
     if nix::unistd::getppid().as_raw().cast_unsigned() != parent {
-        return Err(Error::new(ErrorKind::Closed, "the parent exited before this worker started"));
+        return Err(Error::new(
+            ErrorKind::Closed,
+            "the parent exited before this worker started",
+        ));
     }
     Ok(())
 }
@@ -218,21 +249,36 @@ fn guard_against_orphaning(parent: u32) -> Result<(), Error> {
 #[derive(Serialize)]
 pub(crate) enum OutcomeRef<'a, T> {
     Ok(&'a T),
-    Panicked { message: &'a str, location: Option<&'a str> },
-    Failed { message: &'a str },
+    Panicked {
+        message: &'a str,
+        location: Option<&'a str>,
+    },
+    Failed {
+        message: &'a str,
+    },
 }
 
 /// One item's result as read by the parent.
 #[derive(Deserialize)]
 pub(crate) enum Outcome<T> {
     Ok(T),
-    Panicked { message: String, location: Option<String> },
-    Failed { message: String },
+    Panicked {
+        message: String,
+        location: Option<String>,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 /// Runs a chunk of items of task `T`. Each item's panic is caught and reported as that item's
 /// outcome; the worker goes on with the next item.
-pub(crate) fn run_chunk<T: Task>(input: &[u8], count: u32, output: &mut Vec<u8>, hooks: &ItemHooks) {
+pub(crate) fn run_chunk<T: Task>(
+    input: &[u8],
+    count: u32,
+    output: &mut Vec<u8>,
+    hooks: &ItemHooks,
+) {
     let mut rest = input;
     for index in 0..count {
         (hooks.before_item)(index);
@@ -270,8 +316,7 @@ pub(crate) fn run_chunk<T: Task>(input: &[u8], count: u32, output: &mut Vec<u8>,
 
 fn push_failure<T: Task>(output: &mut Vec<u8>, message: &str) {
     let failure: OutcomeRef<'_, T::Output> = OutcomeRef::Failed { message };
-    codec::encode_into(&failure, output)
-        .expect("strings always encode");
+    codec::encode_into(&failure, output).expect("strings always encode");
 }
 
 /// A caught panic: its message and where it happened.
@@ -320,7 +365,7 @@ fn install_panic_hook() {
         let mut message = info.payload_as_str().unwrap_or("Box<dyn Any>").to_owned();
         let backtrace = std::backtrace::Backtrace::capture();
         if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-            message.push_str(&format!("\n\nstack backtrace:\n{backtrace}"));
+            let _ = write!(message, "\n\nstack backtrace:\n{backtrace}");
         }
         let location = info.location().map(ToString::to_string);
         LAST_PANIC.set(Some(CaughtPanic { message, location }));
@@ -333,7 +378,12 @@ mod tests {
 
     #[test]
     fn spec_round_trips() {
-        let spec = WorkerSpec { fd: 7, status_fd: 8, parent: 4242, max_frame_len: 1 << 20 };
+        let spec = WorkerSpec {
+            fd: 7,
+            status_fd: 8,
+            parent: 4242,
+            max_frame_len: 1 << 20,
+        };
         assert_eq!(WorkerSpec::decode(&spec.encode().into()), Ok(spec));
     }
 
@@ -347,7 +397,7 @@ mod tests {
     #[test]
     fn caught_panic_has_message() {
         install_panic_hook();
-        let caught = run_caught(|| panic!("boom {}", 7)).err().expect("it panicked");
+        let caught = run_caught(|| panic!("boom {}", 7)).expect_err("it panicked");
         assert!(caught.message.starts_with("boom 7"));
         assert!(caught.location.expect("location").contains("worker.rs"));
     }

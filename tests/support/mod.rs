@@ -9,13 +9,18 @@ use std::time::{Duration, Instant};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+/// A named test function.
+pub type Test = (&'static str, fn() -> TestResult);
+
 /// Runs `tests` (name, function) with libtest's command line and output.
-pub fn run(tests: Vec<(&'static str, fn() -> TestResult)>) -> ! {
+pub fn run(tests: Vec<Test>) -> ! {
     let args = libtest_mimic::Arguments::from_args();
     let trials = tests
         .into_iter()
         .map(|(name, test)| {
-            libtest_mimic::Trial::test(name, move || test().map_err(|err| format!("{err:?}").into()))
+            libtest_mimic::Trial::test(name, move || {
+                test().map_err(|err| format!("{err:?}").into())
+            })
         })
         .collect();
     libtest_mimic::run(&args, trials).exit()
@@ -31,7 +36,11 @@ macro_rules! tests {
 
 /// Fails the test if `f` takes longer than `limit`: proves something does not hang. The
 /// limit is generous on purpose; timing belongs in benchmarks.
-pub fn within<T>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String>
+pub fn within<T>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String>
 where
     T: Send + 'static,
 {
@@ -40,8 +49,12 @@ where
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit)
-        .map_err(|_| format!("{what} did not finish within {limit:?} (started {:?} ago)", started.elapsed()))
+    rx.recv_timeout(limit).map_err(|_| {
+        format!(
+            "{what} did not finish within {limit:?} (started {:?} ago)",
+            started.elapsed()
+        )
+    })
 }
 
 /// Whether process `pid` exists (and is not a zombie).
@@ -70,5 +83,9 @@ pub fn rss_kib() -> u64 {
 }
 
 pub fn ensure(condition: bool, message: impl Into<String>) -> TestResult {
-    if condition { Ok(()) } else { Err(message.into().into()) }
+    if condition {
+        Ok(())
+    } else {
+        Err(message.into().into())
+    }
 }
