@@ -4,7 +4,8 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Header};
-use nix::unistd::pipe;
+use nix::fcntl::OFlag;
+use nix::unistd::pipe2;
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,8 +125,10 @@ pub(crate) enum Next {
 
 impl Shared {
     pub(crate) fn new(slots: usize) -> Result<Shared, Error> {
-        let (stop_read, stop_write) =
-            pipe().map_err(|err| Error::io("creating the pool's stop pipe failed", err.into()))?;
+        // Close-on-exec: a worker holding a copy of the write end would keep the pipe open and
+        // make terminate() unable to wake the slots.
+        let (stop_read, stop_write) = pipe2(OFlag::O_CLOEXEC)
+            .map_err(|err| Error::io("creating the pool's stop pipe failed", err.into()))?;
         Ok(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),

@@ -1,9 +1,14 @@
 //! A slot: the parent-side thread that owns one worker process.
 //!
-//! The slot pulls chunks from the shared queue when its worker has room (one running, up to
-//! `prefetch - 1` waiting in the worker's socket so it never idles between chunks), writes
+//! The slot pulls chunks from the shared queue when its worker has room, writes
 //! their frames, reads results and hands them to each call's sink. Its socket is non-blocking
 //! and driven by `poll`, so a large request and a large reply can never block each other.
+//!
+//! Prefetch: while chunks are short (under [`PREFETCH_BELOW`]), the slot keeps up to
+//! `prefetch - 1` more chunks queued in the worker's socket behind the running one, so the
+//! worker never waits a round trip for its next chunk. Long chunks are never queued behind a
+//! busy worker: a round trip is negligible next to them, and a queued chunk could wait there
+//! while another worker sits idle.
 //!
 //! The slot is also the worker's supervisor: it notices the worker's death (end of stream),
 //! turns it into a `Crashed` error for the items that were running, puts the chunks that had
@@ -22,7 +27,10 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Chunks shorter than this are worth queueing ahead of time in a busy worker.
+const PREFETCH_BELOW: Duration = Duration::from_millis(2);
 
 /// Settings a slot needs, shared by all slots of a pool.
 #[derive(Clone, Debug)]
@@ -66,6 +74,10 @@ pub(crate) struct Slot {
     sent_chunks: usize,
     sent_bytes: usize,
     reader: FrameReader,
+    /// When the front chunk started running (as far as the parent can tell), and how long
+    /// the last completed chunk ran.
+    front_since: Instant,
+    last_chunk: Option<Duration>,
 }
 
 impl Slot {
@@ -80,6 +92,8 @@ impl Slot {
             sent_chunks: 0,
             sent_bytes: 0,
             reader,
+            front_since: Instant::now(),
+            last_chunk: None,
         }
     }
 
@@ -124,7 +138,9 @@ impl Slot {
                     Next::Exit => return,
                 }
             }
-            while self.inflight.len() < self.config.prefetch {
+            while self.inflight.len() < self.config.prefetch
+                && self.last_chunk.is_some_and(|took| took < PREFETCH_BELOW)
+            {
                 match self.shared.try_prefetch() {
                     Some(chunk) => self.push(chunk),
                     None => break,
@@ -185,6 +201,9 @@ impl Slot {
     }
 
     fn push(&mut self, chunk: Chunk) {
+        if self.inflight.is_empty() {
+            self.front_since = Instant::now();
+        }
         self.inflight.push_back(InFlight { chunk, done: 0 });
     }
 
@@ -312,6 +331,9 @@ impl Slot {
                 self.inflight.pop_front();
                 self.sent_chunks -= 1;
                 progress = true;
+                let now = Instant::now();
+                self.last_chunk = Some(now - self.front_since);
+                self.front_since = now;
             }
         }
         Ok(progress)

@@ -89,3 +89,41 @@ pub fn ensure(condition: bool, message: impl Into<String>) -> TestResult {
         Err(message.into().into())
     }
 }
+
+/// A gate a task can wait at: the task reads a FIFO, which blocks until the test opens it.
+/// Lets a test hold a task in the middle of its work without any sleep.
+pub struct Gate {
+    dir: std::path::PathBuf,
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("multiproc-gate-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("gate dir");
+        nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        Gate { dir }
+    }
+
+    /// What the task gets: the FIFO's path.
+    pub fn path(&self) -> String {
+        self.dir.join("fifo").to_string_lossy().into_owned()
+    }
+
+    /// Lets the waiting task through (blocks until it has opened the FIFO).
+    pub fn open(&self) {
+        std::fs::write(self.dir.join("fifo"), b"go").expect("open the gate");
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Task side of a [`Gate`]: blocks until the test opens it.
+pub fn pass_gate(path: &str) {
+    let _ = std::fs::read(path);
+}

@@ -1,0 +1,217 @@
+//! `imap` and `imap_unordered`: lazy input, bounded memory, order, errors in the stream,
+//! and dropping a stream early.
+
+mod support;
+
+use multiproc::{Chunking, ErrorKind, Pool, task};
+use std::time::Duration;
+use support::{Gate, TestResult, ensure, within};
+
+#[task]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+/// Later items finish sooner: output order differs from completion order.
+#[task]
+fn slower_first(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(20u64.saturating_sub(x)));
+    x
+}
+
+#[task]
+fn fragile(x: u64) -> u64 {
+    assert!(x != 5, "item five");
+    x * 10
+}
+
+/// Item 0 waits at the gate; the others return at once.
+#[task]
+fn first_waits(gate: String, x: u64) -> u64 {
+    if x == 0 {
+        support::pass_gate(&gate);
+    }
+    x
+}
+
+fn imap_keeps_input_order() -> TestResult {
+    let pool = Pool::new(2)?;
+    let out: Vec<u64> = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap(slower_first, 0..20)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(out, (0..20).collect::<Vec<_>>());
+    Ok(())
+}
+
+fn imap_unordered_yields_in_completion_order() -> TestResult {
+    let pool = Pool::new(2)?;
+    let gate = Gate::new();
+    let path = gate.path();
+    // Item 0 cannot finish before the gate opens, so completion order must put it last.
+    let mut stream = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap_unordered(first_waits_unary, (0..10).map(move |x| (path.clone(), x)));
+    let mut seen = Vec::new();
+    for _ in 0..9 {
+        seen.push(stream.next().expect("nine items come first")?);
+    }
+    ensure(
+        !seen.contains(&0),
+        format!("item 0 came out before its gate opened: {seen:?}"),
+    )?;
+    gate.open();
+    seen.push(stream.next().expect("the tenth")?);
+    ensure(stream.next().is_none(), "exactly ten")?;
+    assert_eq!(seen[9], 0);
+    seen.sort_unstable();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    Ok(())
+}
+
+/// `imap` takes one-argument tasks: the gate and the value travel as one tuple.
+#[task]
+fn first_waits_unary(args: (String, u64)) -> u64 {
+    first_waits(args.0, args.1)
+}
+
+fn imap_over_an_infinite_input_with_take() -> TestResult {
+    let pool = Pool::new(2)?;
+    let first = within(
+        Duration::from_secs(120),
+        "imap(0..).take(1000)",
+        move || {
+            pool.imap(square, 0..)
+                .take(1000)
+                .collect::<Result<Vec<u64>, _>>()
+        },
+    )??;
+    assert_eq!(first, (0..1000).map(|x| x * x).collect::<Vec<_>>());
+    Ok(())
+}
+
+fn imap_memory_stays_flat_over_a_long_stream() -> TestResult {
+    let pool = Pool::new(2)?;
+    let total = 3_000_000u64;
+    let mut stream = pool.imap(square, 0..total);
+    let mut checked = 0u64;
+    let mut baseline = 0;
+    for (i, out) in stream.by_ref().enumerate() {
+        let i = i as u64;
+        ensure(out? == i * i, format!("item {i}"))?;
+        checked += 1;
+        if i == 300_000 {
+            baseline = support::rss_kib();
+        }
+    }
+    assert_eq!(checked, total);
+    let growth_kib = support::rss_kib().saturating_sub(baseline);
+    // Generous: holding every result, or reading the input ahead, would take far more
+    // (3 million results alone are over 20 MiB).
+    ensure(
+        growth_kib < 16 * 1024,
+        format!("parent RSS grew by {growth_kib} KiB"),
+    )?;
+    Ok(())
+}
+
+fn a_panic_mid_stream_is_an_error_in_place() -> TestResult {
+    let pool = Pool::new(2)?;
+    for chunking in [Chunking::Fixed(1), Chunking::Fixed(4), Chunking::Auto] {
+        let out: Vec<_> = pool.with_chunking(chunking).imap(fragile, 0..10).collect();
+        assert_eq!(out.len(), 10);
+        for (i, item) in out.into_iter().enumerate() {
+            match item {
+                Ok(value) => assert_eq!(value, i as u64 * 10),
+                Err(err) => {
+                    assert_eq!(
+                        (i, err.kind(), err.index()),
+                        (5, ErrorKind::Panicked, Some(5))
+                    );
+                }
+            }
+        }
+    }
+    let mut unordered: Vec<_> = pool.imap_unordered(fragile, 0..10).collect();
+    unordered.retain(Result::is_err);
+    assert_eq!(unordered.len(), 1);
+    Ok(())
+}
+
+fn dropping_a_stream_early_then_using_the_pool() -> TestResult {
+    let pool = Pool::new(2)?;
+    let mut stream = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap(slower_first, 0..1_000_000);
+    assert_eq!(stream.next().expect("first")?, 0);
+    assert_eq!(stream.next().expect("second")?, 1);
+    drop(stream);
+    let out = within(
+        Duration::from_secs(120),
+        "map after a dropped imap",
+        move || pool.map(square, 0..1000),
+    )??;
+    assert_eq!(out, (0..1000).map(|x| x * x).collect::<Vec<_>>());
+    Ok(())
+}
+
+fn chunk_sizes_do_not_change_results() -> TestResult {
+    let pool = Pool::new(2)?;
+    let expected: Vec<u64> = (0..2000).map(|x| x * x).collect();
+    for chunking in [
+        Chunking::Fixed(1),
+        Chunking::Fixed(3),
+        Chunking::Fixed(500),
+        Chunking::Auto,
+    ] {
+        let ordered: Vec<u64> = pool
+            .with_chunking(chunking)
+            .imap(square, 0..2000)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(ordered, expected, "{chunking:?}");
+        let mut unordered: Vec<u64> = pool
+            .with_chunking(chunking)
+            .imap_unordered(square, 0..2000)
+            .collect::<Result<_, _>>()?;
+        unordered.sort_unstable();
+        assert_eq!(unordered, expected, "{chunking:?}");
+    }
+    Ok(())
+}
+
+fn a_stream_outliving_its_pool_ends_with_closed_errors() -> TestResult {
+    let pool = Pool::new(1)?;
+    let mut stream = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap(slower_first, 0..1000);
+    assert_eq!(stream.next().expect("first")?, 0);
+    drop(pool);
+    let rest = within(
+        Duration::from_secs(60),
+        "draining after the pool is gone",
+        move || stream.collect::<Vec<_>>(),
+    )?;
+    ensure(rest.len() < 999, "a dropped pool stops the stream")?;
+    ensure(
+        rest.iter().any(Result::is_err),
+        "what could not run is reported",
+    )?;
+    for err in rest.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(err.kind(), ErrorKind::Closed);
+    }
+    Ok(())
+}
+
+#[multiproc::main]
+fn main() {
+    support::run(tests![
+        imap_keeps_input_order,
+        imap_unordered_yields_in_completion_order,
+        imap_over_an_infinite_input_with_take,
+        imap_memory_stays_flat_over_a_long_stream,
+        a_panic_mid_stream_is_an_error_in_place,
+        dropping_a_stream_early_then_using_the_pool,
+        chunk_sizes_do_not_change_results,
+        a_stream_outliving_its_pool_ends_with_closed_errors,
+    ]);
+}
