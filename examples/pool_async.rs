@@ -1,5 +1,5 @@
 // cargo run --example pool_async
-//! Port of the seed's multi_async.py: `map_async` and `starmap_async` return at once with an
+//! Port of the seed's `multi_async.py`: `map_async` and `starmap_async` return at once with an
 //! `AsyncResult`; `get()` is where the program waits. Prints `[1, 4, 9, 16, 25]` and
 //! `[1, 16, 243, 4096, 78125]`, each after the result's type, as the seed does.
 

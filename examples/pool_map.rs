@@ -1,5 +1,5 @@
 // cargo run --example pool_map
-//! Port of the seed's multi.py: `map` of a one-argument task and `starmap` of a two-argument
+//! Port of the seed's `multi.py`: `map` of a one-argument task and `starmap` of a two-argument
 //! task on pools of 4 worker processes. Prints `[1, 4, 9, 16, 25]` and `[1, 16, 243, 4096, 78125]`.
 
 use multiproc::{Pool, task};

@@ -1,5 +1,5 @@
 // cargo run --example timeout
-//! Port of the seed's timeout.py. A task sleeps `n` seconds, then appends `n` to result.log.
+//! Port of the seed's `timeout.py`. A task sleeps `n` seconds, then appends `n` to `result.log`.
 //! `map_async` over 0..8 on 4 workers, then:
 //!
 //! 1. `get_timeout(5 s)` gives up with a timeout error: tasks 0 to 4 finished in time, and

@@ -93,7 +93,7 @@ fn wait_timeout_then_get_recovers_the_value() -> TestResult {
     ensure(!r.wait_timeout(Duration::from_millis(20)), "not yet")?;
     gate.open();
     r.wait();
-    assert_eq!(r.get_timeout(Duration::from_secs(60))?, 5);
+    assert_eq!(r.get_timeout(Duration::from_mins(1))?, 5);
     Ok(())
 }
 
@@ -113,7 +113,7 @@ fn unfinishable_work_resolves_to_closed() -> TestResult {
     let queued = pool.map_async(square, 0..10);
     drop(pool); // terminates: the gated task is killed, the queued work never runs
     let (running, queued) = within(
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         "results of a dropped pool",
         move || (running.get(), queued.get()),
     )?;
@@ -130,7 +130,7 @@ fn terminate_resolves_waiting_callers() -> TestResult {
         let pool = std::sync::Arc::clone(&pool);
         std::thread::spawn(move || pool.terminate())
     };
-    let outcome = within(Duration::from_secs(60), "get after terminate", move || {
+    let outcome = within(Duration::from_mins(1), "get after terminate", move || {
         r.get()
     })?;
     terminator.join().expect("terminate");

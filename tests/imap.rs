@@ -78,7 +78,7 @@ fn first_waits_unary(args: (String, u64)) -> u64 {
 fn imap_over_an_infinite_input_with_take() -> TestResult {
     let pool = Pool::new(2)?;
     let first = within(
-        Duration::from_secs(120),
+        Duration::from_mins(2),
         "imap(0..).take(1000)",
         move || {
             pool.imap(square, 0..)
@@ -147,7 +147,7 @@ fn dropping_a_stream_early_then_using_the_pool() -> TestResult {
     assert_eq!(stream.next().expect("second")?, 1);
     drop(stream);
     let out = within(
-        Duration::from_secs(120),
+        Duration::from_mins(2),
         "map after a dropped imap",
         move || pool.map(square, 0..1000),
     )??;
@@ -187,7 +187,7 @@ fn a_stream_outliving_its_pool_ends_with_closed_errors() -> TestResult {
     assert_eq!(stream.next().expect("first")?, 0);
     drop(pool);
     let rest = within(
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         "draining after the pool is gone",
         move || stream.collect::<Vec<_>>(),
     )?;
