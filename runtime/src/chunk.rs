@@ -7,6 +7,7 @@ use crate::sched::{CallSink, Chunk, Shared, SkipArgs};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How many items go into one chunk (one message to a worker).
 ///
@@ -46,7 +47,8 @@ impl Chunking {
 #[derive(Clone, Copy)]
 pub(crate) struct ChunkSpec {
     pub task: u32,
-    pub timed: bool,
+    pub timeout: Option<Duration>,
+    pub retries: u32,
     pub max_frame_len: u32,
     pub skip: SkipArgs,
 }
@@ -77,12 +79,8 @@ pub(crate) fn encode_chunk<A: Serialize>(
         return Err((call, count, err));
     };
     let mut frame = Vec::with_capacity(16 + count * 8);
-    let header = Header::Run {
-        seq,
-        task: spec.task,
-        count: count32,
-        timed: spec.timed,
-    };
+    let timed = spec.timeout.is_some();
+    let header = Header::Run { seq, task: spec.task, count: count32, timed };
     let start = protocol::begin_frame(&mut frame, &header);
     let payload_at = frame.len();
     for (offset, item) in items.enumerate() {
@@ -104,7 +102,9 @@ pub(crate) fn encode_chunk<A: Serialize>(
         task: spec.task,
         first,
         count: count32,
-        timed: spec.timed,
+        timeout: spec.timeout,
+        retries: spec.retries,
+        attempt: 0,
         frame,
         payload_at,
         skip: spec.skip,

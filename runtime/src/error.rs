@@ -163,6 +163,11 @@ impl Error {
         self
     }
 
+    pub(crate) fn with_stderr_tail(mut self, tail: Option<String>) -> Self {
+        self.inner.stderr_tail = tail;
+        self
+    }
+
     /// The category of this error.
     ///
     /// ```

@@ -14,6 +14,7 @@ mod sched;
 mod slot;
 mod spawn;
 mod status;
+mod stderr;
 mod task;
 mod worker;
 

@@ -8,7 +8,7 @@ use crate::registry::Registry;
 use crate::result::{AsyncResult, CallState, collect_in_order};
 use crate::sched::{CallSink, Shared};
 use crate::slot::{Slot, SlotConfig};
-use crate::spawn::SpawnOptions;
+use crate::spawn::{Initializer, SpawnOptions};
 use crate::task::{Task, UnaryTask};
 use crate::worker;
 use serde::Serialize;
@@ -47,8 +47,16 @@ pub struct Pool {
     shared: Arc<Shared>,
     config: Arc<SlotConfig>,
     processes: usize,
-    chunking: Chunking,
+    defaults: Policy,
     slots: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Per-call settings, defaulted from the builder.
+#[derive(Clone, Copy, Debug)]
+struct Policy {
+    chunking: Chunking,
+    timeout: Option<Duration>,
+    retries: u32,
 }
 
 /// Configures a [`Pool`] before starting it.
@@ -62,20 +70,27 @@ pub struct Pool {
 #[must_use = "a builder does nothing until .build() is called"]
 pub struct PoolBuilder {
     processes: Option<usize>,
-    chunking: Chunking,
+    defaults: Policy,
     max_frame_len: u32,
     start_timeout: Duration,
     prefetch: usize,
+    max_tasks_per_child: Option<u64>,
+    max_memory_per_child: Option<u64>,
+    /// The initializer's name and encoded arguments (or why they could not be encoded).
+    initializer: Option<(&'static str, Result<Vec<u8>, String>)>,
 }
 
 impl Default for PoolBuilder {
     fn default() -> Self {
         PoolBuilder {
             processes: None,
-            chunking: Chunking::Auto,
+            defaults: Policy { chunking: Chunking::Auto, timeout: None, retries: 0 },
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             start_timeout: Duration::from_secs(30),
             prefetch: 2,
+            max_tasks_per_child: None,
+            max_memory_per_child: None,
+            initializer: None,
         }
     }
 }
@@ -98,7 +113,78 @@ impl PoolBuilder {
     /// let pool = Pool::builder().chunking(Chunking::Fixed(100)).build()?;
     /// ```
     pub fn chunking(mut self, chunking: Chunking) -> Self {
-        self.chunking = chunking;
+        self.defaults.chunking = chunking;
+        self
+    }
+
+    /// A deadline for every task of every call: a task still running `timeout` after it
+    /// started is killed, with its worker and every process it started (the worker's process
+    /// group), and its outcome is an error of kind [`ErrorKind::Timeout`]. The worker is
+    /// replaced; other tasks are unaffected. [`Pool::with_timeout`] sets it per call.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().task_timeout(Duration::from_secs(10)).build()?;
+    /// ```
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.defaults.timeout = Some(timeout);
+        self
+    }
+
+    /// Runs a task again, up to `retries` more times, when its worker crashed or it timed out
+    /// (panics are not retried: they are the task's own answer). Only for idempotent tasks.
+    /// Default: 0. [`Pool::with_retries`] sets it per call.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().retries(2).build()?;
+    /// ```
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.defaults.retries = retries;
+        self
+    }
+
+    /// Replaces a worker after it has run `tasks` items, to contain leaks. Counted in items
+    /// and checked between chunks: a chunk that is running finishes first, so use
+    /// [`Chunking::Fixed(1)`](Chunking::Fixed) for an exact count.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().max_tasks_per_child(100).build()?;
+    /// ```
+    pub fn max_tasks_per_child(mut self, tasks: u64) -> Self {
+        self.max_tasks_per_child = Some(tasks.max(1));
+        self
+    }
+
+    /// Caps each worker's memory: its address space (`RLIMIT_AS`) is limited to `bytes`, so a
+    /// runaway task fails to allocate, which aborts its worker: that task's outcome is an
+    /// error of kind [`ErrorKind::Crashed`] (quoting the allocation failure from the worker's
+    /// stderr) instead of the machine going into swap. Address space counts reservations as
+    /// well as use (thread stacks, allocator arenas): leave a margin of a few hundred MiB
+    /// above what a task really needs.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().max_memory_per_child(2 << 30).build()?;
+    /// ```
+    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
+        self.max_memory_per_child = Some(bytes);
+        self
+    }
+
+    /// Runs `task(args)` once in every worker before its first task, replacements included:
+    /// to load a model, open a file, set up a global. If it panics or kills its worker, the
+    /// pool fails to start with an error naming it; a replacement worker whose initializer
+    /// fails is retried a few times with a growing back-off, and if none can start, the
+    /// pool's pending and future work fails with that error instead of respawning forever.
+    ///
+    /// ```ignore
+    /// let pool = Pool::builder().initializer(load_model, ("model.bin".into(),)).build()?;
+    /// ```
+    pub fn initializer<T: Task>(mut self, task: T, args: T::Args) -> Self {
+        let _ = task;
+        let mut encoded = Vec::new();
+        let encoded = crate::codec::encode_into(&args, &mut encoded)
+            .map(|()| encoded)
+            .map_err(|err| format!("the initializer's arguments could not be encoded: {err}"));
+        self.initializer = Some((T::NAME, encoded));
         self
     }
 
@@ -148,14 +234,22 @@ impl PoolBuilder {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         };
+        let initializer = match self.initializer {
+            None => None,
+            Some((name, args)) => Some(Arc::new(initializer_frame(name, args)?)),
+        };
         let shared = Arc::new(Shared::new(processes)?);
         let config = Arc::new(SlotConfig {
             spawn: SpawnOptions {
                 max_frame_len: self.max_frame_len,
                 start_timeout: self.start_timeout,
+                max_memory: self.max_memory_per_child,
+                initializer,
             },
             prefetch: self.prefetch.max(1),
             shutdown_grace: Duration::from_secs(5),
+            max_tasks_per_child: self.max_tasks_per_child,
+            restart_attempts: 4,
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(processes);
@@ -178,7 +272,7 @@ impl PoolBuilder {
             shared,
             config,
             processes,
-            chunking: self.chunking,
+            defaults: self.defaults,
             slots: Mutex::new(handles),
         };
         for _ in 0..processes {
@@ -235,17 +329,31 @@ impl Pool {
     /// let out = pool.with_chunking(Chunking::Fixed(1)).map(square, 0..10)?;
     /// ```
     pub fn with_chunking(&self, chunking: Chunking) -> Call<'_> {
-        Call {
-            pool: self,
-            chunking,
-        }
+        self.call().with_chunking(chunking)
+    }
+
+    /// Per-call options, to give the tasks of one call a deadline (see
+    /// [`PoolBuilder::task_timeout`]).
+    ///
+    /// ```ignore
+    /// let out = pool.with_timeout(Duration::from_secs(1)).map(slow, 0..10);
+    /// ```
+    pub fn with_timeout(&self, timeout: Duration) -> Call<'_> {
+        self.call().with_timeout(timeout)
+    }
+
+    /// Per-call options, to run a task again when its worker crashed or it timed out (see
+    /// [`PoolBuilder::retries`]).
+    ///
+    /// ```ignore
+    /// let out = pool.with_retries(3).map(flaky, 0..10)?;
+    /// ```
+    pub fn with_retries(&self, retries: u32) -> Call<'_> {
+        self.call().with_retries(retries)
     }
 
     fn call(&self) -> Call<'_> {
-        Call {
-            pool: self,
-            chunking: self.chunking,
-        }
+        Call { pool: self, policy: self.defaults }
     }
 
     /// Applies a one-argument task to every item, in parallel; the outputs in input order.
@@ -427,7 +535,7 @@ impl std::fmt::Debug for Pool {
 #[must_use = "call map, imap or another method on it"]
 pub struct Call<'a> {
     pool: &'a Pool,
-    chunking: Chunking,
+    policy: Policy,
 }
 
 impl Call<'_> {
@@ -437,7 +545,28 @@ impl Call<'_> {
     /// let out = pool.with_chunking(Chunking::Auto).with_chunking(Chunking::Fixed(2)).map(square, 0..4)?;
     /// ```
     pub fn with_chunking(mut self, chunking: Chunking) -> Self {
-        self.chunking = chunking;
+        self.policy.chunking = chunking;
+        self
+    }
+
+    /// Sets a deadline for each task of this call (see [`PoolBuilder::task_timeout`]).
+    ///
+    /// ```ignore
+    /// let out = pool.with_chunking(Chunking::Fixed(1)).with_timeout(Duration::from_secs(2)).map(slow, 0..4);
+    /// ```
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets how often a task of this call runs again after its worker crashed or it timed
+    /// out (see [`PoolBuilder::retries`]).
+    ///
+    /// ```ignore
+    /// let out = pool.with_timeout(Duration::from_secs(2)).with_retries(1).map(slow, 0..4);
+    /// ```
+    pub fn with_retries(mut self, retries: u32) -> Self {
+        self.policy.retries = retries;
         self
     }
 
@@ -527,7 +656,7 @@ impl Call<'_> {
     {
         let _ = task;
         let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
-        IMap::new(self.pool, items.into_iter(), spec, self.chunking, true)
+        IMap::new(self.pool, items.into_iter(), spec, self.policy.chunking, true)
     }
 
     /// [`Pool::imap_unordered`] with these options.
@@ -541,7 +670,7 @@ impl Call<'_> {
     {
         let _ = task;
         let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
-        IMap::new(self.pool, items.into_iter(), spec, self.chunking, false)
+        IMap::new(self.pool, items.into_iter(), spec, self.policy.chunking, false)
     }
 
     fn registered<T: Task>() -> Result<u32, Error> {
@@ -551,7 +680,8 @@ impl Call<'_> {
     fn chunk_spec<T: Task>(&self, task: u32) -> ChunkSpec {
         ChunkSpec {
             task,
-            timed: false,
+            timeout: self.policy.timeout,
+            retries: self.policy.retries,
             max_frame_len: self.pool.max_frame_len(),
             skip: skip_args::<T::Args>,
         }
@@ -579,7 +709,7 @@ impl Call<'_> {
             }
         };
         let spec = self.chunk_spec::<T>(task);
-        let size = self.chunking.for_len(len, self.pool.processes);
+        let size = self.policy.chunking.for_len(len, self.pool.processes);
         let shared = self.pool.shared();
         let mut chunks = Vec::with_capacity(len.div_ceil(size));
         let mut items = items.into_iter();
@@ -601,6 +731,20 @@ impl Call<'_> {
         let _ = shared.submit(chunks);
         result
     }
+}
+
+/// The `Run` frame of an initializer (seq 0: it precedes every chunk).
+fn initializer_frame(name: &'static str, args: Result<Vec<u8>, String>) -> Result<Initializer, Error> {
+    let args = args.map_err(|message| Error::new(ErrorKind::Codec, message))?;
+    let task = Registry::get()?.id_of(name).ok_or_else(|| {
+        Error::new(ErrorKind::Spawn, format!("the initializer `{name}` is not a registered task"))
+    })?;
+    let header = crate::protocol::Header::Run { seq: 0, task, count: 1, timed: false };
+    let mut frame = Vec::with_capacity(16 + args.len());
+    let start = crate::protocol::begin_frame(&mut frame, &header);
+    frame.extend_from_slice(&args);
+    crate::protocol::end_frame(&mut frame, start, u32::MAX)?;
+    Ok(Initializer { task: name, frame })
 }
 
 pub(crate) fn clone_error(err: &Error, task: &str, index: usize) -> Error {

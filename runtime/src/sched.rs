@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Where a chunk's outcomes go: the typed state of one call (`map`, `imap`, `apply`, ...).
 pub(crate) trait CallSink: Send + Sync {
@@ -35,7 +36,12 @@ pub(crate) struct Chunk {
     /// Index in the call's input of the chunk's first item.
     pub first: usize,
     pub count: u32,
-    pub timed: bool,
+    /// Each item's deadline once it starts; its worker is killed past it.
+    pub timeout: Option<Duration>,
+    /// How often an item whose worker crashed or timed out is run again.
+    pub retries: u32,
+    /// How often these items already ran into a crash or timeout.
+    pub attempt: u32,
     pub frame: Vec<u8>,
     /// Where the arguments start in `frame`.
     pub payload_at: usize,
@@ -46,7 +52,7 @@ impl Chunk {
     /// A new chunk of items `from..to` of this one (positions within the chunk), for work
     /// that must run again after its worker died. `None` if the range is empty or the
     /// arguments cannot be re-split (which cannot happen for frames we encoded).
-    pub(crate) fn sub(&self, shared: &Shared, from: u32, to: u32) -> Option<Chunk> {
+    pub(crate) fn sub(&self, shared: &Shared, from: u32, to: u32, attempt: u32) -> Option<Chunk> {
         if from >= to {
             return None;
         }
@@ -54,12 +60,8 @@ impl Chunk {
         let start = (self.skip)(payload, from)?;
         let end = start + (self.skip)(&payload[start..], to - from)?;
         let seq = shared.next_seq();
-        let header = Header::Run {
-            seq,
-            task: self.task,
-            count: to - from,
-            timed: self.timed,
-        };
+        let timed = self.timeout.is_some();
+        let header = Header::Run { seq, task: self.task, count: to - from, timed };
         let mut frame = Vec::with_capacity(16 + end - start);
         let begin = protocol::begin_frame(&mut frame, &header);
         let payload_at = frame.len();
@@ -71,7 +73,9 @@ impl Chunk {
             task: self.task,
             first: self.first + from as usize,
             count: to - from,
-            timed: self.timed,
+            timeout: self.timeout,
+            retries: self.retries,
+            attempt,
             frame,
             payload_at,
             skip: self.skip,

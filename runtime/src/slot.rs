@@ -1,8 +1,8 @@
 //! A slot: the parent-side thread that owns one worker process.
 //!
-//! The slot pulls chunks from the shared queue when its worker has room, writes
-//! their frames, reads results and hands them to each call's sink. Its socket is non-blocking
-//! and driven by `poll`, so a large request and a large reply can never block each other.
+//! The slot pulls chunks from the shared queue when its worker has room, writes their frames,
+//! reads results and hands them to each call's sink. Its socket is non-blocking and driven by
+//! `poll`, so a large request and a large reply can never block each other.
 //!
 //! Prefetch: while chunks are short (under [`PREFETCH_BELOW`]), the slot keeps up to
 //! `prefetch - 1` more chunks queued in the worker's socket behind the running one, so the
@@ -10,16 +10,19 @@
 //! busy worker: a round trip is negligible next to them, and a queued chunk could wait there
 //! while another worker sits idle.
 //!
-//! The slot is also the worker's supervisor: it notices the worker's death (end of stream),
-//! turns it into a `Crashed` error for the items that were running, puts the chunks that had
-//! not started back in the queue, and starts a replacement. Workers are spawned from this
-//! thread, which lives as long as the pool: on Linux the parent-death signal fires when the
-//! spawning *thread* exits.
+//! The slot is also the worker's supervisor. It forwards the worker's stderr, keeping the
+//! last lines for error reports; it wakes at the running item's deadline and kills the worker
+//! (and its process group) past it; it notices the worker's death (end of stream), reads the
+//! status page to blame exactly the item that was running, puts the rest back in the queue,
+//! and starts a replacement; it replaces a worker that has run `max_tasks_per_child` items.
+//! Workers are spawned from this thread, which lives as long as the pool: on Linux the
+//! parent-death signal fires when the spawning *thread* exits.
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
 use crate::sched::{Chunk, Next, Shared, terminated};
 use crate::spawn::{SpawnOptions, WorkerProcess, describe_status, status_parts};
+use crate::status::monotonic_ns;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{MsgFlags, send};
@@ -27,7 +30,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Chunks shorter than this are worth queueing ahead of time in a busy worker.
 const PREFETCH_BELOW: Duration = Duration::from_millis(2);
@@ -40,6 +43,10 @@ pub(crate) struct SlotConfig {
     pub prefetch: usize,
     /// How long a closing pool waits for an idle worker to exit before killing it.
     pub shutdown_grace: Duration,
+    /// Replace a worker once it has run this many items (checked between chunks).
+    pub max_tasks_per_child: Option<u64>,
+    /// Consecutive failed starts of a replacement worker before the slot gives up.
+    pub restart_attempts: u32,
 }
 
 struct InFlight {
@@ -52,6 +59,8 @@ struct InFlight {
 enum Lost {
     /// End of stream or a failed write: the process died (or closed its channel).
     Died,
+    /// Item `item` of the front chunk ran past its deadline; we killed the worker.
+    TimedOut { item: u32, after: Duration },
     /// It sent something that breaks the protocol; we kill it.
     Protocol(Error),
 }
@@ -74,10 +83,12 @@ pub(crate) struct Slot {
     sent_chunks: usize,
     sent_bytes: usize,
     reader: FrameReader,
-    /// When the front chunk started running (as far as the parent can tell), and how long
-    /// the last completed chunk ran.
-    front_since: Instant,
+    /// When the front chunk started running as far as the parent can tell (monotonic ns),
+    /// and how long the last completed chunk ran.
+    front_since: u64,
     last_chunk: Option<Duration>,
+    /// Items the current worker has completed.
+    items_run: u64,
 }
 
 impl Slot {
@@ -92,8 +103,9 @@ impl Slot {
             sent_chunks: 0,
             sent_bytes: 0,
             reader,
-            front_since: Instant::now(),
+            front_since: monotonic_ns(),
             last_chunk: None,
+            items_run: 0,
         }
     }
 
@@ -120,12 +132,16 @@ impl Slot {
                 if self.shared.is_terminated() {
                     return;
                 }
-                if let Err(err) = self.start_worker(3) {
+                if let Err(err) = self.start_worker(self.config.restart_attempts) {
                     self.shared.slot_lost(&err);
                     return;
                 }
             }
             if self.inflight.is_empty() {
+                if self.budget_left() == Some(0) {
+                    self.recycle_worker();
+                    continue;
+                }
                 match self.shared.wait_next() {
                     Next::Run(chunk) => {
                         if self.worker_died_while_idle() {
@@ -140,6 +156,7 @@ impl Slot {
             }
             while self.inflight.len() < self.config.prefetch
                 && self.last_chunk.is_some_and(|took| took < PREFETCH_BELOW)
+                && self.budget_left().is_none_or(|left| left > self.items_in_flight())
             {
                 match self.shared.try_prefetch() {
                     Some(chunk) => self.push(chunk),
@@ -154,6 +171,15 @@ impl Slot {
         }
     }
 
+    /// Items the current worker may still start under `max_tasks_per_child`.
+    fn budget_left(&self) -> Option<u64> {
+        self.config.max_tasks_per_child.map(|max| max.saturating_sub(self.items_run))
+    }
+
+    fn items_in_flight(&self) -> u64 {
+        self.inflight.iter().map(|flight| u64::from(flight.chunk.count - flight.done)).sum()
+    }
+
     /// Leaves the pool: a terminated pool kills its worker and fails what was in flight;
     /// a closed one lets the idle worker exit cleanly.
     fn finish(&mut self) {
@@ -161,12 +187,9 @@ impl Slot {
         for flight in self.inflight.drain(..) {
             let task = flight.chunk.call.task_name();
             let first = flight.chunk.first + flight.done as usize;
-            flight
-                .chunk
-                .call
-                .fail(first, flight.chunk.count - flight.done, &|index| {
-                    terminated(task, index)
-                });
+            flight.chunk.call.fail(first, flight.chunk.count - flight.done, &|index| {
+                terminated(task, index)
+            });
         }
         if let Some(mut worker) = self.worker.take() {
             if terminated_now {
@@ -174,10 +197,14 @@ impl Slot {
             } else {
                 worker.shutdown(self.config.shutdown_grace);
             }
+            worker.stderr.pump();
         }
         self.shared.set_pid(self.index, None);
     }
 
+    /// Starts a worker, retrying transient failures with a growing back-off: a worker that
+    /// cannot start (a failing initializer, say) costs a bounded number of attempts, never an
+    /// endless respawn loop.
     fn start_worker(&mut self, attempts: u32) -> Result<u32, Error> {
         let mut attempt = 0;
         loop {
@@ -190,29 +217,40 @@ impl Slot {
                         .set_nonblocking(true)
                         .map_err(|err| Error::io("configuring a worker channel failed", err))?;
                     self.worker = Some(worker);
+                    self.items_run = 0;
                     self.shared.set_pid(self.index, Some(pid));
                     return Ok(pid);
                 }
                 Err(err) if attempt >= attempts || self.shared.is_terminated() => return Err(err),
-                // Transient failures (fork limits, a loaded machine) get a short back-off.
-                Err(_) => std::thread::sleep(Duration::from_millis(50 * u64::from(attempt))),
+                Err(_) => std::thread::sleep(Duration::from_millis(50 << attempt.min(6))),
             }
         }
     }
 
+    /// `max_tasks_per_child` reached: the idle worker exits cleanly and the next loop starts
+    /// a fresh one.
+    fn recycle_worker(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.shutdown(self.config.shutdown_grace);
+            worker.stderr.pump();
+        }
+        self.reset_channel_state();
+    }
+
     fn push(&mut self, chunk: Chunk) {
         if self.inflight.is_empty() {
-            self.front_since = Instant::now();
+            self.front_since = monotonic_ns();
         }
         self.inflight.push_back(InFlight { chunk, done: 0 });
     }
 
     /// An idle worker has nothing to say: readable means end of stream (it was killed while
     /// idle). Its replacement then takes the chunk, which never started.
-    fn worker_died_while_idle(&self) -> bool {
-        let Some(worker) = &self.worker else {
+    fn worker_died_while_idle(&mut self) -> bool {
+        let Some(worker) = &mut self.worker else {
             return true;
         };
+        worker.stderr.pump();
         let mut fds = [PollFd::new(worker.conn.as_fd(), PollFlags::POLLIN)];
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
     }
@@ -231,6 +269,22 @@ impl Slot {
         self.shared.set_pid(self.index, None);
     }
 
+    /// The running item's deadline (monotonic ns) and its position in the front chunk.
+    fn deadline(&self) -> Option<(u64, u32, Duration)> {
+        let front = self.inflight.front()?;
+        let timeout = front.chunk.timeout?;
+        let page = self.worker.as_ref()?.status.read();
+        let running = page.seq == front.chunk.seq && (front.done..front.chunk.count).contains(&page.item);
+        let (since, item) = if running {
+            (page.started_ns, page.item)
+        } else {
+            // Not started yet as far as the page says: count from when it became the front.
+            (self.front_since, front.done)
+        };
+        let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        Some((since.saturating_add(timeout_ns), item, timeout))
+    }
+
     fn pump(&mut self) -> Pumped {
         loop {
             match self.drain_frames() {
@@ -241,30 +295,48 @@ impl Slot {
             if let Err(lost) = self.write_some() {
                 return Pumped::Lost(lost);
             }
+            let mut wait = PollTimeout::NONE;
+            if let Some((deadline, item, after)) = self.deadline() {
+                let now = monotonic_ns();
+                if now >= deadline {
+                    return Pumped::Lost(Lost::TimedOut { item, after });
+                }
+                // Round up so that we wake at or after the deadline, not just before it.
+                let ms = (deadline - now).div_ceil(1_000_000);
+                wait = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+            }
             let worker = self.worker.as_ref().expect("pump runs with a worker");
             let mut events = PollFlags::POLLIN;
             if self.sent_chunks < self.inflight.len() {
                 events |= PollFlags::POLLOUT;
             }
-            let (conn_events, stop) = {
-                let mut fds = [
+            let (conn_events, stop, stderr_ready) = {
+                let mut fds = vec![
                     PollFd::new(worker.conn.as_fd(), events),
                     PollFd::new(self.shared.stop_read.as_fd(), PollFlags::POLLIN),
                 ];
-                match poll(&mut fds, PollTimeout::NONE) {
+                if let Some(fd) = worker.stderr.fd() {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                }
+                match poll(&mut fds, wait) {
                     Ok(_) | Err(Errno::EINTR) => {}
                     Err(_) => return Pumped::Lost(Lost::Died),
                 }
+                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
                 (
                     fds[0].revents().unwrap_or(PollFlags::empty()),
-                    fds[1].revents().is_some_and(|r| !r.is_empty()),
+                    ready(&fds[1]),
+                    fds.get(2).is_some_and(ready),
                 )
             };
             if stop {
                 return Pumped::Stop;
             }
+            let worker = self.worker.as_mut().expect("pump runs with a worker");
+            if stderr_ready {
+                worker.stderr.pump();
+            }
             if conn_events.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
-                let worker = self.worker.as_mut().expect("pump runs with a worker");
                 match self.reader.read_from(&mut worker.conn) {
                     Ok(0) => return Pumped::Lost(Lost::Died),
                     Ok(_) => {}
@@ -287,11 +359,8 @@ impl Slot {
         let worker = self.worker.as_ref().expect("write_some runs with a worker");
         while let Some(flight) = self.inflight.get(self.sent_chunks) {
             let frame = &flight.chunk.frame[self.sent_bytes..];
-            match send(
-                worker.conn.as_raw_fd(),
-                frame,
-                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-            ) {
+            let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+            match send(worker.conn.as_raw_fd(), frame, flags) {
                 Ok(n) => {
                     self.sent_bytes += n;
                     if self.sent_bytes == flight.chunk.frame.len() {
@@ -312,9 +381,7 @@ impl Slot {
         while let Some(range) = self.reader.next_frame()? {
             let (header, payload) = protocol::parse_body(self.reader.body(range))?;
             let Header::Results { seq, first, count } = header else {
-                return Err(protocol_error(format!(
-                    "unexpected frame from a worker: {header:?}"
-                )));
+                return Err(protocol_error(format!("unexpected frame from a worker: {header:?}")));
             };
             let front = self
                 .inflight
@@ -322,17 +389,15 @@ impl Slot {
                 .filter(|front| front.chunk.seq == seq && front.done == first)
                 .filter(|front| count <= front.chunk.count - front.done)
                 .ok_or_else(|| protocol_error(format!("results for an unexpected chunk {seq}")))?;
-            front
-                .chunk
-                .call
-                .deliver(front.chunk.first + first as usize, count, payload);
+            front.chunk.call.deliver(front.chunk.first + first as usize, count, payload);
             front.done += count;
             if front.done == front.chunk.count {
+                self.items_run += u64::from(front.chunk.count);
                 self.inflight.pop_front();
                 self.sent_chunks -= 1;
                 progress = true;
-                let now = Instant::now();
-                self.last_chunk = Some(now - self.front_since);
+                let now = monotonic_ns();
+                self.last_chunk = Some(Duration::from_nanos(now.saturating_sub(self.front_since)));
                 self.front_since = now;
             }
         }
@@ -340,18 +405,20 @@ impl Slot {
     }
 
     /// The worker is gone. The status page says what it was doing: the one item it was
-    /// running fails; items of that chunk that never started, and the chunks queued behind
-    /// it, go back to the front of the queue; items of that chunk that had finished but whose
-    /// outcomes died with the worker (they are sent per chunk) run again. The next loop starts
-    /// a replacement.
+    /// running fails (or runs again, under `retries`); items of that chunk that never
+    /// started, and the chunks queued behind it, go back to the front of the queue; items of
+    /// that chunk that had finished but whose outcomes died with the worker (they are sent
+    /// per chunk) run again. The next loop starts a replacement.
     fn on_worker_lost(&mut self, why: &Lost) {
         let Some(mut worker) = self.worker.take() else {
             return;
         };
         let pid = worker.pid();
-        // Reaps a dead worker, or kills one that broke the protocol.
+        // Reaps a dead worker, or kills one that timed out or broke the protocol, with every
+        // process it started.
         let status = worker.kill();
         let published = worker.status.read();
+        let stderr_tail = worker.stderr.last_lines();
         drop(worker);
         self.reset_channel_state();
         let mut inflight = std::mem::take(&mut self.inflight);
@@ -362,26 +429,54 @@ impl Slot {
             let running = (published.seq == chunk.seq
                 && (front.done..chunk.count).contains(&published.item))
             .then_some(published.item);
-            match (why, running) {
-                (Lost::Died, Some(culprit)) => {
-                    let (signal, code) = status_parts(status);
-                    chunk
-                        .call
-                        .fail(chunk.first + culprit as usize, 1, &|index| {
-                            Error::new(
+            let culprit = match why {
+                Lost::TimedOut { item, .. } => Some(*item),
+                Lost::Died => running,
+                Lost::Protocol(_) => None,
+            };
+            match (why, culprit) {
+                (Lost::Died | Lost::TimedOut { .. }, Some(culprit)) => {
+                    if chunk.attempt < chunk.retries {
+                        again.extend(chunk.sub(&self.shared, culprit, culprit + 1, chunk.attempt + 1));
+                    } else {
+                        let (signal, code) = status_parts(status);
+                        let (kind, message, signal, code) = match why {
+                            Lost::TimedOut { after, .. } => (
+                                ErrorKind::Timeout,
+                                format!(
+                                    "ran past its deadline of {after:?}; worker process {pid} and \
+                                     every process it started were killed"
+                                ),
+                                None,
+                                None,
+                            ),
+                            _ => (
                                 ErrorKind::Crashed,
                                 format!("worker process {pid} died while running it"),
-                            )
-                            .with_task(task)
-                            .with_index(index)
-                            .with_status(signal, code)
+                                signal,
+                                code,
+                            ),
+                        };
+                        let attempts = chunk.attempt + 1;
+                        let message = if attempts > 1 {
+                            format!("{message}, on each of {attempts} attempts")
+                        } else {
+                            message
+                        };
+                        chunk.call.fail(chunk.first + culprit as usize, 1, &|index| {
+                            Error::new(kind, message.clone())
+                                .with_task(task)
+                                .with_index(index)
+                                .with_status(signal, code)
+                                .with_stderr_tail(stderr_tail.clone())
                         });
-                    again.extend(chunk.sub(&self.shared, front.done, culprit));
-                    again.extend(chunk.sub(&self.shared, culprit + 1, chunk.count));
+                    }
+                    again.extend(chunk.sub(&self.shared, front.done, culprit, chunk.attempt));
+                    again.extend(chunk.sub(&self.shared, culprit + 1, chunk.count, chunk.attempt));
                 }
                 // It died before starting the chunk, or after finishing it: nothing to blame.
-                (Lost::Died, None) => {
-                    again.extend(chunk.sub(&self.shared, front.done, chunk.count));
+                (Lost::Died | Lost::TimedOut { .. }, None) => {
+                    again.extend(chunk.sub(&self.shared, front.done, chunk.count, chunk.attempt));
                 }
                 // A malformed reply: its items fail rather than run again into the same fault.
                 (Lost::Protocol(err), _) => {
@@ -389,15 +484,10 @@ impl Slot {
                         "worker process {pid} sent a malformed reply and was stopped ({}): {err}",
                         describe_status(status)
                     );
-                    chunk.call.fail(
-                        chunk.first + front.done as usize,
-                        chunk.count - front.done,
-                        &|index| {
-                            Error::new(ErrorKind::Codec, message.clone())
-                                .with_task(task)
-                                .with_index(index)
-                        },
-                    );
+                    let first = chunk.first + front.done as usize;
+                    chunk.call.fail(first, chunk.count - front.done, &|index| {
+                        Error::new(ErrorKind::Codec, message.clone()).with_task(task).with_index(index)
+                    });
                 }
             }
         }

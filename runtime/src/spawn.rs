@@ -6,6 +6,8 @@ use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
 use crate::registry::Registry;
 use crate::status::StatusPage;
+use crate::stderr::StderrTail;
+use std::sync::Arc;
 use crate::worker::{ENV, WorkerSpec};
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
@@ -21,6 +23,17 @@ use std::time::{Duration, Instant};
 pub(crate) struct SpawnOptions {
     pub max_frame_len: u32,
     pub start_timeout: Duration,
+    /// The worker's address-space limit (`RLIMIT_AS`), in bytes.
+    pub max_memory: Option<u64>,
+    /// Run once in every worker before its first task.
+    pub initializer: Option<Arc<Initializer>>,
+}
+
+/// A task call that every worker runs once after its handshake, as an encoded `Run` frame.
+#[derive(Debug)]
+pub(crate) struct Initializer {
+    pub task: &'static str,
+    pub frame: Vec<u8>,
 }
 
 /// A running worker process and the parent's end of its channel.
@@ -29,6 +42,8 @@ pub(crate) struct WorkerProcess {
     pub conn: UnixStream,
     /// Where the worker publishes the item it is running.
     pub status: StatusPage,
+    /// Its stderr, forwarded to ours, with the last lines kept.
+    pub stderr: StderrTail,
     reaped: Option<ExitStatus>,
 }
 
@@ -53,9 +68,11 @@ impl WorkerProcess {
         command
             .env(ENV, spec.encode())
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             // Its own process group: a timeout kills the task and everything it started, and
             // a terminal's Ctrl-C reaches the parent, which stops the pool, not each worker.
             .process_group(0);
+        let max_memory = options.max_memory;
         let prepare = move || {
             use nix::fcntl::{FcntlArg, FdFlag, fcntl};
             use std::os::fd::BorrowedFd;
@@ -68,6 +85,10 @@ impl WorkerProcess {
             // SAFETY: installing SIG_IGN runs no handler code. Ignored dispositions survive
             // exec: the worker ignores SIGINT from its first instruction.
             unsafe { signal::signal(Signal::SIGINT, SigHandler::SigIgn) }?;
+            if let Some(bytes) = max_memory {
+                use nix::sys::resource::{Resource, setrlimit};
+                setrlimit(Resource::RLIMIT_AS, bytes, bytes)?;
+            }
             Ok(())
         };
         // SAFETY: `prepare` runs in the child between fork and exec and only makes
@@ -75,22 +96,25 @@ impl WorkerProcess {
         unsafe {
             command.pre_exec(prepare);
         }
-        let child = command
+        let mut child = command
             .spawn()
             .map_err(|err| Error::io("starting a worker process failed", err))
             .map_err(spawn_kind)?;
         drop(child_end);
-        let mut worker = WorkerProcess {
-            child,
-            conn,
-            status,
-            reaped: None,
-        };
-        match worker.handshake(registry.digest(), options) {
+        let stderr = StderrTail::new(child.stderr.take());
+        let mut worker = WorkerProcess { child, conn, status, stderr, reaped: None };
+        let started = worker
+            .handshake(registry.digest(), options)
+            .and_then(|()| match &options.initializer {
+                Some(init) => worker.initialize(init),
+                None => Ok(()),
+            });
+        match started {
             Ok(()) => Ok(worker),
             Err(err) => {
                 worker.kill();
-                Err(err)
+                let tail = worker.stderr.last_lines();
+                Err(err.with_stderr_tail(tail))
             }
         }
     }
@@ -172,6 +196,38 @@ impl WorkerProcess {
             other => Err(Self::start_failure(format!(
                 "unexpected first frame from a worker: {other:?}"
             ))),
+        }
+    }
+
+    /// Runs the initializer and checks its outcome: a panic, a failure or a death is an error
+    /// that names the initializer.
+    fn initialize(&mut self, init: &Initializer) -> Result<(), Error> {
+        use std::io::Write;
+        let failed = |message: String| {
+            Error::new(ErrorKind::Spawn, format!("the initializer `{}` {message}", init.task))
+        };
+        self.conn
+            .write_all(&init.frame)
+            .map_err(|err| failed(format!("could not be sent to the worker: {err}")))?;
+        let mut reader = FrameReader::new(u32::MAX);
+        let range = match reader.read_frame(&mut self.conn) {
+            Ok(Some(range)) => range,
+            Ok(None) | Err(_) => {
+                let status = self.wait();
+                return Err(failed(format!("killed its worker ({})", describe_status(status)))
+                    .with_status(status.signal(), status.code()));
+            }
+        };
+        let (header, outcome) = protocol::parse_body(reader.body(range))?;
+        if !matches!(header, Header::Results { count: 1, .. }) {
+            return Err(failed(format!("got an unexpected reply: {header:?}")));
+        }
+        match crate::worker::outcome_failure(outcome) {
+            None => Ok(()),
+            Some((message, location)) => {
+                let at = location.map(|at| format!(" at {at}")).unwrap_or_default();
+                Err(failed(format!("failed{at}: {message}")))
+            }
         }
     }
 

@@ -151,6 +151,7 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     install_panic_hook();
     let registry = Registry::get()?;
     let mut conn = UnixStream::from(fd);
+    start_watchdog(&conn)?;
     let ready = Header::Ready {
         version: protocol::PROTOCOL_VERSION,
         digest: registry.digest(),
@@ -226,6 +227,34 @@ fn write_all(conn: &mut UnixStream, bytes: &[u8]) -> Result<(), Error> {
         .map_err(|err| Error::io("writing to the parent failed", err))
 }
 
+/// Exits this worker as soon as the parent's end of the channel closes, even in the middle of
+/// a task: the portable half of "no worker outlives its parent" (Linux also has the
+/// parent-death signal). It waits in `poll` for a hang-up, so it costs nothing meanwhile.
+fn start_watchdog(conn: &UnixStream) -> Result<(), Error> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let watched = conn
+        .try_clone()
+        .map_err(|err| Error::io("duplicating the worker channel failed", err))?;
+    std::thread::Builder::new()
+        .name("multiproc-watchdog".into())
+        .spawn(move || {
+            loop {
+                // No events requested: only a hang-up or an error wakes this thread.
+                let mut fds = [PollFd::new(watched.as_fd(), PollFlags::empty())];
+                if let Ok(n) = poll(&mut fds, PollTimeout::NONE)
+                    && n > 0
+                {
+                    // SAFETY: `_exit` ends the process at once without running anything that
+                    // another thread could be in the middle of; it is async-signal-safe.
+                    unsafe { nix::libc::_exit(0) };
+                }
+            }
+        })
+        .map_err(|err| Error::io("starting the worker watchdog failed", err))?;
+    Ok(())
+}
+
 /// Makes this worker die with its parent. On Linux the kernel sends SIGKILL when the parent
 /// thread that spawned us exits; the parent pid is checked after arming the signal, which
 /// closes the race of a parent that died before that.
@@ -269,6 +298,24 @@ pub(crate) enum Outcome<T> {
     Failed {
         message: String,
     },
+}
+
+/// The message and location of a failed outcome, read without knowing the task's output
+/// type: `None` for a success. Relies on the variant order of [`Outcome`].
+pub(crate) fn outcome_failure(encoded: &[u8]) -> Option<(String, Option<String>)> {
+    match encoded.first() {
+        Some(0) => None,
+        Some(1) => Some(
+            codec::decode_front::<(String, Option<String>)>(&encoded[1..])
+                .map_or_else(|_| ("a panic (undecodable message)".to_owned(), None), |(v, _)| v),
+        ),
+        Some(2) => Some((
+            codec::decode_front::<String>(&encoded[1..])
+                .map_or_else(|_| "an undecodable failure".to_owned(), |(v, _)| v),
+            None,
+        )),
+        _ => Some(("an undecodable outcome".to_owned(), None)),
+    }
 }
 
 /// Runs a chunk of items of task `T`. Each item's panic is caught and reported as that item's
