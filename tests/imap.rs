@@ -77,15 +77,11 @@ fn first_waits_unary(args: (String, u64)) -> u64 {
 
 fn imap_over_an_infinite_input_with_take() -> TestResult {
     let pool = Pool::new(2)?;
-    let first = within(
-        Duration::from_mins(2),
-        "imap(0..).take(1000)",
-        move || {
-            pool.imap(square, 0..)
-                .take(1000)
-                .collect::<Result<Vec<u64>, _>>()
-        },
-    )??;
+    let first = within(Duration::from_mins(2), "imap(0..).take(1000)", move || {
+        pool.imap(square, 0..)
+            .take(1000)
+            .collect::<Result<Vec<u64>, _>>()
+    })??;
     assert_eq!(first, (0..1000).map(|x| x * x).collect::<Vec<_>>());
     Ok(())
 }

@@ -80,7 +80,12 @@ pub(crate) fn encode_chunk<A: Serialize>(
     };
     let mut frame = Vec::with_capacity(16 + count * 8);
     let timed = spec.timeout.is_some();
-    let header = Header::Run { seq, task: spec.task, count: count32, timed };
+    let header = Header::Run {
+        seq,
+        task: spec.task,
+        count: count32,
+        timed,
+    };
     let start = protocol::begin_frame(&mut frame, &header);
     let payload_at = frame.len();
     for (offset, item) in items.enumerate() {

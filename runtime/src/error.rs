@@ -94,6 +94,7 @@ struct Inner {
     signal: Option<i32>,
     exit_code: Option<i32>,
     stderr_tail: Option<String>,
+    backtrace: Option<String>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -110,6 +111,7 @@ impl Error {
                 signal: None,
                 exit_code: None,
                 stderr_tail: None,
+                backtrace: None,
                 source: None,
             }),
         }
@@ -160,6 +162,11 @@ impl Error {
     pub(crate) fn with_status(mut self, signal: Option<i32>, exit_code: Option<i32>) -> Self {
         self.inner.signal = signal;
         self.inner.exit_code = exit_code;
+        self
+    }
+
+    pub(crate) fn with_backtrace(mut self, backtrace: Option<String>) -> Self {
+        self.inner.backtrace = backtrace;
         self
     }
 
@@ -245,6 +252,18 @@ impl Error {
     /// ```
     pub fn exit_code(&self) -> Option<i32> {
         self.inner.exit_code
+    }
+
+    /// The backtrace of a task's panic, captured in the worker when `RUST_BACKTRACE` (or
+    /// `RUST_LIB_BACKTRACE`) enables it there. Not part of `Display`.
+    ///
+    /// ```
+    /// # fn check(err: multiproc_runtime::Error) {
+    /// if let Some(trace) = err.backtrace() { eprintln!("{trace}"); }
+    /// # }
+    /// ```
+    pub fn backtrace(&self) -> Option<&str> {
+        self.inner.backtrace.as_deref()
     }
 
     /// The last lines the worker wrote to its stderr before it died, when they were captured.

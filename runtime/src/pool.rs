@@ -84,7 +84,11 @@ impl Default for PoolBuilder {
     fn default() -> Self {
         PoolBuilder {
             processes: None,
-            defaults: Policy { chunking: Chunking::Auto, timeout: None, retries: 0 },
+            defaults: Policy {
+                chunking: Chunking::Auto,
+                timeout: None,
+                retries: 0,
+            },
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             start_timeout: Duration::from_secs(30),
             prefetch: 2,
@@ -178,6 +182,8 @@ impl PoolBuilder {
     /// ```ignore
     /// let pool = Pool::builder().initializer(load_model, ("model.bin".into(),)).build()?;
     /// ```
+    // By value, like `Pool::apply(task, args)`: the call reads the same way.
+    #[allow(clippy::needless_pass_by_value)]
     pub fn initializer<T: Task>(mut self, task: T, args: T::Args) -> Self {
         let _ = task;
         let mut encoded = Vec::new();
@@ -353,7 +359,10 @@ impl Pool {
     }
 
     fn call(&self) -> Call<'_> {
-        Call { pool: self, policy: self.defaults }
+        Call {
+            pool: self,
+            policy: self.defaults,
+        }
     }
 
     /// Applies a one-argument task to every item, in parallel; the outputs in input order.
@@ -656,7 +665,13 @@ impl Call<'_> {
     {
         let _ = task;
         let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
-        IMap::new(self.pool, items.into_iter(), spec, self.policy.chunking, true)
+        IMap::new(
+            self.pool,
+            items.into_iter(),
+            spec,
+            self.policy.chunking,
+            true,
+        )
     }
 
     /// [`Pool::imap_unordered`] with these options.
@@ -670,7 +685,13 @@ impl Call<'_> {
     {
         let _ = task;
         let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
-        IMap::new(self.pool, items.into_iter(), spec, self.policy.chunking, false)
+        IMap::new(
+            self.pool,
+            items.into_iter(),
+            spec,
+            self.policy.chunking,
+            false,
+        )
     }
 
     fn registered<T: Task>() -> Result<u32, Error> {
@@ -734,12 +755,23 @@ impl Call<'_> {
 }
 
 /// The `Run` frame of an initializer (seq 0: it precedes every chunk).
-fn initializer_frame(name: &'static str, args: Result<Vec<u8>, String>) -> Result<Initializer, Error> {
+fn initializer_frame(
+    name: &'static str,
+    args: Result<Vec<u8>, String>,
+) -> Result<Initializer, Error> {
     let args = args.map_err(|message| Error::new(ErrorKind::Codec, message))?;
     let task = Registry::get()?.id_of(name).ok_or_else(|| {
-        Error::new(ErrorKind::Spawn, format!("the initializer `{name}` is not a registered task"))
+        Error::new(
+            ErrorKind::Spawn,
+            format!("the initializer `{name}` is not a registered task"),
+        )
     })?;
-    let header = crate::protocol::Header::Run { seq: 0, task, count: 1, timed: false };
+    let header = crate::protocol::Header::Run {
+        seq: 0,
+        task,
+        count: 1,
+        timed: false,
+    };
     let mut frame = Vec::with_capacity(16 + args.len());
     let start = crate::protocol::begin_frame(&mut frame, &header);
     frame.extend_from_slice(&args);

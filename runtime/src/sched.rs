@@ -61,7 +61,12 @@ impl Chunk {
         let end = start + (self.skip)(&payload[start..], to - from)?;
         let seq = shared.next_seq();
         let timed = self.timeout.is_some();
-        let header = Header::Run { seq, task: self.task, count: to - from, timed };
+        let header = Header::Run {
+            seq,
+            task: self.task,
+            count: to - from,
+            timed,
+        };
         let mut frame = Vec::with_capacity(16 + end - start);
         let begin = protocol::begin_frame(&mut frame, &header);
         let payload_at = frame.len();

@@ -156,7 +156,9 @@ impl Slot {
             }
             while self.inflight.len() < self.config.prefetch
                 && self.last_chunk.is_some_and(|took| took < PREFETCH_BELOW)
-                && self.budget_left().is_none_or(|left| left > self.items_in_flight())
+                && self
+                    .budget_left()
+                    .is_none_or(|left| left > self.items_in_flight())
             {
                 match self.shared.try_prefetch() {
                     Some(chunk) => self.push(chunk),
@@ -173,11 +175,16 @@ impl Slot {
 
     /// Items the current worker may still start under `max_tasks_per_child`.
     fn budget_left(&self) -> Option<u64> {
-        self.config.max_tasks_per_child.map(|max| max.saturating_sub(self.items_run))
+        self.config
+            .max_tasks_per_child
+            .map(|max| max.saturating_sub(self.items_run))
     }
 
     fn items_in_flight(&self) -> u64 {
-        self.inflight.iter().map(|flight| u64::from(flight.chunk.count - flight.done)).sum()
+        self.inflight
+            .iter()
+            .map(|flight| u64::from(flight.chunk.count - flight.done))
+            .sum()
     }
 
     /// Leaves the pool: a terminated pool kills its worker and fails what was in flight;
@@ -187,9 +194,12 @@ impl Slot {
         for flight in self.inflight.drain(..) {
             let task = flight.chunk.call.task_name();
             let first = flight.chunk.first + flight.done as usize;
-            flight.chunk.call.fail(first, flight.chunk.count - flight.done, &|index| {
-                terminated(task, index)
-            });
+            flight
+                .chunk
+                .call
+                .fail(first, flight.chunk.count - flight.done, &|index| {
+                    terminated(task, index)
+                });
         }
         if let Some(mut worker) = self.worker.take() {
             if terminated_now {
@@ -274,7 +284,8 @@ impl Slot {
         let front = self.inflight.front()?;
         let timeout = front.chunk.timeout?;
         let page = self.worker.as_ref()?.status.read();
-        let running = page.seq == front.chunk.seq && (front.done..front.chunk.count).contains(&page.item);
+        let running =
+            page.seq == front.chunk.seq && (front.done..front.chunk.count).contains(&page.item);
         let (since, item) = if running {
             (page.started_ns, page.item)
         } else {
@@ -381,7 +392,9 @@ impl Slot {
         while let Some(range) = self.reader.next_frame()? {
             let (header, payload) = protocol::parse_body(self.reader.body(range))?;
             let Header::Results { seq, first, count } = header else {
-                return Err(protocol_error(format!("unexpected frame from a worker: {header:?}")));
+                return Err(protocol_error(format!(
+                    "unexpected frame from a worker: {header:?}"
+                )));
             };
             let front = self
                 .inflight
@@ -389,7 +402,10 @@ impl Slot {
                 .filter(|front| front.chunk.seq == seq && front.done == first)
                 .filter(|front| count <= front.chunk.count - front.done)
                 .ok_or_else(|| protocol_error(format!("results for an unexpected chunk {seq}")))?;
-            front.chunk.call.deliver(front.chunk.first + first as usize, count, payload);
+            front
+                .chunk
+                .call
+                .deliver(front.chunk.first + first as usize, count, payload);
             front.done += count;
             if front.done == front.chunk.count {
                 self.items_run += u64::from(front.chunk.count);
@@ -437,7 +453,12 @@ impl Slot {
             match (why, culprit) {
                 (Lost::Died | Lost::TimedOut { .. }, Some(culprit)) => {
                     if chunk.attempt < chunk.retries {
-                        again.extend(chunk.sub(&self.shared, culprit, culprit + 1, chunk.attempt + 1));
+                        again.extend(chunk.sub(
+                            &self.shared,
+                            culprit,
+                            culprit + 1,
+                            chunk.attempt + 1,
+                        ));
                     } else {
                         let (signal, code) = status_parts(status);
                         let (kind, message, signal, code) = match why {
@@ -463,13 +484,15 @@ impl Slot {
                         } else {
                             message
                         };
-                        chunk.call.fail(chunk.first + culprit as usize, 1, &|index| {
-                            Error::new(kind, message.clone())
-                                .with_task(task)
-                                .with_index(index)
-                                .with_status(signal, code)
-                                .with_stderr_tail(stderr_tail.clone())
-                        });
+                        chunk
+                            .call
+                            .fail(chunk.first + culprit as usize, 1, &|index| {
+                                Error::new(kind, message.clone())
+                                    .with_task(task)
+                                    .with_index(index)
+                                    .with_status(signal, code)
+                                    .with_stderr_tail(stderr_tail.clone())
+                            });
                     }
                     again.extend(chunk.sub(&self.shared, front.done, culprit, chunk.attempt));
                     again.extend(chunk.sub(&self.shared, culprit + 1, chunk.count, chunk.attempt));
@@ -486,7 +509,9 @@ impl Slot {
                     );
                     let first = chunk.first + front.done as usize;
                     chunk.call.fail(first, chunk.count - front.done, &|index| {
-                        Error::new(ErrorKind::Codec, message.clone()).with_task(task).with_index(index)
+                        Error::new(ErrorKind::Codec, message.clone())
+                            .with_task(task)
+                            .with_index(index)
                     });
                 }
             }

@@ -7,7 +7,6 @@ use crate::protocol::{self, FrameReader, Header};
 use crate::registry::Registry;
 use crate::status::StatusPage;
 use crate::stderr::StderrTail;
-use std::sync::Arc;
 use crate::worker::{ENV, WorkerSpec};
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
@@ -16,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How to start a worker.
@@ -102,13 +102,19 @@ impl WorkerProcess {
             .map_err(spawn_kind)?;
         drop(child_end);
         let stderr = StderrTail::new(child.stderr.take());
-        let mut worker = WorkerProcess { child, conn, status, stderr, reaped: None };
-        let started = worker
-            .handshake(registry.digest(), options)
-            .and_then(|()| match &options.initializer {
+        let mut worker = WorkerProcess {
+            child,
+            conn,
+            status,
+            stderr,
+            reaped: None,
+        };
+        let started = worker.handshake(registry.digest(), options).and_then(|()| {
+            match &options.initializer {
                 Some(init) => worker.initialize(init),
                 None => Ok(()),
-            });
+            }
+        });
         match started {
             Ok(()) => Ok(worker),
             Err(err) => {
@@ -204,19 +210,21 @@ impl WorkerProcess {
     fn initialize(&mut self, init: &Initializer) -> Result<(), Error> {
         use std::io::Write;
         let failed = |message: String| {
-            Error::new(ErrorKind::Spawn, format!("the initializer `{}` {message}", init.task))
+            Error::new(
+                ErrorKind::Spawn,
+                format!("the initializer `{}` {message}", init.task),
+            )
         };
         self.conn
             .write_all(&init.frame)
             .map_err(|err| failed(format!("could not be sent to the worker: {err}")))?;
         let mut reader = FrameReader::new(u32::MAX);
-        let range = match reader.read_frame(&mut self.conn) {
-            Ok(Some(range)) => range,
-            Ok(None) | Err(_) => {
-                let status = self.wait();
-                return Err(failed(format!("killed its worker ({})", describe_status(status)))
-                    .with_status(status.signal(), status.code()));
-            }
+        let Ok(Some(range)) = reader.read_frame(&mut self.conn) else {
+            let status = self.wait();
+            return Err(
+                failed(format!("killed its worker ({})", describe_status(status)))
+                    .with_status(status.signal(), status.code()),
+            );
         };
         let (header, outcome) = protocol::parse_body(reader.body(range))?;
         if !matches!(header, Header::Results { count: 1, .. }) {

@@ -23,7 +23,10 @@ impl StderrTail {
             use nix::fcntl::{FcntlArg, OFlag, fcntl};
             let _ = fcntl(pipe.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
         }
-        StderrTail { pipe, tail: VecDeque::with_capacity(KEEP) }
+        StderrTail {
+            pipe,
+            tail: VecDeque::with_capacity(KEEP),
+        }
     }
 
     /// The descriptor to poll, until end of stream.
@@ -61,7 +64,10 @@ impl StderrTail {
         self.pump();
         let (front, back) = self.tail.as_slices();
         let text = String::from_utf8_lossy(&[front, back].concat()).into_owned();
-        let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .collect();
         let start = lines.len().saturating_sub(LINES);
         let tail = lines[start..].join("\n");
         (!tail.is_empty()).then_some(tail)

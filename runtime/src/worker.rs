@@ -15,7 +15,6 @@ use crate::task::Task;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::io::Write;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -281,6 +280,7 @@ pub(crate) enum OutcomeRef<'a, T> {
     Panicked {
         message: &'a str,
         location: Option<&'a str>,
+        backtrace: Option<&'a str>,
     },
     Failed {
         message: &'a str,
@@ -294,6 +294,7 @@ pub(crate) enum Outcome<T> {
     Panicked {
         message: String,
         location: Option<String>,
+        backtrace: Option<String>,
     },
     Failed {
         message: String,
@@ -306,8 +307,11 @@ pub(crate) fn outcome_failure(encoded: &[u8]) -> Option<(String, Option<String>)
     match encoded.first() {
         Some(0) => None,
         Some(1) => Some(
-            codec::decode_front::<(String, Option<String>)>(&encoded[1..])
-                .map_or_else(|_| ("a panic (undecodable message)".to_owned(), None), |(v, _)| v),
+            codec::decode_front::<(String, Option<String>, Option<String>)>(&encoded[1..])
+                .map_or_else(
+                    |_| ("a panic (undecodable message)".to_owned(), None),
+                    |((message, location, _), _)| (message, location),
+                ),
         ),
         Some(2) => Some((
             codec::decode_front::<String>(&encoded[1..])
@@ -354,6 +358,7 @@ pub(crate) fn run_chunk<T: Task>(
                 let outcome: OutcomeRef<'_, T::Output> = OutcomeRef::Panicked {
                     message: &panic.message,
                     location: panic.location.as_deref(),
+                    backtrace: panic.backtrace.as_deref(),
                 };
                 codec::encode_into(&outcome, output).expect("strings always encode");
             }
@@ -370,6 +375,7 @@ fn push_failure<T: Task>(output: &mut Vec<u8>, message: &str) {
 struct CaughtPanic {
     message: String,
     location: Option<String>,
+    backtrace: Option<String>,
 }
 
 thread_local! {
@@ -385,6 +391,7 @@ fn run_caught<R>(f: impl FnOnce() -> R) -> Result<R, CaughtPanic> {
         LAST_PANIC.take().unwrap_or_else(|| CaughtPanic {
             message: payload_message(&*payload),
             location: None,
+            backtrace: None,
         })
     })
 }
@@ -409,13 +416,16 @@ fn install_panic_hook() {
             previous(info);
             return;
         }
-        let mut message = info.payload_as_str().unwrap_or("Box<dyn Any>").to_owned();
+        let message = info.payload_as_str().unwrap_or("Box<dyn Any>").to_owned();
         let backtrace = std::backtrace::Backtrace::capture();
-        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-            let _ = write!(message, "\n\nstack backtrace:\n{backtrace}");
-        }
+        let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+            .then(|| backtrace.to_string());
         let location = info.location().map(ToString::to_string);
-        LAST_PANIC.set(Some(CaughtPanic { message, location }));
+        LAST_PANIC.set(Some(CaughtPanic {
+            message,
+            location,
+            backtrace,
+        }));
     }));
 }
 

@@ -127,3 +127,21 @@ impl Drop for Gate {
 pub fn pass_gate(path: &str) {
     let _ = std::fs::read(path);
 }
+
+/// Waits until process `pid` has exited, up to `limit`, using a pidfd (an event, not
+/// polling). True when it is gone.
+pub fn wait_gone(pid: u32, limit: Duration) -> bool {
+    use nix::libc;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.cast_signed(), 0) };
+    if raw < 0 {
+        return !alive(pid); // ESRCH: already gone
+    }
+    // SAFETY: a fresh descriptor from pidfd_open, owned here alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
+    matches!(poll(&mut fds, timeout), Ok(n) if n > 0) || !alive(pid)
+}

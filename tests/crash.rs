@@ -1,0 +1,375 @@
+//! Fault tolerance: crashes, timeouts that kill, memory caps, retries, recycling,
+//! initializers, and a fault-injection run that kills workers at random.
+
+mod support;
+
+use multiproc::{Chunking, ErrorKind, Pool, task};
+use std::time::Duration;
+use support::{TestResult, ensure, wait_gone};
+
+#[task]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+/// Item 1 aborts, 2 segfaults, 3 exits with code 3; the others return.
+#[task]
+fn misbehave(x: u64) -> u64 {
+    match x {
+        1 => std::process::abort(),
+        2 => {
+            // SAFETY: deliberately not: a write through a null pointer, to crash the worker.
+            unsafe { std::ptr::null_mut::<u64>().write_volatile(x) };
+            x
+        }
+        3 => std::process::exit(3),
+        _ => x * 10,
+    }
+}
+
+/// Starts a child process that would live for ten minutes, records its pid, then hangs.
+/// The child is never waited for: the timeout kills it with the worker's process group.
+#[allow(clippy::zombie_processes)]
+#[task]
+fn hang_with_a_child(pid_file: String) -> u64 {
+    let child = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("spawn sleep");
+    std::fs::write(&pid_file, child.id().to_string()).expect("write pid");
+    loop {
+        std::thread::park();
+    }
+}
+
+#[task]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[task]
+fn allocate_forever(_x: u8) -> usize {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        hoard.push(vec![1; 16 << 20]);
+        std::hint::black_box(&hoard);
+    }
+}
+
+/// Crashes the first time it sees its marker missing, succeeds after.
+#[task]
+fn crash_once(marker: String) -> u64 {
+    if std::fs::metadata(&marker).is_err() {
+        std::fs::write(&marker, b"crashed once").expect("marker");
+        std::process::abort();
+    }
+    7
+}
+
+#[task]
+fn say_then_abort(x: u64) -> u64 {
+    eprintln!("about to fail on item {x}");
+    std::process::abort();
+}
+
+#[task]
+fn pid_of_worker(_x: u64) -> u32 {
+    std::process::id()
+}
+
+static MODEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+#[task]
+fn load_model(name: String) {
+    MODEL
+        .set(format!("model {name}"))
+        .expect("initialized once per worker");
+}
+
+#[task]
+fn use_model(x: u64) -> String {
+    format!("{} on {x}", MODEL.get().map_or("no model", String::as_str))
+}
+
+#[task]
+fn failing_initializer(reason: String) {
+    panic!("cannot load: {reason}");
+}
+
+#[task]
+fn slow_item(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(1));
+    x
+}
+
+fn temp_path(name: &str) -> String {
+    std::env::temp_dir()
+        .join(format!("multiproc-crash-{}-{name}", std::process::id()))
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn abort_segfault_exit_are_crashes_of_one_item() -> TestResult {
+    let pool = Pool::new(2)?;
+    for chunking in [Chunking::Fixed(1), Chunking::Fixed(4), Chunking::Auto] {
+        let out: Vec<_> = pool.with_chunking(chunking).imap(misbehave, 0..8).collect();
+        assert_eq!(out.len(), 8);
+        for (i, item) in out.into_iter().enumerate() {
+            let err = match (i, item) {
+                (1..=3, Err(err)) => err,
+                (1..=3, Ok(v)) => return Err(format!("item {i} returned {v}").into()),
+                (_, Ok(v)) => {
+                    assert_eq!(v, i as u64 * 10);
+                    continue;
+                }
+                (_, Err(err)) => return Err(format!("item {i} failed: {err}").into()),
+            };
+            assert_eq!(
+                (err.kind(), err.index()),
+                (ErrorKind::Crashed, Some(i)),
+                "{err}"
+            );
+            ensure(
+                err.task().is_some_and(|t| t.ends_with("::misbehave")),
+                err.to_string(),
+            )?;
+            match i {
+                1 => assert_eq!(err.signal(), Some(6), "SIGABRT: {err}"),
+                2 => assert_eq!(err.signal(), Some(11), "SIGSEGV: {err}"),
+                _ => assert_eq!(err.exit_code(), Some(3), "{err}"),
+            }
+        }
+    }
+    let text = pool
+        .map(misbehave, [0, 2])
+        .expect_err("map reports the crash")
+        .to_string();
+    ensure(text.contains("SIGSEGV") && text.contains("misbehave"), text)?;
+    assert_eq!(
+        pool.map(square, 0..10)?,
+        (0..10).map(|x| x * x).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+fn timeout_kills_the_task_and_what_it_started() -> TestResult {
+    let pool = Pool::builder()
+        .processes(2)
+        .task_timeout(Duration::from_secs(1))
+        .build()?;
+    let pid_file = temp_path("sleep-pid");
+    let hanging = pool.apply_async(hang_with_a_child, (pid_file.clone(),));
+    // Other tasks keep running meanwhile, on the other worker.
+    assert_eq!(
+        pool.map(square, 0..100)?,
+        (0..100).map(|x| x * x).collect::<Vec<_>>()
+    );
+    let err = hanging.get().expect_err("it hangs forever");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    ensure(err.to_string().contains("deadline"), err.to_string())?;
+    let grandchild: u32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
+    let _ = std::fs::remove_file(&pid_file);
+    ensure(
+        wait_gone(grandchild, Duration::from_secs(10)),
+        "the task's own child was killed too",
+    )?;
+    assert_eq!(pool.map(square, [2, 3])?, vec![4, 9]);
+    Ok(())
+}
+
+fn per_call_timeout() -> TestResult {
+    let pool = Pool::new(2)?;
+    let out: Vec<_> = pool
+        .with_chunking(Chunking::Fixed(1))
+        .with_timeout(Duration::from_millis(1500))
+        .imap(sleep_ms, [10, 60_000, 20, 30])
+        .collect();
+    assert_eq!(out[0].as_ref().ok(), Some(&10));
+    assert_eq!(
+        out[1].as_ref().map_err(multiproc::Error::kind).err(),
+        Some(ErrorKind::Timeout)
+    );
+    assert_eq!(out[2].as_ref().ok(), Some(&20));
+    assert_eq!(out[3].as_ref().ok(), Some(&30));
+    // Without the per-call timeout, the same pool sets none.
+    assert_eq!(pool.apply(sleep_ms, (5,))?, 5);
+    Ok(())
+}
+
+fn memory_cap_ends_a_runaway_task() -> TestResult {
+    let pool = Pool::builder()
+        .processes(1)
+        .max_memory_per_child(1 << 30)
+        .build()?;
+    let err = pool
+        .apply(allocate_forever, (0,))
+        .expect_err("runs out of its address space");
+    assert_eq!(err.kind(), ErrorKind::Crashed, "{err}");
+    ensure(
+        err.stderr_tail()
+            .is_some_and(|tail| tail.contains("memory allocation")),
+        format!("the allocation failure is quoted: {err}"),
+    )?;
+    assert_eq!(pool.apply(square, (4,))?, 16);
+    Ok(())
+}
+
+fn retries_run_a_crashed_task_again() -> TestResult {
+    let marker = temp_path("crash-once");
+    let _ = std::fs::remove_file(&marker);
+    let pool = Pool::new(1)?;
+    assert_eq!(
+        pool.with_retries(1).apply(crash_once, (marker.clone(),))?,
+        7
+    );
+    let _ = std::fs::remove_file(&marker);
+    let err = pool
+        .apply(crash_once, (marker.clone(),))
+        .expect_err("no retries by default");
+    assert_eq!(err.kind(), ErrorKind::Crashed);
+    let _ = std::fs::remove_file(&marker);
+    Ok(())
+}
+
+fn stderr_tail_is_quoted() -> TestResult {
+    let pool = Pool::new(1)?;
+    let err = pool.apply(say_then_abort, (42,)).expect_err("aborts");
+    ensure(
+        err.stderr_tail()
+            .is_some_and(|tail| tail.contains("about to fail on item 42")),
+        format!("{err:?}"),
+    )?;
+    ensure(
+        err.to_string().contains("about to fail on item 42"),
+        err.to_string(),
+    )?;
+    Ok(())
+}
+
+fn workers_are_recycled_after_max_tasks() -> TestResult {
+    let pool = Pool::builder()
+        .processes(1)
+        .max_tasks_per_child(2)
+        .build()?;
+    let pids = pool
+        .with_chunking(Chunking::Fixed(1))
+        .map(pid_of_worker, 0..10)?;
+    let mut counts = std::collections::HashMap::new();
+    for pid in &pids {
+        *counts.entry(pid).or_insert(0) += 1;
+    }
+    ensure(
+        counts.values().all(|&n| n <= 2),
+        format!("a worker ran more than 2: {counts:?}"),
+    )?;
+    ensure(
+        counts.len() >= 5,
+        format!("expected at least 5 workers: {counts:?}"),
+    )?;
+    Ok(())
+}
+
+fn initializer_runs_in_every_worker() -> TestResult {
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(3)
+        .initializer(load_model, ("tiny".to_string(),))
+        .build()?;
+    let out = pool
+        .with_chunking(Chunking::Fixed(1))
+        .map(use_model, 0..12)?;
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line, &format!("model tiny on {i}"));
+    }
+    Ok(())
+}
+
+fn failing_initializer_is_a_clear_error() -> TestResult {
+    let err = Pool::builder()
+        .processes(2)
+        .initializer(failing_initializer, ("no such file".to_string(),))
+        .build()
+        .expect_err("the initializer panics");
+    assert_eq!(err.kind(), ErrorKind::Spawn);
+    let text = err.to_string();
+    ensure(
+        text.contains("failing_initializer") && text.contains("cannot load: no such file"),
+        text,
+    )?;
+    Ok(())
+}
+
+fn random_kills_lose_and_duplicate_nothing() -> TestResult {
+    const ITEMS: u64 = 10_000;
+    const KILLS: usize = 50;
+    let pool = std::sync::Arc::new(Pool::new(2)?);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (pool, done) = (std::sync::Arc::clone(&pool), std::sync::Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+            while kills < KILLS && !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let pids = pool.worker_pids();
+                if pids.is_empty() {
+                    std::thread::yield_now();
+                    continue;
+                }
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let victim = pids[(seed % pids.len() as u64) as usize];
+                let pid = nix::unistd::Pid::from_raw(victim.cast_signed());
+                if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                    kills += 1;
+                    // Wait for this death (an event) before choosing the next victim.
+                    wait_gone(victim, Duration::from_secs(10));
+                }
+            }
+            kills
+        })
+    };
+    let mut seen = 0u64;
+    let mut crashed = 0;
+    for (i, item) in pool.imap(slow_item, 0..ITEMS).enumerate() {
+        match item {
+            Ok(value) => assert_eq!(value, i as u64, "item {i} out of place"),
+            Err(err) => {
+                assert_eq!(
+                    (err.kind(), err.index()),
+                    (ErrorKind::Crashed, Some(i)),
+                    "{err}"
+                );
+                crashed += 1;
+            }
+        }
+        seen += 1;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.join().expect("killer");
+    assert_eq!(seen, ITEMS, "every item reported exactly once");
+    ensure(
+        crashed <= kills,
+        format!("{crashed} crashed items for {kills} kills"),
+    )?;
+    eprintln!("fault injection: {kills} kills, {crashed} items reported as crashed");
+    assert_eq!(pool.map(square, [5])?, vec![25]);
+    Ok(())
+}
+
+#[multiproc::main]
+fn main() {
+    support::run(tests![
+        abort_segfault_exit_are_crashes_of_one_item,
+        timeout_kills_the_task_and_what_it_started,
+        per_call_timeout,
+        memory_cap_ends_a_runaway_task,
+        retries_run_a_crashed_task_again,
+        stderr_tail_is_quoted,
+        workers_are_recycled_after_max_tasks,
+        initializer_runs_in_every_worker,
+        failing_initializer_is_a_clear_error,
+        random_kills_lose_and_duplicate_nothing,
+    ]);
+}
