@@ -78,7 +78,22 @@ pub(crate) fn encode_chunk<A: Serialize>(
         );
         return Err((call, count, err));
     };
-    let mut frame = Vec::with_capacity(16 + count * 8);
+    // Encode the arguments first, collecting the descriptors of any channel handles in
+    // them; the frame then starts with a `Descriptors` frame when there are some.
+    let mut args = Vec::with_capacity(count * 8);
+    let (encoded, fds) = crate::fdpass::collect(|| {
+        for (offset, item) in items.enumerate() {
+            codec::encode_into(&item, &mut args).map_err(|err| (first + offset, err))?;
+        }
+        Ok(())
+    });
+    if let Err((index, err)) = encoded {
+        let err = Error::codec(
+            format!("the arguments of item {index} could not be encoded"),
+            err,
+        );
+        return Err((call, count, err));
+    }
     let timed = spec.timeout.is_some();
     let header = Header::Run {
         seq,
@@ -86,18 +101,11 @@ pub(crate) fn encode_chunk<A: Serialize>(
         count: count32,
         timed,
     };
+    let mut frame = Vec::with_capacity(32 + args.len());
+    protocol::descriptors_frame(&mut frame, fds.len());
     let start = protocol::begin_frame(&mut frame, &header);
     let payload_at = frame.len();
-    for (offset, item) in items.enumerate() {
-        if let Err(err) = codec::encode_into(&item, &mut frame) {
-            let index = first + offset;
-            let err = Error::codec(
-                format!("the arguments of item {index} could not be encoded"),
-                err,
-            );
-            return Err((call, count, err));
-        }
-    }
+    frame.extend_from_slice(&args);
     if let Err(err) = protocol::end_frame(&mut frame, start, spec.max_frame_len) {
         return Err((call, count, err));
     }
@@ -113,5 +121,6 @@ pub(crate) fn encode_chunk<A: Serialize>(
         frame,
         payload_at,
         skip: spec.skip,
+        fds,
     })
 }

@@ -5,6 +5,7 @@
 mod chunk;
 mod codec;
 mod error;
+mod fdpass;
 mod imap;
 mod pool;
 mod protocol;

@@ -58,6 +58,9 @@ pub(crate) enum Header {
     Results { seq: u64, first: u32, count: u32 },
     /// Parent → worker: finish and exit with status 0.
     Shutdown,
+    /// Either way: the next frame's payload refers to `count` descriptors, which travel
+    /// with this frame's first byte (`SCM_RIGHTS`). See `fdpass`.
+    Descriptors { count: u32 },
 }
 
 /// Starts a frame in `buf`: a placeholder length, then the encoded header. The caller then
@@ -87,6 +90,15 @@ pub(crate) fn control_frame(header: &Header) -> Vec<u8> {
     let start = begin_frame(&mut buf, header);
     end_frame(&mut buf, start, u32::MAX).expect("a control frame is small");
     buf
+}
+
+/// Appends a `Descriptors` frame announcing `count` descriptors, if there are any.
+pub(crate) fn descriptors_frame(buf: &mut Vec<u8>, count: usize) {
+    if count > 0 {
+        let count = u32::try_from(count).expect("at most MAX_FDS descriptors");
+        let start = begin_frame(buf, &Header::Descriptors { count });
+        end_frame(buf, start, u32::MAX).expect("a control frame is small");
+    }
 }
 
 /// Splits a frame body into its header and payload.

@@ -42,10 +42,13 @@ pub(crate) struct Chunk {
     pub retries: u32,
     /// How often these items already ran into a crash or timeout.
     pub attempt: u32,
+    /// A `Descriptors` frame (when `fds` is not empty) followed by the `Run` frame.
     pub frame: Vec<u8>,
     /// Where the arguments start in `frame`.
     pub payload_at: usize,
     pub skip: SkipArgs,
+    /// Descriptors the arguments refer to (channel handles), sent with the frame.
+    pub fds: Vec<OwnedFd>,
 }
 
 impl Chunk {
@@ -67,7 +70,9 @@ impl Chunk {
             count: to - from,
             timed,
         };
-        let mut frame = Vec::with_capacity(16 + end - start);
+        let fds = crate::fdpass::duplicate(&self.fds).ok()?;
+        let mut frame = Vec::with_capacity(32 + end - start);
+        protocol::descriptors_frame(&mut frame, fds.len());
         let begin = protocol::begin_frame(&mut frame, &header);
         let payload_at = frame.len();
         frame.extend_from_slice(&payload[start..end]);
@@ -84,6 +89,7 @@ impl Chunk {
             frame,
             payload_at,
             skip: self.skip,
+            fds,
         })
     }
 

@@ -25,9 +25,10 @@ use crate::spawn::{SpawnOptions, WorkerProcess, describe_status, status_parts};
 use crate::status::monotonic_ns;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{MsgFlags, send};
+use nix::sys::socket::{ControlMessage, MsgFlags, send, sendmsg};
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
@@ -371,7 +372,16 @@ impl Slot {
         while let Some(flight) = self.inflight.get(self.sent_chunks) {
             let frame = &flight.chunk.frame[self.sent_bytes..];
             let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-            match send(worker.conn.as_raw_fd(), frame, flags) {
+            let fd = worker.conn.as_raw_fd();
+            let written = if self.sent_bytes == 0 && !flight.chunk.fds.is_empty() {
+                // The descriptors ride on the first byte of the chunk's `Descriptors` frame.
+                let raw: Vec<RawFd> = flight.chunk.fds.iter().map(AsRawFd::as_raw_fd).collect();
+                let control = [ControlMessage::ScmRights(&raw)];
+                sendmsg::<()>(fd, &[IoSlice::new(frame)], &control, flags, None)
+            } else {
+                send(fd, frame, flags)
+            };
+            match written {
                 Ok(n) => {
                     self.sent_bytes += n;
                     if self.sent_bytes == flight.chunk.frame.len() {

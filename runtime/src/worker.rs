@@ -14,6 +14,7 @@ use crate::status::StatusPage;
 use crate::task::Task;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -160,9 +161,28 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
 
     let mut reader = FrameReader::new(spec.max_frame_len);
     let mut out = Vec::new();
-    while let Some(range) = reader.read_frame(&mut conn)? {
+    let mut received = VecDeque::new();
+    let mut next_fds = Vec::new();
+    loop {
+        let mut source = FdStream {
+            conn: &conn,
+            received: &mut received,
+        };
+        let Some(range) = reader.read_frame(&mut source)? else {
+            break;
+        };
         let (header, payload) = protocol::parse_body(reader.body(range))?;
         match header {
+            Header::Descriptors { count } => {
+                let count = count as usize;
+                if received.len() < count {
+                    return Err(Error::new(
+                        ErrorKind::Codec,
+                        format!("{count} descriptors announced, {} received", received.len()),
+                    ));
+                }
+                next_fds = received.drain(..count).collect();
+            }
             Header::Run {
                 seq,
                 task,
@@ -185,7 +205,8 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
                         count,
                     },
                 );
-                (entry.run())(payload, count, &mut out, &hooks);
+                let fds = std::mem::take(&mut next_fds);
+                crate::fdpass::supply(fds, || (entry.run())(payload, count, &mut out, &hooks));
                 status.publish(seq, count, false);
                 if let Err(err) = protocol::end_frame(&mut out, start, spec.max_frame_len) {
                     // The results are too large to send: report that for every item instead.
@@ -224,6 +245,38 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
 fn write_all(conn: &mut UnixStream, bytes: &[u8]) -> Result<(), Error> {
     conn.write_all(bytes)
         .map_err(|err| Error::io("writing to the parent failed", err))
+}
+
+/// Reads the channel with `recvmsg`, keeping descriptors that arrive (`SCM_RIGHTS`) for
+/// the `Descriptors` frame they belong to.
+struct FdStream<'a> {
+    conn: &'a UnixStream,
+    received: &'a mut VecDeque<OwnedFd>,
+}
+
+impl std::io::Read for FdStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        use std::os::fd::AsRawFd;
+        let mut space = nix::cmsg_space!([RawFd; crate::fdpass::MAX_FDS]);
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let msg = recvmsg::<()>(
+            self.conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        for control in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = control {
+                for fd in fds {
+                    // SAFETY: the kernel installed this descriptor in our table for this
+                    // message; nothing else owns it.
+                    self.received.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        Ok(msg.bytes)
+    }
 }
 
 /// Exits this worker as soon as the parent's end of the channel closes, even in the middle of

@@ -1,0 +1,122 @@
+//! Carrying file descriptors inside serialized values: how a channel handle (`Sender`,
+//! `Receiver`, `Connection`, `Queue`) given as a task argument reaches the worker.
+//!
+//! While the parent encodes a chunk, [`collect`] is active: a handle's `Serialize` calls
+//! [`attach`], which duplicates its descriptor into a thread-local list and returns the
+//! index it encodes. The chunk then travels as a `Descriptors` frame that carries those
+//! descriptors (`SCM_RIGHTS` on the Unix socket) followed by its `Run` frame. The worker
+//! decodes the arguments inside [`supply`], where a handle's `Deserialize` calls [`take`]
+//! with its index. Outside these scopes, attaching or taking is an error that says where
+//! handles can travel.
+
+use std::cell::RefCell;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// The most descriptors one message can carry (Linux's `SCM_MAX_FD`).
+pub(crate) const MAX_FDS: usize = 253;
+
+thread_local! {
+    static OUTGOING: RefCell<Option<Vec<OwnedFd>>> = const { RefCell::new(None) };
+    static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (an encoding) with descriptor collection on; returns what it attached.
+pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
+    let outer = OUTGOING.replace(Some(Vec::new()));
+    let result = f();
+    let fds = OUTGOING.replace(outer).unwrap_or_default();
+    (result, fds)
+}
+
+/// Runs `f` (a decoding) with `fds` available to [`take`] by index.
+pub(crate) fn supply<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
+    let outer = INCOMING.replace(Some(fds.into_iter().map(Some).collect()));
+    let result = f();
+    INCOMING.replace(outer);
+    result
+}
+
+/// Serialize side of a handle: duplicates `fd` into the message being encoded and returns
+/// its index there.
+///
+/// # Errors
+///
+/// When no message that can carry descriptors is being encoded.
+// Callers: the channel handles' Serialize impls.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn attach(fd: BorrowedFd<'_>) -> Result<u32, String> {
+    OUTGOING.with_borrow_mut(|outgoing| {
+        let Some(list) = outgoing else {
+            return Err(
+                "a channel handle can only be sent as an argument of a task (Pool or Process); \
+                 it cannot be encoded anywhere else"
+                    .to_owned(),
+            );
+        };
+        if list.len() >= MAX_FDS {
+            return Err(format!(
+                "one chunk can carry at most {MAX_FDS} channel handles"
+            ));
+        }
+        let dup = fd
+            .try_clone_to_owned()
+            .map_err(|err| format!("duplicating a descriptor failed: {err}"))?;
+        list.push(dup);
+        Ok(u32::try_from(list.len() - 1).expect("below MAX_FDS"))
+    })
+}
+
+/// Deserialize side of a handle: the descriptor sent at `index`, once.
+///
+/// # Errors
+///
+/// Outside a decoding that received descriptors, or for an index that is missing or taken.
+// Callers: the channel handles' Deserialize impls.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn take(index: u32) -> Result<OwnedFd, String> {
+    INCOMING.with_borrow_mut(|incoming| {
+        let list = incoming
+            .as_mut()
+            .ok_or("a channel handle can only be decoded from a task's arguments")?;
+        list.get_mut(index as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| format!("channel handle {index} is missing from the message"))
+    })
+}
+
+/// Duplicates every descriptor (for a chunk that must be sent again).
+pub(crate) fn duplicate(fds: &[OwnedFd]) -> std::io::Result<Vec<OwnedFd>> {
+    fds.iter()
+        .map(|fd| fd.as_fd().try_clone_to_owned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_outside_collect_is_an_error() {
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        assert!(
+            attach(r.as_fd())
+                .unwrap_err()
+                .contains("argument of a task")
+        );
+    }
+
+    #[test]
+    fn descriptors_round_trip_by_index() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let (indices, fds) = collect(|| (attach(r.as_fd()).unwrap(), attach(w.as_fd()).unwrap()));
+        assert_eq!(indices, (0, 1));
+        assert_eq!(fds.len(), 2);
+        supply(fds, || {
+            assert!(take(1).is_ok());
+            assert!(take(1).is_err(), "taken once");
+            assert!(take(0).is_ok());
+            assert!(take(2).is_err());
+        });
+        assert!(take(0).is_err(), "outside supply");
+    }
+}
