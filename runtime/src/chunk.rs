@@ -78,12 +78,22 @@ pub(crate) fn encode_chunk<A: Serialize>(
         );
         return Err((call, count, err));
     };
-    // Encode the arguments first, collecting the descriptors of any channel handles in
-    // them; the frame then starts with a `Descriptors` frame when there are some.
-    let mut args = Vec::with_capacity(count * 8);
+    // The arguments are encoded straight into the frame, collecting the descriptors of any
+    // channel handles among them; only then, and only if there are some, a `Descriptors`
+    // frame is put in front (one copy, in that rare case alone).
+    let timed = spec.timeout.is_some();
+    let header = Header::Run {
+        seq,
+        task: spec.task,
+        count: count32,
+        timed,
+    };
+    let mut frame = Vec::with_capacity(32 + count * 8);
+    let mut start = protocol::begin_frame(&mut frame, &header);
+    let mut payload_at = frame.len();
     let (encoded, fds) = crate::fdpass::collect(|| {
         for (offset, item) in items.enumerate() {
-            codec::encode_into(&item, &mut args).map_err(|err| (first + offset, err))?;
+            codec::encode_into(&item, &mut frame).map_err(|err| (first + offset, err))?;
         }
         Ok(())
     });
@@ -94,18 +104,15 @@ pub(crate) fn encode_chunk<A: Serialize>(
         );
         return Err((call, count, err));
     }
-    let timed = spec.timeout.is_some();
-    let header = Header::Run {
-        seq,
-        task: spec.task,
-        count: count32,
-        timed,
-    };
-    let mut frame = Vec::with_capacity(32 + args.len());
-    protocol::descriptors_frame(&mut frame, fds.len());
-    let start = protocol::begin_frame(&mut frame, &header);
-    let payload_at = frame.len();
-    frame.extend_from_slice(&args);
+    if !fds.is_empty() {
+        let mut with_fds = Vec::with_capacity(16 + frame.len());
+        protocol::descriptors_frame(&mut with_fds, fds.len());
+        let shift = with_fds.len();
+        with_fds.extend_from_slice(&frame);
+        frame = with_fds;
+        start += shift;
+        payload_at += shift;
+    }
     if let Err(err) = protocol::end_frame(&mut frame, start, spec.max_frame_len) {
         return Err((call, count, err));
     }

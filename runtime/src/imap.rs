@@ -48,9 +48,14 @@ pub struct IMap<T: Task, I> {
     submitted: usize,
     /// Outputs handed to the caller.
     yielded: usize,
-    /// Ordered mode: index of the next output to yield, and outputs that came early.
+    /// Outputs received from the pool (yielded or waiting here).
+    arrived: usize,
+    /// The batch being yielded.
+    current: std::vec::IntoIter<Result<T::Output, Error>>,
+    /// Ordered mode: index of the next output to yield, and batches that came early, by
+    /// their first index.
     next_index: usize,
-    early: BTreeMap<usize, Result<T::Output, Error>>,
+    early: BTreeMap<usize, Vec<Result<T::Output, Error>>>,
     /// Adaptive chunking: size of the last chunk, and when the stream started.
     last_chunk: usize,
     started: Instant,
@@ -77,6 +82,8 @@ where
             workers: pool.processes(),
             submitted: 0,
             yielded: 0,
+            arrived: 0,
+            current: Vec::new().into_iter(),
             next_index: 0,
             early: BTreeMap::new(),
             last_chunk: 0,
@@ -96,7 +103,7 @@ where
         match self.chunking {
             Chunking::Fixed(size) => size.max(1),
             Chunking::Auto => {
-                let done = self.yielded + self.early.len();
+                let done = self.arrived;
                 if done < self.workers * 2 {
                     return 1;
                 }
@@ -172,30 +179,37 @@ where
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if self.ordered
-                && let Some(output) = self.early.remove(&self.next_index)
-            {
-                self.next_index += 1;
+            if let Some(output) = self.current.next() {
                 self.yielded += 1;
+                self.next_index += 1;
                 return Some(output);
+            }
+            if self.ordered
+                && let Some(batch) = self.early.remove(&self.next_index)
+            {
+                self.current = batch.into_iter();
+                continue;
             }
             self.feed();
             let mut inbox = self
                 .state
                 .wait_until(None, |inbox| !inbox.ready.is_empty() || inbox.pending == 0);
-            if inbox.ready.is_empty() {
+            let Some(batch) = inbox.ready.pop_front() else {
                 drop(inbox);
                 if self.input.is_none() && self.early.is_empty() {
                     return None;
                 }
                 continue;
-            }
+            };
+            self.arrived += batch.outcomes.len();
             if self.ordered {
-                self.early.extend(inbox.ready.drain(..));
+                self.early.insert(batch.first, batch.outcomes);
+                for batch in inbox.ready.drain(..) {
+                    self.arrived += batch.outcomes.len();
+                    self.early.insert(batch.first, batch.outcomes);
+                }
             } else {
-                let (_, output) = inbox.ready.pop_front().expect("checked non-empty");
-                self.yielded += 1;
-                return Some(output);
+                self.current = batch.outcomes.into_iter();
             }
         }
     }

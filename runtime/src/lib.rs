@@ -7,6 +7,7 @@ mod codec;
 mod error;
 mod fdpass;
 mod imap;
+mod outcome;
 mod pool;
 mod protocol;
 mod registry;

@@ -714,32 +714,62 @@ impl Call<'_> {
         self,
         items: impl IntoIterator<Item = A>,
     ) -> AsyncResult<Vec<T::Output>> {
+        let items = items.into_iter();
+        match items.size_hint() {
+            (low, Some(high)) if low == high => self.submit_stream::<T, A>(items, low),
+            // Unknown length: the chunk size depends on it, so the input is collected first
+            // (as Python's `map` does). `imap` is the lazy alternative.
+            _ => {
+                let items: Vec<A> = items.collect();
+                let len = items.len();
+                self.submit_stream::<T, A>(items.into_iter(), len)
+            }
+        }
+    }
+
+    /// Encodes and queues the input chunk by chunk, so workers start on the first chunk while
+    /// the rest is being encoded. `len` sizes the chunks; the input is read to its end
+    /// whatever it is.
+    fn submit_stream<T: Task, A: Serialize>(
+        self,
+        mut items: impl Iterator<Item = A>,
+        len: usize,
+    ) -> AsyncResult<Vec<T::Output>> {
         let state = CallState::<T::Output>::new(T::NAME);
-        let items: Vec<A> = items.into_iter().collect();
-        let len = items.len();
         let result = AsyncResult::new(Arc::clone(&state), move |state| {
             collect_in_order(state, len)
         });
-        state.expect(len, true);
-        let sink: Arc<dyn CallSink> = state;
-        let task = match Self::registered::<T>() {
-            Ok(task) => task,
-            Err(err) => {
-                sink.fail(0, len as u32, &|index| clone_error(&err, T::NAME, index));
-                return result;
-            }
-        };
-        let spec = self.chunk_spec::<T>(task);
+        let task = Self::registered::<T>();
         let size = self.policy.chunking.for_len(len, self.pool.processes);
         let shared = self.pool.shared();
-        let mut chunks = Vec::with_capacity(len.div_ceil(size));
-        let mut items = items.into_iter();
         let mut first = 0;
-        while first < len {
-            let count = size.min(len - first);
-            let slice = items.by_ref().take(count).collect::<Vec<_>>();
-            match encode_chunk(shared, Arc::clone(&sink), spec, first, slice.into_iter()) {
-                Ok(chunk) => chunks.push(chunk),
+        let mut refused = false;
+        loop {
+            let chunk: Vec<A> = items.by_ref().take(size).collect();
+            let count = chunk.len();
+            if count == 0 {
+                break;
+            }
+            state.expect(count, false);
+            let sink: Arc<dyn CallSink> = state.clone();
+            let encoded = match &task {
+                Ok(task) => encode_chunk(
+                    shared,
+                    sink,
+                    self.chunk_spec::<T>(*task),
+                    first,
+                    chunk.into_iter(),
+                ),
+                Err(err) => Err((sink, count, clone_error(err, T::NAME, first))),
+            };
+            match encoded {
+                // Once refused (a closed pool), the rest fails without being offered.
+                Ok(chunk) if !refused => refused = shared.submit([chunk]).is_err(),
+                Ok(chunk) => chunk.fail_all(&|index| {
+                    Error::closed("the pool is closed")
+                        .with_task(T::NAME)
+                        .with_index(index)
+                }),
                 Err((sink, count, err)) => {
                     sink.fail(first, count as u32, &|index| {
                         clone_error(&err, T::NAME, index)
@@ -748,8 +778,7 @@ impl Call<'_> {
             }
             first += count;
         }
-        // A refused submission fails the chunks itself; the handle then resolves to it.
-        let _ = shared.submit(chunks);
+        state.expect(0, true);
         result
     }
 }

@@ -6,11 +6,10 @@
 //! work the pool can no longer finish is failed with [`ErrorKind::Closed`](crate::ErrorKind)
 //! by the pool as it stops: nothing waits forever.
 
-use crate::codec;
 use crate::error::Error;
+use crate::outcome::{self, Outcome};
 use crate::sched::CallSink;
 use crate::task::Payload;
-use crate::worker::Outcome;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -26,8 +25,8 @@ pub(crate) struct CallState<O> {
 }
 
 pub(crate) struct Inbox<O> {
-    /// Outcomes in arrival order, with their input index.
-    pub ready: VecDeque<(usize, Result<O, Error>)>,
+    /// Outcomes in arrival order, in batches of consecutive items.
+    pub ready: VecDeque<Batch<O>>,
     /// Items submitted whose outcome has not arrived.
     pub pending: usize,
     /// No more items will be submitted.
@@ -37,6 +36,13 @@ pub(crate) struct Inbox<O> {
     /// Nobody will read the outcomes any more.
     pub abandoned: bool,
     waker: Option<Waker>,
+}
+
+/// Outcomes of consecutive items `first..first + outcomes.len()`: one per delivery, so
+/// storing and assembling cost one operation per chunk, not per item.
+pub(crate) struct Batch<O> {
+    pub first: usize,
+    pub outcomes: Vec<Result<O, Error>>,
 }
 
 impl<O> Inbox<O> {
@@ -119,12 +125,12 @@ impl<O: Payload> CallState<O> {
         inbox.ready.clear();
     }
 
-    fn store(&self, outcomes: Vec<(usize, Result<O, Error>)>) {
+    fn store(&self, batch: Batch<O>) {
         let mut inbox = self.lock();
-        inbox.pending -= outcomes.len();
+        inbox.pending -= batch.outcomes.len();
         if !inbox.abandoned {
-            inbox.failed |= outcomes.iter().any(|(_, outcome)| outcome.is_err());
-            inbox.ready.extend(outcomes);
+            inbox.failed |= batch.outcomes.iter().any(Result::is_err);
+            inbox.ready.push_back(batch);
         }
         let waker = inbox.waker.take();
         drop(inbox);
@@ -160,30 +166,32 @@ impl<O: Payload> CallSink for CallState<O> {
         let mut decoded = Vec::with_capacity(count);
         let mut rest = outcomes;
         for index in first..first + count {
-            match codec::decode_front::<Outcome<O>>(rest) {
+            match outcome::decode::<O>(rest) {
                 Ok((outcome, tail)) => {
                     rest = tail;
-                    decoded.push((index, self.convert(index, outcome)));
+                    decoded.push(self.convert(index, outcome));
                 }
                 Err(err) => {
                     // The stream position is lost: this item and the rest of the frame fail.
                     for index in index..first + count {
                         let error = Error::codec("the result could not be decoded", err.clone());
-                        decoded.push((index, Err(error.with_task(self.task).with_index(index))));
+                        decoded.push(Err(error.with_task(self.task).with_index(index)));
                     }
                     break;
                 }
             }
         }
-        self.store(decoded);
+        self.store(Batch {
+            first,
+            outcomes: decoded,
+        });
     }
 
     fn fail(&self, first: usize, count: u32, error: &dyn Fn(usize) -> Error) {
-        self.store(
-            (first..first + count as usize)
-                .map(|index| (index, Err(error(index))))
-                .collect(),
-        );
+        let outcomes = (first..first + count as usize)
+            .map(|index| Err(error(index)))
+            .collect();
+        self.store(Batch { first, outcomes });
     }
 
     fn abandoned(&self) -> bool {
@@ -382,31 +390,20 @@ impl<T> std::fmt::Debug for AsyncResult<T> {
 }
 
 /// Assembles a complete call's outcomes in input order: the values, or the error of the
-/// lowest-indexed failing item.
+/// lowest-indexed failing item. `len` (the expected count) only sizes the result.
 pub(crate) fn collect_in_order<O: Payload>(
     state: &CallState<O>,
     len: usize,
 ) -> Result<Vec<O>, Error> {
-    let mut inbox = state.lock();
-    let mut slots: Vec<Option<O>> = Vec::with_capacity(len);
-    slots.resize_with(len, || None);
-    let mut first_error: Option<(usize, Error)> = None;
-    for (index, outcome) in inbox.ready.drain(..) {
-        match outcome {
-            Ok(value) => slots[index] = Some(value),
-            Err(err) => {
-                if first_error.as_ref().is_none_or(|(at, _)| index < *at) {
-                    first_error = Some((index, err));
-                }
-            }
+    let mut batches: Vec<Batch<O>> = state.lock().ready.drain(..).collect();
+    // Batches partition the input; chunks usually complete in order, so this sort is cheap.
+    batches.sort_unstable_by_key(|batch| batch.first);
+    let mut values = Vec::with_capacity(len);
+    for batch in batches {
+        debug_assert_eq!(batch.first, values.len(), "batches partition the input");
+        for outcome in batch.outcomes {
+            values.push(outcome?); // the lowest-indexed error, since batches are sorted
         }
     }
-    drop(inbox);
-    if let Some((_, err)) = first_error {
-        return Err(err);
-    }
-    Ok(slots
-        .into_iter()
-        .map(|value| value.expect("a complete call has an outcome for every item"))
-        .collect())
+    Ok(values)
 }

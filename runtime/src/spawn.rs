@@ -230,7 +230,7 @@ impl WorkerProcess {
         if !matches!(header, Header::Results { count: 1, .. }) {
             return Err(failed(format!("got an unexpected reply: {header:?}")));
         }
-        match crate::worker::outcome_failure(outcome) {
+        match crate::outcome::failure_of(outcome) {
             None => Ok(()),
             Some((message, location)) => {
                 let at = location.map(|at| format!(" at {at}")).unwrap_or_default();

@@ -8,11 +8,11 @@
 
 use crate::codec;
 use crate::error::{Error, ErrorKind};
+use crate::outcome;
 use crate::protocol::{self, FrameReader, Header};
 use crate::registry::{ItemHooks, Registry};
 use crate::status::StatusPage;
 use crate::task::Task;
-use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -220,10 +220,8 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
                         },
                     );
                     let message = err.to_string();
-                    let failure: OutcomeRef<'_, ()> = OutcomeRef::Failed { message: &message };
                     for _ in 0..count {
-                        codec::encode_into(&failure, &mut out)
-                            .map_err(|err| Error::codec("encoding a failure", err))?;
+                        outcome::encode_failed(&message, &mut out);
                     }
                     protocol::end_frame(&mut out, start, u32::MAX)?;
                 }
@@ -325,56 +323,6 @@ fn guard_against_orphaning(parent: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// One item's result as sent by the worker. Variant order is part of the protocol and must
-/// match [`Outcome`].
-#[derive(Serialize)]
-pub(crate) enum OutcomeRef<'a, T> {
-    Ok(&'a T),
-    Panicked {
-        message: &'a str,
-        location: Option<&'a str>,
-        backtrace: Option<&'a str>,
-    },
-    Failed {
-        message: &'a str,
-    },
-}
-
-/// One item's result as read by the parent.
-#[derive(Deserialize)]
-pub(crate) enum Outcome<T> {
-    Ok(T),
-    Panicked {
-        message: String,
-        location: Option<String>,
-        backtrace: Option<String>,
-    },
-    Failed {
-        message: String,
-    },
-}
-
-/// The message and location of a failed outcome, read without knowing the task's output
-/// type: `None` for a success. Relies on the variant order of [`Outcome`].
-pub(crate) fn outcome_failure(encoded: &[u8]) -> Option<(String, Option<String>)> {
-    match encoded.first() {
-        Some(0) => None,
-        Some(1) => Some(
-            codec::decode_front::<(String, Option<String>, Option<String>)>(&encoded[1..])
-                .map_or_else(
-                    |_| ("a panic (undecodable message)".to_owned(), None),
-                    |((message, location, _), _)| (message, location),
-                ),
-        ),
-        Some(2) => Some((
-            codec::decode_front::<String>(&encoded[1..])
-                .map_or_else(|_| "an undecodable failure".to_owned(), |(v, _)| v),
-            None,
-        )),
-        _ => Some(("an undecodable outcome".to_owned(), None)),
-    }
-}
-
 /// Runs a chunk of items of task `T`. Each item's panic is caught and reported as that item's
 /// outcome; the worker goes on with the next item.
 pub(crate) fn run_chunk<T: Task>(
@@ -386,7 +334,7 @@ pub(crate) fn run_chunk<T: Task>(
     let mut rest = input;
     for index in 0..count {
         (hooks.before_item)(index);
-        let args = match postcard::take_from_bytes::<T::Args>(rest) {
+        let args = match codec::decode_front::<T::Args>(rest) {
             Ok((args, tail)) => {
                 rest = tail;
                 args
@@ -394,7 +342,7 @@ pub(crate) fn run_chunk<T: Task>(
             Err(err) => {
                 let message = format!("could not decode the arguments: {err}");
                 for _ in index..count {
-                    push_failure::<T>(output, &message);
+                    outcome::encode_failed(&message, output);
                 }
                 return;
             }
@@ -402,26 +350,19 @@ pub(crate) fn run_chunk<T: Task>(
         match run_caught(|| T::call(args)) {
             Ok(value) => {
                 let mark = output.len();
-                if let Err(err) = codec::encode_into(&OutcomeRef::Ok(&value), output) {
+                if let Err(err) = outcome::encode_ok(&value, output) {
                     output.truncate(mark);
-                    push_failure::<T>(output, &format!("could not encode the result: {err}"));
+                    outcome::encode_failed(&format!("could not encode the result: {err}"), output);
                 }
             }
-            Err(panic) => {
-                let outcome: OutcomeRef<'_, T::Output> = OutcomeRef::Panicked {
-                    message: &panic.message,
-                    location: panic.location.as_deref(),
-                    backtrace: panic.backtrace.as_deref(),
-                };
-                codec::encode_into(&outcome, output).expect("strings always encode");
-            }
+            Err(panic) => outcome::encode_panicked(
+                &panic.message,
+                panic.location.as_deref(),
+                panic.backtrace.as_deref(),
+                output,
+            ),
         }
     }
-}
-
-fn push_failure<T: Task>(output: &mut Vec<u8>, message: &str) {
-    let failure: OutcomeRef<'_, T::Output> = OutcomeRef::Failed { message };
-    codec::encode_into(&failure, output).expect("strings always encode");
 }
 
 /// A caught panic: its message and where it happened.
