@@ -91,10 +91,10 @@ where
         }
     }
 
-    /// Items that may be outstanding: a few chunks per worker, so every worker has one
-    /// running and one queued while the caller consumes.
+    /// Items that may be outstanding: enough chunks per worker that each has one running and
+    /// several queued (short chunks are sent ahead in batches), while the caller consumes.
     fn window(&self, chunk: usize) -> usize {
-        chunk * self.workers * 4
+        chunk * self.workers * 10
     }
 
     // Float arithmetic on counts far below 2^52, and a positive, clamped result.

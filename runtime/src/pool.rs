@@ -91,7 +91,7 @@ impl Default for PoolBuilder {
             },
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             start_timeout: Duration::from_secs(30),
-            prefetch: 2,
+            prefetch: 8,
             max_tasks_per_child: None,
             max_memory_per_child: None,
             initializer: None,

@@ -22,10 +22,10 @@ use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
 use crate::sched::{Chunk, Next, Shared, terminated};
 use crate::spawn::{SpawnOptions, WorkerProcess, describe_status, status_parts};
-use crate::status::monotonic_ns;
+use crate::status::{Published, monotonic_ns};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, MsgFlags, send, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -60,8 +60,12 @@ struct InFlight {
 enum Lost {
     /// End of stream or a failed write: the process died (or closed its channel).
     Died,
-    /// Item `item` of the front chunk ran past its deadline; we killed the worker.
-    TimedOut { item: u32, after: Duration },
+    /// Item `item` of `inflight[chunk]` ran past its deadline; we killed the worker.
+    TimedOut {
+        chunk: usize,
+        item: u32,
+        after: Duration,
+    },
     /// It sent something that breaks the protocol; we kill it.
     Protocol(Error),
 }
@@ -280,21 +284,27 @@ impl Slot {
         self.shared.set_pid(self.index, None);
     }
 
-    /// The running item's deadline (monotonic ns) and its position in the front chunk.
-    fn deadline(&self) -> Option<(u64, u32, Duration)> {
-        let front = self.inflight.front()?;
-        let timeout = front.chunk.timeout?;
+    /// What the worker is running according to its status page: the position in `inflight`
+    /// of the chunk, and the item in it. `None` between chunks. (A worker sends the results
+    /// of short chunks in batches, so the running chunk need not be the front one.)
+    fn running(&self, page: Published) -> Option<(usize, u32)> {
+        let index = self.inflight.iter().position(|flight| {
+            flight.chunk.seq == page.seq && (flight.done..flight.chunk.count).contains(&page.item)
+        })?;
+        Some((index, page.item))
+    }
+
+    /// The running item's deadline (monotonic ns), its chunk's position and the item.
+    fn deadline(&self) -> Option<(u64, usize, u32, Duration)> {
         let page = self.worker.as_ref()?.status.read();
-        let running =
-            page.seq == front.chunk.seq && (front.done..front.chunk.count).contains(&page.item);
-        let (since, item) = if running {
-            (page.started_ns, page.item)
-        } else {
+        let (index, item, since) = match self.running(page) {
+            Some((index, item)) => (index, item, page.started_ns),
             // Not started yet as far as the page says: count from when it became the front.
-            (self.front_since, front.done)
+            None => (0, self.inflight.front()?.done, self.front_since),
         };
+        let timeout = self.inflight[index].chunk.timeout?;
         let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        Some((since.saturating_add(timeout_ns), item, timeout))
+        Some((since.saturating_add(timeout_ns), index, item, timeout))
     }
 
     fn pump(&mut self) -> Pumped {
@@ -308,10 +318,10 @@ impl Slot {
                 return Pumped::Lost(lost);
             }
             let mut wait = PollTimeout::NONE;
-            if let Some((deadline, item, after)) = self.deadline() {
+            if let Some((deadline, chunk, item, after)) = self.deadline() {
                 let now = monotonic_ns();
                 if now >= deadline {
-                    return Pumped::Lost(Lost::TimedOut { item, after });
+                    return Pumped::Lost(Lost::TimedOut { chunk, item, after });
                 }
                 // Round up so that we wake at or after the deadline, not just before it.
                 let ms = (deadline - now).div_ceil(1_000_000);
@@ -366,27 +376,45 @@ impl Slot {
         }
     }
 
-    /// Writes as much of the pending frames as the socket takes without blocking.
+    /// Writes as much of the pending frames as the socket takes without blocking: several
+    /// frames per system call when short chunks are queued.
     fn write_some(&mut self) -> Result<(), Lost> {
+        /// Frames gathered into one `sendmsg`.
+        const GATHER: usize = 32;
         let worker = self.worker.as_ref().expect("write_some runs with a worker");
+        let fd = worker.conn.as_raw_fd();
+        let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
         while let Some(flight) = self.inflight.get(self.sent_chunks) {
-            let frame = &flight.chunk.frame[self.sent_bytes..];
-            let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-            let fd = worker.conn.as_raw_fd();
+            let pending = &flight.chunk.frame[self.sent_bytes..];
             let written = if self.sent_bytes == 0 && !flight.chunk.fds.is_empty() {
                 // The descriptors ride on the first byte of the chunk's `Descriptors` frame.
                 let raw: Vec<RawFd> = flight.chunk.fds.iter().map(AsRawFd::as_raw_fd).collect();
                 let control = [ControlMessage::ScmRights(&raw)];
-                sendmsg::<()>(fd, &[IoSlice::new(frame)], &control, flags, None)
+                sendmsg::<()>(fd, &[IoSlice::new(pending)], &control, flags, None)
             } else {
-                send(fd, frame, flags)
+                let mut slices = vec![IoSlice::new(pending)];
+                slices.extend(
+                    self.inflight
+                        .range(self.sent_chunks + 1..)
+                        .take(GATHER - 1)
+                        .take_while(|next| next.chunk.fds.is_empty())
+                        .map(|next| IoSlice::new(&next.chunk.frame)),
+                );
+                sendmsg::<()>(fd, &slices, &[], flags, None)
             };
             match written {
-                Ok(n) => {
-                    self.sent_bytes += n;
-                    if self.sent_bytes == flight.chunk.frame.len() {
-                        self.sent_chunks += 1;
-                        self.sent_bytes = 0;
+                Ok(mut n) => {
+                    while n > 0 {
+                        let frame_len = self.inflight[self.sent_chunks].chunk.frame.len();
+                        let left = frame_len - self.sent_bytes;
+                        if n >= left {
+                            n -= left;
+                            self.sent_chunks += 1;
+                            self.sent_bytes = 0;
+                        } else {
+                            self.sent_bytes += n;
+                            n = 0;
+                        }
                     }
                 }
                 Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
@@ -431,10 +459,10 @@ impl Slot {
     }
 
     /// The worker is gone. The status page says what it was doing: the one item it was
-    /// running fails (or runs again, under `retries`); items of that chunk that never
-    /// started, and the chunks queued behind it, go back to the front of the queue; items of
-    /// that chunk that had finished but whose outcomes died with the worker (they are sent
-    /// per chunk) run again. The next loop starts a replacement.
+    /// running fails (or runs again, under `retries`); items that never started, in its chunk
+    /// and in the chunks queued behind it, go back to the front of the queue; items that had
+    /// finished but whose outcomes died with the worker (outcomes are sent per chunk, or per
+    /// batch of short chunks) run again. The next loop starts a replacement.
     fn on_worker_lost(&mut self, why: &Lost) {
         let Some(mut worker) = self.worker.take() else {
             return;
@@ -443,92 +471,82 @@ impl Slot {
         // Reaps a dead worker, or kills one that timed out or broke the protocol, with every
         // process it started.
         let status = worker.kill();
-        let published = worker.status.read();
+        let page = worker.status.read();
         let stderr_tail = worker.stderr.last_lines();
         drop(worker);
+        let culprit = match why {
+            Lost::TimedOut { chunk, item, .. } => Some((*chunk, *item)),
+            Lost::Died => self.running(page),
+            Lost::Protocol(_) => None,
+        };
         self.reset_channel_state();
-        let mut inflight = std::mem::take(&mut self.inflight);
         let mut again = Vec::new();
-        if let Some(front) = inflight.pop_front() {
-            let chunk = &front.chunk;
+        for (position, flight) in std::mem::take(&mut self.inflight).into_iter().enumerate() {
+            let chunk = &flight.chunk;
             let task = chunk.call.task_name();
-            let running = (published.seq == chunk.seq
-                && (front.done..chunk.count).contains(&published.item))
-            .then_some(published.item);
-            let culprit = match why {
-                Lost::TimedOut { item, .. } => Some(*item),
-                Lost::Died => running,
-                Lost::Protocol(_) => None,
-            };
             match (why, culprit) {
-                (Lost::Died | Lost::TimedOut { .. }, Some(culprit)) => {
+                (Lost::Died | Lost::TimedOut { .. }, Some((at, item))) if at == position => {
                     if chunk.attempt < chunk.retries {
-                        again.extend(chunk.sub(
-                            &self.shared,
-                            culprit,
-                            culprit + 1,
-                            chunk.attempt + 1,
-                        ));
+                        again.extend(chunk.sub(&self.shared, item, item + 1, chunk.attempt + 1));
                     } else {
-                        let (signal, code) = status_parts(status);
-                        let (kind, message, signal, code) = match why {
-                            Lost::TimedOut { after, .. } => (
-                                ErrorKind::Timeout,
-                                format!(
-                                    "ran past its deadline of {after:?}; worker process {pid} and \
-                                     every process it started were killed"
-                                ),
-                                None,
-                                None,
-                            ),
-                            _ => (
-                                ErrorKind::Crashed,
-                                format!("worker process {pid} died while running it"),
-                                signal,
-                                code,
-                            ),
-                        };
-                        let attempts = chunk.attempt + 1;
-                        let message = if attempts > 1 {
-                            format!("{message}, on each of {attempts} attempts")
-                        } else {
-                            message
-                        };
-                        chunk
-                            .call
-                            .fail(chunk.first + culprit as usize, 1, &|index| {
-                                Error::new(kind, message.clone())
-                                    .with_task(task)
-                                    .with_index(index)
-                                    .with_status(signal, code)
-                                    .with_stderr_tail(stderr_tail.clone())
-                            });
+                        let error = lost_error(why, pid, status, chunk.attempt + 1);
+                        chunk.call.fail(chunk.first + item as usize, 1, &|index| {
+                            Error::new(error.kind(), error.message().to_owned())
+                                .with_task(task)
+                                .with_index(index)
+                                .with_status(error.signal(), error.exit_code())
+                                .with_stderr_tail(stderr_tail.clone())
+                        });
                     }
-                    again.extend(chunk.sub(&self.shared, front.done, culprit, chunk.attempt));
-                    again.extend(chunk.sub(&self.shared, culprit + 1, chunk.count, chunk.attempt));
+                    again.extend(chunk.sub(&self.shared, flight.done, item, chunk.attempt));
+                    again.extend(chunk.sub(&self.shared, item + 1, chunk.count, chunk.attempt));
                 }
-                // It died before starting the chunk, or after finishing it: nothing to blame.
-                (Lost::Died | Lost::TimedOut { .. }, None) => {
-                    again.extend(chunk.sub(&self.shared, front.done, chunk.count, chunk.attempt));
-                }
-                // A malformed reply: its items fail rather than run again into the same fault.
-                (Lost::Protocol(err), _) => {
+                // A malformed reply: the items it concerned fail rather than run again into
+                // the same fault.
+                (Lost::Protocol(err), _) if position == 0 => {
                     let message = format!(
                         "worker process {pid} sent a malformed reply and was stopped ({}): {err}",
                         describe_status(status)
                     );
-                    let first = chunk.first + front.done as usize;
-                    chunk.call.fail(first, chunk.count - front.done, &|index| {
+                    let first = chunk.first + flight.done as usize;
+                    chunk.call.fail(first, chunk.count - flight.done, &|index| {
                         Error::new(ErrorKind::Codec, message.clone())
                             .with_task(task)
                             .with_index(index)
                     });
                 }
+                // Not started, or finished with its outcomes lost: run it (again), unblamed.
+                _ if flight.done == 0 => again.push(flight.chunk),
+                _ => again.extend(chunk.sub(&self.shared, flight.done, chunk.count, chunk.attempt)),
             }
         }
-        again.extend(inflight.into_iter().map(|flight| flight.chunk));
         self.shared.requeue_front(again);
     }
+}
+
+/// The error for the item a lost worker was running.
+fn lost_error(why: &Lost, pid: u32, status: std::process::ExitStatus, attempts: u32) -> Error {
+    let (kind, message, (signal, code)) = match why {
+        Lost::TimedOut { after, .. } => (
+            ErrorKind::Timeout,
+            format!(
+                "ran past its deadline of {after:?}; worker process {pid} and every process it \
+                 started were killed"
+            ),
+            (None, None),
+        ),
+        _ => (
+            ErrorKind::Crashed,
+            format!("worker process {pid} died while running it"),
+            status_parts(status),
+        ),
+    };
+    let message = if attempts > 1 {
+        format!("{message}, on each of {attempts} attempts")
+    } else {
+        message
+    };
+    Error::new(kind, message).with_status(signal, code)
 }
 
 fn protocol_error(message: String) -> Error {

@@ -160,83 +160,93 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     write_all(&mut conn, &protocol::control_frame(&ready))?;
 
     let mut reader = FrameReader::new(spec.max_frame_len);
-    let mut out = Vec::new();
     let mut received = VecDeque::new();
     let mut next_fds = Vec::new();
+    // Results not yet sent. Every chunk already buffered runs before they go out in one
+    // write: under a stream of short chunks that is one system call per batch, not per
+    // chunk; a chunk that arrives alone (or a timed one) is answered at once.
+    let mut out = Vec::new();
     loop {
+        while let Some(range) = reader.next_frame()? {
+            let (header, payload) = protocol::parse_body(reader.body(range))?;
+            match header {
+                Header::Descriptors { count } => {
+                    let count = count as usize;
+                    if received.len() < count {
+                        return Err(Error::new(
+                            ErrorKind::Codec,
+                            format!("{count} descriptors announced, {} received", received.len()),
+                        ));
+                    }
+                    next_fds = received.drain(..count).collect();
+                }
+                Header::Run {
+                    seq,
+                    task,
+                    count,
+                    timed,
+                } => {
+                    let entry = registry.entry(task).ok_or_else(|| {
+                        Error::new(ErrorKind::Codec, format!("unknown task id {task}"))
+                    })?;
+                    let publish = |item| status.publish(seq, item, timed);
+                    let hooks = ItemHooks {
+                        before_item: &publish,
+                    };
+                    let results = Header::Results {
+                        seq,
+                        first: 0,
+                        count,
+                    };
+                    let start = protocol::begin_frame(&mut out, &results);
+                    let fds = std::mem::take(&mut next_fds);
+                    crate::fdpass::supply(fds, || (entry.run())(payload, count, &mut out, &hooks));
+                    status.publish(seq, count, false);
+                    if let Err(err) = protocol::end_frame(&mut out, start, spec.max_frame_len) {
+                        // Too large to send: report that for every item instead.
+                        out.truncate(start);
+                        let start = protocol::begin_frame(&mut out, &results);
+                        let message = err.to_string();
+                        for _ in 0..count {
+                            outcome::encode_failed(&message, &mut out);
+                        }
+                        protocol::end_frame(&mut out, start, u32::MAX)?;
+                    }
+                    if timed {
+                        // Deadlines are tracked chunk by chunk: answer at once.
+                        flush(&mut conn, &mut out)?;
+                    }
+                }
+                Header::Shutdown => return flush(&mut conn, &mut out),
+                other => {
+                    return Err(Error::new(
+                        ErrorKind::Codec,
+                        format!("unexpected frame from the parent: {other:?}"),
+                    ));
+                }
+            }
+        }
+        flush(&mut conn, &mut out)?;
         let mut source = FdStream {
             conn: &conn,
             received: &mut received,
         };
-        let Some(range) = reader.read_frame(&mut source)? else {
-            break;
-        };
-        let (header, payload) = protocol::parse_body(reader.body(range))?;
-        match header {
-            Header::Descriptors { count } => {
-                let count = count as usize;
-                if received.len() < count {
-                    return Err(Error::new(
-                        ErrorKind::Codec,
-                        format!("{count} descriptors announced, {} received", received.len()),
-                    ));
-                }
-                next_fds = received.drain(..count).collect();
-            }
-            Header::Run {
-                seq,
-                task,
-                count,
-                timed,
-            } => {
-                let publish = |item| status.publish(seq, item, timed);
-                let hooks = ItemHooks {
-                    before_item: &publish,
-                };
-                let entry = registry.entry(task).ok_or_else(|| {
-                    Error::new(ErrorKind::Codec, format!("unknown task id {task}"))
-                })?;
-                out.clear();
-                let start = protocol::begin_frame(
-                    &mut out,
-                    &Header::Results {
-                        seq,
-                        first: 0,
-                        count,
-                    },
-                );
-                let fds = std::mem::take(&mut next_fds);
-                crate::fdpass::supply(fds, || (entry.run())(payload, count, &mut out, &hooks));
-                status.publish(seq, count, false);
-                if let Err(err) = protocol::end_frame(&mut out, start, spec.max_frame_len) {
-                    // The results are too large to send: report that for every item instead.
-                    out.clear();
-                    let start = protocol::begin_frame(
-                        &mut out,
-                        &Header::Results {
-                            seq,
-                            first: 0,
-                            count,
-                        },
-                    );
-                    let message = err.to_string();
-                    for _ in 0..count {
-                        outcome::encode_failed(&message, &mut out);
-                    }
-                    protocol::end_frame(&mut out, start, u32::MAX)?;
-                }
-                write_all(&mut conn, &out)?;
-            }
-            Header::Shutdown => return Ok(()),
-            other => {
-                return Err(Error::new(
-                    ErrorKind::Codec,
-                    format!("unexpected frame from the parent: {other:?}"),
-                ));
-            }
+        match reader.read_from(&mut source) {
+            // End of stream: the parent is gone or closed the channel.
+            Ok(0) if reader.buffered() == 0 => return Ok(()),
+            Ok(0) => return Err(protocol::truncated(reader.buffered())),
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(Error::io("reading from the parent failed", err)),
         }
     }
-    // End of stream: the parent is gone or closed the channel.
+}
+
+fn flush(conn: &mut UnixStream, out: &mut Vec<u8>) -> Result<(), Error> {
+    if !out.is_empty() {
+        write_all(conn, out)?;
+        out.clear();
+    }
     Ok(())
 }
 
