@@ -60,7 +60,10 @@ impl MainArgs {
 fn parse_name(meta: &ParseNestedMeta) -> syn::Result<LitStr> {
     let expr: syn::Expr = meta.value()?.parse()?;
     match expr {
-        syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(lit), .. }) => {
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(lit),
+            ..
+        }) => {
             if lit.value().is_empty() {
                 Err(syn::Error::new(lit.span(), "a task name cannot be empty"))
             } else {
@@ -91,7 +94,12 @@ fn parse_crate(meta: &ParseNestedMeta) -> syn::Result<Path> {
     })
 }
 
-fn set_once<T>(meta: &ParseNestedMeta, slot: &mut Option<T>, value: T, key: &str) -> syn::Result<()> {
+fn set_once<T>(
+    meta: &ParseNestedMeta,
+    slot: &mut Option<T>,
+    value: T,
+    key: &str,
+) -> syn::Result<()> {
     if slot.is_some() {
         return Err(meta.error(format!("duplicate `{key}` option: give it once")));
     }
@@ -104,10 +112,12 @@ fn unknown_key(meta: &ParseNestedMeta, valid: &str) -> syn::Error {
         || quote::ToTokens::to_token_stream(&meta.path).to_string(),
         ToString::to_string,
     );
-    meta.error(format!("unknown option `{key}`: the valid options are {valid}"))
+    meta.error(format!(
+        "unknown option `{key}`: the valid options are {valid}"
+    ))
 }
 
-/// Every problem found in one expansion, reported together (serde_derive's `Ctxt`).
+/// Every problem found in one expansion, reported together (`serde_derive`'s `Ctxt`).
 #[derive(Default)]
 pub struct Errors(Option<syn::Error>);
 
@@ -121,6 +131,18 @@ impl Errors {
 
     pub fn error(&mut self, span: Span, message: impl std::fmt::Display) {
         self.push(syn::Error::new(span, message));
+    }
+
+    /// An error underlining all of `tokens`, not only their first token.
+    pub fn error_spanned(&mut self, tokens: impl quote::ToTokens, message: impl std::fmt::Display) {
+        self.push(syn::Error::new_spanned(tokens, message));
+    }
+
+    /// Appends every error of `other`, after those already here.
+    pub fn append(&mut self, other: Errors) {
+        if let Some(err) = other.0 {
+            self.push(err);
+        }
     }
 
     pub fn into_compile_errors(self) -> Option<TokenStream> {
