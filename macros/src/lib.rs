@@ -5,6 +5,7 @@
 mod args;
 mod ast;
 mod expand;
+mod spans;
 
 use proc_macro::TokenStream;
 
