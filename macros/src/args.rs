@@ -29,7 +29,10 @@ impl TaskArgs {
                 let path = parse_crate(&meta)?;
                 set_once(&meta, &mut args.krate, path, "crate")
             } else {
-                Err(unknown_key(&meta, "`name = \"...\"` and `crate = path`"))
+                Err(unknown_key(
+                    &meta,
+                    "the valid options are `name = \"...\"` and `crate = path`",
+                ))
             }
         });
         if let Err(err) = parser.parse2(tokens) {
@@ -47,7 +50,7 @@ impl MainArgs {
                 let path = parse_crate(&meta)?;
                 set_once(&meta, &mut args.krate, path, "crate")
             } else {
-                Err(unknown_key(&meta, "`crate = path`"))
+                Err(unknown_key(&meta, "the only option is `crate = path`"))
             }
         });
         if let Err(err) = parser.parse2(tokens) {
@@ -107,14 +110,13 @@ fn set_once<T>(
     Ok(())
 }
 
+/// `valid` ends the message: the options that are accepted, as a sentence.
 fn unknown_key(meta: &ParseNestedMeta, valid: &str) -> syn::Error {
     let key = meta.path.get_ident().map_or_else(
         || quote::ToTokens::to_token_stream(&meta.path).to_string(),
         ToString::to_string,
     );
-    meta.error(format!(
-        "unknown option `{key}`: the valid options are {valid}"
-    ))
+    meta.error(format!("unknown option `{key}`: {valid}"))
 }
 
 /// Every problem found in one expansion, reported together (`serde_derive`'s `Ctxt`).
