@@ -29,7 +29,10 @@ impl TaskArgs {
                 let path = parse_crate(&meta)?;
                 set_once(&meta, &mut args.krate, path, "crate")
             } else {
-                Err(unknown_key(&meta, "`name = \"...\"` and `crate = path`"))
+                Err(unknown_key(
+                    &meta,
+                    "the valid options are `name = \"...\"` and `crate = path`",
+                ))
             }
         });
         if let Err(err) = parser.parse2(tokens) {
@@ -47,7 +50,7 @@ impl MainArgs {
                 let path = parse_crate(&meta)?;
                 set_once(&meta, &mut args.krate, path, "crate")
             } else {
-                Err(unknown_key(&meta, "`crate = path`"))
+                Err(unknown_key(&meta, "the only option is `crate = path`"))
             }
         });
         if let Err(err) = parser.parse2(tokens) {
@@ -107,17 +110,16 @@ fn set_once<T>(
     Ok(())
 }
 
+/// `valid` ends the message: the options that are accepted, as a sentence.
 fn unknown_key(meta: &ParseNestedMeta, valid: &str) -> syn::Error {
     let key = meta.path.get_ident().map_or_else(
         || quote::ToTokens::to_token_stream(&meta.path).to_string(),
         ToString::to_string,
     );
-    meta.error(format!(
-        "unknown option `{key}`: the valid options are {valid}"
-    ))
+    meta.error(format!("unknown option `{key}`: {valid}"))
 }
 
-/// Every problem found in one expansion, reported together (like `Ctxt` in `serde_derive`).
+/// Every problem found in one expansion, reported together (`serde_derive`'s `Ctxt`).
 #[derive(Default)]
 pub struct Errors(Option<syn::Error>);
 
@@ -131,6 +133,18 @@ impl Errors {
 
     pub fn error(&mut self, span: Span, message: impl std::fmt::Display) {
         self.push(syn::Error::new(span, message));
+    }
+
+    /// An error underlining all of `tokens`, not only their first token.
+    pub fn error_spanned(&mut self, tokens: impl quote::ToTokens, message: impl std::fmt::Display) {
+        self.push(syn::Error::new_spanned(tokens, message));
+    }
+
+    /// Appends every error of `other`, after those already here.
+    pub fn append(&mut self, other: Errors) {
+        if let Some(err) = other.0 {
+            self.push(err);
+        }
     }
 
     pub fn into_compile_errors(self) -> Option<TokenStream> {

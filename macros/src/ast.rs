@@ -5,6 +5,7 @@
 
 use crate::args::Errors;
 use proc_macro2::{Span, TokenStream};
+use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::visit::Visit;
 use syn::{FnArg, Item, ItemFn, ReturnType, Type};
@@ -38,22 +39,35 @@ pub fn parse_task(input: TokenStream, errors: &mut Errors) -> Result<TaskFn, Tok
         }
     };
     check_signature(&item, errors);
+    // Argument errors are collected apart so that they follow the generic parameters' errors,
+    // in source order, while the parameters' check can see which lifetimes the types use.
+    let mut type_errors = Errors::default();
+    let mut borrowed = Vec::new();
     let mut arg_types = Vec::new();
     for arg in &item.sig.inputs {
         match arg {
-            FnArg::Receiver(receiver) => errors.error(
-                receiver.span(),
+            FnArg::Receiver(receiver) => type_errors.error_spanned(
+                receiver,
                 "a task cannot take `self`: tasks are free functions run by name in another \
                  process; move it out of the `impl` block and pass the value as an argument",
             ),
             FnArg::Typed(pat_type) => {
-                check_owned(&pat_type.ty, "argument", errors);
+                check_owned(&pat_type.ty, "argument", &mut borrowed, &mut type_errors);
                 arg_types.push((*pat_type.ty).clone());
             }
         }
     }
     if let ReturnType::Type(_, ty) = &item.sig.output {
-        check_owned(ty, "return type", errors);
+        check_owned(ty, "return type", &mut borrowed, &mut type_errors);
+    }
+    check_generic_params(&item.sig.generics, &borrowed, errors);
+    errors.append(type_errors);
+    if let Some(clause) = &item.sig.generics.where_clause {
+        errors.error_spanned(
+            clause,
+            "a task cannot have a `where` clause: its argument and return types must be \
+             concrete; remove the clause",
+        );
     }
     Ok(TaskFn { item, arg_types })
 }
@@ -70,8 +84,12 @@ fn check_signature(item: &ItemFn, errors: &mut Errors) {
     if let Some(token) = &sig.constness {
         errors.error(
             token.span(),
-            "a task cannot be `const fn`: remove `const`, or keep the `const fn` and call it from \
-             a separate #[task] function",
+            format!(
+                "a task cannot be `const fn`: #[multiproc::task] makes `{}` a value that calls \
+                 the function, and const contexts cannot call through it; remove `const`, or \
+                 keep the `const fn` and call it from a separate #[task] function",
+                sig.ident.unraw()
+            ),
         );
     }
     if let Some(token) = &sig.unsafety {
@@ -91,34 +109,52 @@ fn check_signature(item: &ItemFn, errors: &mut Errors) {
     if let Some(variadic) = &sig.variadic {
         errors.error(variadic.span(), "a task cannot be variadic");
     }
-    if !sig.generics.params.is_empty() {
-        errors.error(
-            sig.generics.params.span(),
+}
+
+/// Type and const parameters are reported where they are declared. A lifetime parameter is
+/// reported only if no argument or return type uses it: where one does, the error on that argument (borrowed,
+/// has a lifetime) already says what to change, and a second one on `<'a>` would be noise.
+fn check_generic_params(generics: &syn::Generics, borrowed: &[syn::Lifetime], errors: &mut Errors) {
+    let not_lifetimes: Vec<_> = generics
+        .params
+        .iter()
+        .filter(|param| !matches!(param, syn::GenericParam::Lifetime(_)))
+        .collect();
+    if !not_lifetimes.is_empty() {
+        errors.error_spanned(
+            quote::quote!(#(#not_lifetimes)*),
             "a task cannot be generic: a worker finds it by name and needs one concrete \
              signature; write a #[task] for each concrete type (they can share a generic helper)",
         );
     }
-    if let Some(clause) = &sig.generics.where_clause {
-        errors.error(
-            clause.where_token.span(),
-            "a task cannot have a `where` clause: its argument and return types must be \
-             concrete; remove the clause",
-        );
+    for param in generics.lifetimes() {
+        if !borrowed.contains(&param.lifetime) {
+            errors.error_spanned(
+                param,
+                "a task cannot have lifetime parameters: its arguments are sent to another \
+                 process and must be owned; remove the parameter",
+            );
+        }
     }
 }
 
-/// Rejects types that cannot cross a process boundary by value: references, lifetimes, and
-/// `impl Trait`. Serialize/Deserialize are checked by the compiler at each type's span.
-fn check_owned(ty: &Type, role: &str, errors: &mut Errors) {
+/// Rejects types that cannot cross a process boundary by value: references, lifetimes other
+/// than `'static`, `impl Trait`, `dyn Trait`, function pointers and `_`; each lifetime found is
+/// pushed to `borrowed`. Serialize/Deserialize are left to the compiler (see `expand`).
+fn check_owned(ty: &Type, role: &str, borrowed: &mut Vec<syn::Lifetime>, errors: &mut Errors) {
     struct Finder<'a> {
         role: &'a str,
+        borrowed: &'a mut Vec<syn::Lifetime>,
         errors: &'a mut Errors,
     }
+    // Each visit that reports does not descend: one error per offending type, not one per
+    // token inside it.
     impl<'ast> Visit<'ast> for Finder<'_> {
         fn visit_type_reference(&mut self, node: &'ast syn::TypeReference) {
+            self.borrowed.extend(node.lifetime.clone());
             let suggestion = owned_suggestion(&node.elem);
-            self.errors.error(
-                node.span(),
+            self.errors.error_spanned(
+                node,
                 format!(
                     "task {} is borrowed: values are sent to another process and must be owned; \
                      use {suggestion}",
@@ -127,28 +163,33 @@ fn check_owned(ty: &Type, role: &str, errors: &mut Errors) {
             );
         }
         fn visit_lifetime(&mut self, node: &'ast syn::Lifetime) {
-            self.errors.error(
-                node.span(),
+            if node.ident == "static" {
+                return;
+            }
+            self.borrowed.push(node.clone());
+            self.errors.error_spanned(
+                node,
                 format!(
-                    "task {} has a lifetime: values are sent to another process and must be \
-                     owned (`'static` data such as `String`, `Vec<T>`)",
+                    "task {} holds a borrow (`{node}`): values are sent to another process and \
+                     must be owned; use an owned type such as `String` or `Vec<T>`, or `'static`",
                     self.role
                 ),
             );
         }
         fn visit_type_impl_trait(&mut self, node: &'ast syn::TypeImplTrait) {
-            self.errors.error(
-                node.span(),
+            self.errors.error_spanned(
+                node,
                 format!(
                     "task {} cannot be `impl Trait`: a worker needs one concrete type to \
-                     deserialize; name the type",
+                     deserialize; name the type (`Vec<u64>` rather than \
+                     `impl IntoIterator<Item = u64>`)",
                     self.role
                 ),
             );
         }
         fn visit_type_bare_fn(&mut self, node: &'ast syn::TypeBareFn) {
-            self.errors.error(
-                node.span(),
+            self.errors.error_spanned(
+                node,
                 format!(
                     "task {} cannot be a function pointer: addresses do not carry over to \
                      another process; pass data, or another #[task] by name",
@@ -157,8 +198,8 @@ fn check_owned(ty: &Type, role: &str, errors: &mut Errors) {
             );
         }
         fn visit_type_trait_object(&mut self, node: &'ast syn::TypeTraitObject) {
-            self.errors.error(
-                node.span(),
+            self.errors.error_spanned(
+                node,
                 format!(
                     "task {} cannot be a trait object: a worker needs one concrete type to \
                      deserialize; use an enum or a concrete type",
@@ -166,8 +207,22 @@ fn check_owned(ty: &Type, role: &str, errors: &mut Errors) {
                 ),
             );
         }
+        fn visit_type_infer(&mut self, node: &'ast syn::TypeInfer) {
+            self.errors.error_spanned(
+                node,
+                format!(
+                    "task {} must be written out: `_` is not allowed here",
+                    self.role
+                ),
+            );
+        }
     }
-    Finder { role, errors }.visit_type(ty);
+    Finder {
+        role,
+        borrowed,
+        errors,
+    }
+    .visit_type(ty);
 }
 
 fn owned_suggestion(elem: &Type) -> String {
@@ -219,9 +274,10 @@ pub fn parse_main(input: TokenStream, errors: &mut Errors) -> Result<ItemFn, Tok
     if let Some(token) = &sig.asyncness {
         errors.error(
             token.span(),
-            "#[multiproc::main] needs a synchronous `fn main`: place it below your runtime's \
-             attribute (`#[tokio::main] #[multiproc::main] async fn main`), which hands it the \
-             synchronous `main` it generates, or build the runtime inside a plain `fn main`",
+            "#[multiproc::main] needs a synchronous `fn main`: put it below your async \
+             runtime's attribute, as in `#[tokio::main] #[multiproc::main] async fn main()` (the \
+             runtime's attribute expands first and hands it a synchronous `main`), or start the \
+             runtime yourself inside a plain `fn main`",
         );
     }
     if !sig.inputs.is_empty() {
@@ -237,7 +293,7 @@ fn describe(item: &Item) -> &'static str {
     match item {
         Item::Struct(_) => "a struct",
         Item::Enum(_) => "an enum",
-        Item::Impl(_) => "an `impl` block (tasks cannot take `self`)",
+        Item::Impl(_) => "an `impl` block",
         Item::Trait(_) => "a trait",
         Item::Mod(_) => "a module",
         Item::Const(_) => "a const",

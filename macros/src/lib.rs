@@ -5,6 +5,9 @@
 mod args;
 mod ast;
 mod expand;
+#[cfg(test)]
+mod fuzz;
+mod spans;
 
 use proc_macro::TokenStream;
 

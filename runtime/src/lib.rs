@@ -32,7 +32,7 @@ pub use task::{Payload, Task, UnaryTask};
 #[doc(hidden)]
 pub mod __private {
     pub use crate::registry::TaskEntry;
-    pub use crate::task::{Task, UnaryTask, assert_payload};
+    pub use crate::task::{Task, UnaryTask};
     pub use crate::worker::worker_main;
     pub use inventory;
     pub use serde;

@@ -26,6 +26,9 @@ use serde::de::DeserializeOwned;
 )]
 pub trait Payload: Serialize + DeserializeOwned + Send + 'static {}
 
+// `do_not_recommend`: a missing `Serialize` or `Deserialize` is then reported once, as "`T`
+// cannot be sent between processes" (the message above), rather than once per serde trait.
+#[diagnostic::do_not_recommend]
 impl<T: Serialize + DeserializeOwned + Send + 'static> Payload for T {}
 
 /// A function registered with `#[multiproc::task]`: a name a worker process can look up, the
@@ -48,7 +51,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Payload for T {}
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a multiproc task",
     label = "expected a function marked `#[multiproc::task]`",
-    note = "add `#[multiproc::task]` to the function so worker processes can find it by name; closures cannot be sent to another process"
+    note = "mark a named `fn` with `#[multiproc::task]` so that worker processes can find it by name; closures cannot be sent to another process"
 )]
 pub trait Task: Copy + Send + Sync + 'static {
     /// The arguments, as a tuple: `(u64, u32)` for `fn pow(x: u64, y: u32)`, `()` for none.
@@ -74,15 +77,12 @@ pub trait Task: Copy + Send + Sync + 'static {
 /// takes_unary(square);
 /// ```
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` is not a task of exactly one argument",
-    label = "`map` and `imap` pass each item as the task's only argument",
-    note = "for a task of several arguments, use `starmap` (or `imap` over tuples with `starmap`-style tasks) and give one tuple per call; for a plain function, add `#[multiproc::task]`"
+    message = "`{Self}` is not a `#[multiproc::task]` of one argument",
+    label = "`map` and `imap` call the task with each item as its only argument",
+    note = "for a task of several arguments, call `starmap` with one tuple of arguments per call",
+    note = "for a plain function or a closure, mark a named `fn` with `#[multiproc::task]`; closures cannot be sent to another process"
 )]
 pub trait UnaryTask: Task {
     /// The single argument's type.
     type Arg: Payload;
 }
-
-/// Compile-time check emitted by `#[task]` at each argument and return type's span.
-#[doc(hidden)]
-pub const fn assert_payload<T: Payload>() {}

@@ -1,0 +1,6 @@
+#[multiproc::main]
+struct App;
+
+fn main() {
+    let _ = App;
+}

@@ -1,0 +1,2 @@
+#[multiproc::main(name = "app")]
+fn main() {}

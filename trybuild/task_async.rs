@@ -1,0 +1,6 @@
+#[multiproc::task]
+async fn fetch(url: String) -> usize {
+    url.len()
+}
+
+fn main() {}
