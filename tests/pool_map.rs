@@ -213,6 +213,11 @@ fn killed_idle_worker_is_replaced() -> TestResult {
         nix::unistd::Pid::from_raw(victim.cast_signed()),
         nix::sys::signal::Signal::SIGKILL,
     )?;
+    // Dead before the next call: its slot finds out only when it sends the next chunk.
+    ensure(
+        support::wait_gone(victim, std::time::Duration::from_secs(10)),
+        "the kill took",
+    )?;
     // The next calls succeed: the dead worker's slot starts a replacement.
     for _ in 0..3 {
         assert_eq!(

@@ -147,15 +147,11 @@ impl Slot {
                     self.recycle_worker();
                     continue;
                 }
+                // A worker killed while idle is found out when this chunk meets the end of
+                // its stream; the status page then shows the chunk never started, and it goes
+                // back to the queue unblamed.
                 match self.shared.wait_next() {
-                    Next::Run(chunk) => {
-                        if self.worker_died_while_idle() {
-                            self.shared.requeue_front(vec![chunk]);
-                            self.discard_worker();
-                            continue;
-                        }
-                        self.push(chunk);
-                    }
+                    Next::Run(chunk) => self.push(chunk),
                     Next::Exit => return,
                 }
             }
@@ -257,24 +253,6 @@ impl Slot {
             self.front_since = monotonic_ns();
         }
         self.inflight.push_back(InFlight { chunk, done: 0 });
-    }
-
-    /// An idle worker has nothing to say: readable means end of stream (it was killed while
-    /// idle). Its replacement then takes the chunk, which never started.
-    fn worker_died_while_idle(&mut self) -> bool {
-        let Some(worker) = &mut self.worker else {
-            return true;
-        };
-        worker.stderr.pump();
-        let mut fds = [PollFd::new(worker.conn.as_fd(), PollFlags::POLLIN)];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-    }
-
-    fn discard_worker(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.kill();
-        }
-        self.reset_channel_state();
     }
 
     fn reset_channel_state(&mut self) {
