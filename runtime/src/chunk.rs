@@ -14,7 +14,7 @@ use std::time::Duration;
 /// # Examples
 ///
 /// ```
-/// use multiproc_runtime::Chunking;
+/// use multiproc::Chunking;
 ///
 /// assert_eq!(Chunking::default(), Chunking::Auto);
 /// let fixed = Chunking::Fixed(64);

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// # Examples
 ///
 /// ```
-/// use multiproc_runtime::ErrorKind;
+/// use multiproc::ErrorKind;
 ///
 /// fn retryable(kind: ErrorKind) -> bool {
 ///     matches!(kind, ErrorKind::Crashed | ErrorKind::Timeout)
@@ -70,11 +70,11 @@ impl fmt::Display for ErrorKind {
 /// # Examples
 ///
 /// ```
-/// use multiproc_runtime::{Error, ErrorKind};
+/// use multiproc::{Error, ErrorKind};
 ///
 /// fn report(err: &Error) -> String {
 ///     match err.kind() {
-///         ErrorKind::Panicked => format!("bug in {}: {}", err.task().unwrap_or("?"), err),
+///         ErrorKind::Panicked => format!("bug in {}: {}", err.task().unwrap_or("?"), err.message()),
 ///         ErrorKind::Crashed => format!("worker died (signal {:?})", err.signal()),
 ///         _ => err.to_string(),
 ///     }
@@ -178,7 +178,7 @@ impl Error {
     /// The category of this error.
     ///
     /// ```
-    /// # use multiproc_runtime::{Error, ErrorKind};
+    /// # use multiproc::{Error, ErrorKind};
     /// # fn check(err: Error) {
     /// if err.kind() == ErrorKind::Timeout { /* retry later */ }
     /// # }
@@ -190,7 +190,7 @@ impl Error {
     /// The registered name of the task this error concerns, if any.
     ///
     /// ```
-    /// # fn check(err: multiproc_runtime::Error) {
+    /// # fn check(err: multiproc::Error) {
     /// println!("failing task: {}", err.task().unwrap_or("<none>"));
     /// # }
     /// ```
@@ -201,7 +201,7 @@ impl Error {
     /// The position of the failing item in the input of `map`, `starmap` or `imap`.
     ///
     /// ```
-    /// # fn check(err: multiproc_runtime::Error) {
+    /// # fn check(err: multiproc::Error) {
     /// if let Some(i) = err.index() { println!("item {i} failed"); }
     /// # }
     /// ```
@@ -213,7 +213,7 @@ impl Error {
     /// the panic's own message.
     ///
     /// ```
-    /// # fn check(err: multiproc_runtime::Error) {
+    /// # fn check(err: multiproc::Error) {
     /// eprintln!("{}", err.message());
     /// # }
     /// ```
@@ -224,7 +224,7 @@ impl Error {
     /// Where a task panicked, as `file:line:column`.
     ///
     /// ```
-    /// # fn check(err: multiproc_runtime::Error) {
+    /// # fn check(err: multiproc::Error) {
     /// if let Some(at) = err.location() { println!("panicked at {at}"); }
     /// # }
     /// ```
@@ -235,7 +235,7 @@ impl Error {
     /// The signal that killed the worker, for [`ErrorKind::Crashed`] and killed timeouts.
     ///
     /// ```
-    /// # fn check(err: multiproc_runtime::Error) {
+    /// # fn check(err: multiproc::Error) {
     /// if err.signal() == Some(11) { println!("segmentation fault"); }
     /// # }
     /// ```
@@ -246,7 +246,7 @@ impl Error {
     /// The worker's exit code, when it exited by itself in the middle of a task.
     ///
     /// ```
-    /// # fn check(err: multiproc_runtime::Error) {
+    /// # fn check(err: multiproc::Error) {
     /// if let Some(code) = err.exit_code() { println!("worker exited with {code}"); }
     /// # }
     /// ```
@@ -258,7 +258,7 @@ impl Error {
     /// `RUST_LIB_BACKTRACE`) enables it there. Not part of `Display`.
     ///
     /// ```
-    /// # fn check(err: multiproc_runtime::Error) {
+    /// # fn check(err: multiproc::Error) {
     /// if let Some(trace) = err.backtrace() { eprintln!("{trace}"); }
     /// # }
     /// ```
@@ -269,7 +269,7 @@ impl Error {
     /// The last lines the worker wrote to its stderr before it died, when they were captured.
     ///
     /// ```
-    /// # fn check(err: multiproc_runtime::Error) {
+    /// # fn check(err: multiproc::Error) {
     /// if let Some(tail) = err.stderr_tail() { eprintln!("worker said:\n{tail}"); }
     /// # }
     /// ```

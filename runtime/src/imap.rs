@@ -27,13 +27,20 @@ const MAX_AUTO_CHUNK: usize = 1 << 14;
 /// It pulls its input lazily, keeps a bounded number of items in flight, and does not borrow
 /// the pool: it may outlive it, in which case the items the pool could not finish come out
 /// as errors of kind [`ErrorKind::Closed`](crate::ErrorKind::Closed). Dropping it stops
-/// feeding and discards outstanding outputs without waiting for them.
+/// feeding and discards outstanding outputs without waiting for them. An item's error is
+/// one of those listed for [`Pool::map`], and names the task and the item's input position.
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```no_run
+/// # use multiproc::{Pool, task};
+/// # #[task] fn square(x: u64) -> u64 { x * x }
+/// # fn main() -> Result<(), multiproc::Error> {
+/// # let pool = Pool::new(2)?;
 /// let first: Vec<u64> = pool.imap(square, 0..).take(3).collect::<Result<_, _>>()?;
 /// assert_eq!(first, vec![0, 1, 4]);
+/// # Ok(())
+/// # }
 /// ```
 #[must_use = "an IMap does nothing unless iterated"]
 pub struct IMap<T: Task, I> {

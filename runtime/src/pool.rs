@@ -30,7 +30,7 @@ use std::time::Duration;
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```rust,standalone_crate
 /// use multiproc::{task, Pool};
 ///
 /// #[task]
@@ -63,8 +63,11 @@ struct Policy {
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```no_run
+/// # fn main() -> Result<(), multiproc::Error> {
 /// let pool = multiproc::Pool::builder().processes(2).build()?;
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Clone, Debug)]
 #[must_use = "a builder does nothing until .build() is called"]
@@ -103,8 +106,12 @@ impl PoolBuilder {
     /// Number of worker processes. Default: the parallelism available to this process,
     /// which honours CPU affinity and cgroup CPU quotas.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().processes(8).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn processes(mut self, processes: usize) -> Self {
         self.processes = Some(processes);
@@ -113,8 +120,12 @@ impl PoolBuilder {
 
     /// The default chunk size of the pool's calls. Default: [`Chunking::Auto`].
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool};
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().chunking(Chunking::Fixed(100)).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn chunking(mut self, chunking: Chunking) -> Self {
         self.defaults.chunking = chunking;
@@ -126,8 +137,13 @@ impl PoolBuilder {
     /// group), and its outcome is an error of kind [`ErrorKind::Timeout`]. The worker is
     /// replaced; other tasks are unaffected. [`Pool::with_timeout`] sets it per call.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # use std::time::Duration;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().task_timeout(Duration::from_secs(10)).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn task_timeout(mut self, timeout: Duration) -> Self {
         self.defaults.timeout = Some(timeout);
@@ -138,8 +154,12 @@ impl PoolBuilder {
     /// (panics are not retried: they are the task's own answer). Only for idempotent tasks.
     /// Default: 0. [`Pool::with_retries`] sets it per call.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().retries(2).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn retries(mut self, retries: u32) -> Self {
         self.defaults.retries = retries;
@@ -148,10 +168,14 @@ impl PoolBuilder {
 
     /// Replaces a worker after it has run `tasks` items, to contain leaks. Counted in items
     /// and checked between chunks: a chunk that is running finishes first, so use
-    /// [`Chunking::Fixed(1)`](Chunking::Fixed) for an exact count.
+    /// [`Chunking::Fixed(1)`](Chunking::Fixed) for an exact count. `0` acts as 1.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().max_tasks_per_child(100).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn max_tasks_per_child(mut self, tasks: u64) -> Self {
         self.max_tasks_per_child = Some(tasks.max(1));
@@ -165,8 +189,12 @@ impl PoolBuilder {
     /// well as use (thread stacks, allocator arenas): leave a margin of a few hundred MiB
     /// above what a task really needs.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().max_memory_per_child(2 << 30).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
         self.max_memory_per_child = Some(bytes);
@@ -174,13 +202,20 @@ impl PoolBuilder {
     }
 
     /// Runs `task(args)` once in every worker before its first task, replacements included:
-    /// to load a model, open a file, set up a global. If it panics or kills its worker, the
-    /// pool fails to start with an error naming it; a replacement worker whose initializer
-    /// fails is retried a few times with a growing back-off, and if none can start, the
-    /// pool's pending and future work fails with that error instead of respawning forever.
+    /// to load a model, open a file, set up a global. If it panics or kills its worker,
+    /// [`build`](Self::build) fails with an error of kind [`ErrorKind::Spawn`] naming it; a
+    /// replacement worker whose initializer fails is retried a few times with a growing
+    /// back-off, and if none can start, the pool's pending and future work fails with that
+    /// error instead of respawning forever. Nothing is checked here: a task that is not
+    /// registered, or arguments that cannot be encoded, are reported by `build`.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn load_model(path: String) { let _ = path; }
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().initializer(load_model, ("model.bin".into(),)).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     // By value, like `Pool::apply(task, args)`: the call reads the same way.
     #[allow(clippy::needless_pass_by_value)]
@@ -198,8 +233,12 @@ impl PoolBuilder {
     /// bytes. Default: 1 GiB. Larger frames are an error of kind [`ErrorKind::Codec`] and are
     /// rejected before anything is allocated for them.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().max_frame_len(64 << 20).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn max_frame_len(mut self, bytes: u32) -> Self {
         self.max_frame_len = bytes;
@@ -208,8 +247,13 @@ impl PoolBuilder {
 
     /// How long a new worker may take to start and complete its handshake. Default: 30 s.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # use std::time::Duration;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().start_timeout(Duration::from_secs(5)).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
@@ -220,12 +264,23 @@ impl PoolBuilder {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Spawn`] when a worker cannot start, when its `fn main` lacks
-    /// `#[multiproc::main]`, when two tasks share a name, or when this process is itself a
-    /// worker that never passed through `#[multiproc::main]`.
+    /// - [`ErrorKind::Spawn`] when a worker cannot start or does not complete its handshake
+    ///   within the [`start_timeout`](Self::start_timeout), when the executable's `fn main`
+    ///   lacks `#[multiproc::main]`, when two tasks share a name, when
+    ///   [`processes`](Self::processes) is 0, when the [`initializer`](Self::initializer) is
+    ///   not a registered task or fails in the first workers, or when this process is itself
+    ///   a worker that never passed through `#[multiproc::main]`;
+    /// - [`ErrorKind::Codec`] when the initializer's arguments cannot be encoded;
+    /// - [`ErrorKind::Io`] when the operating system refuses a pipe or a thread.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn build(self) -> Result<Pool, Error> {
         worker::check_may_spawn()?;
@@ -295,8 +350,19 @@ impl PoolBuilder {
 impl Pool {
     /// Starts a pool of `processes` workers. Same as `Pool::builder().processes(n).build()`.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// As [`PoolBuilder::build`]: mostly [`ErrorKind::Spawn`], when a worker cannot start
+    /// (for example because `fn main` lacks `#[multiproc::main]`) or `processes` is 0.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::new(4)?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn new(processes: usize) -> Result<Pool, Error> {
         Pool::builder().processes(processes).build()
@@ -304,8 +370,12 @@ impl Pool {
 
     /// A builder with every option at its default.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let pool = Pool::builder().processes(2).build()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn builder() -> PoolBuilder {
         PoolBuilder::default()
@@ -313,8 +383,12 @@ impl Pool {
 
     /// The number of worker processes.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// assert_eq!(Pool::new(3)?.processes(), 3);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn processes(&self) -> usize {
         self.processes
@@ -322,8 +396,13 @@ impl Pool {
 
     /// The process ids of the workers running now (a replaced worker has a new pid).
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// for pid in pool.worker_pids() { println!("worker {pid}"); }
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn worker_pids(&self) -> Vec<u32> {
         self.shared.pids()
@@ -331,8 +410,14 @@ impl Pool {
 
     /// Per-call options, to change the chunk size of one call.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let out = pool.with_chunking(Chunking::Fixed(1)).map(square, 0..10)?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn with_chunking(&self, chunking: Chunking) -> Call<'_> {
         self.call().with_chunking(chunking)
@@ -341,8 +426,15 @@ impl Pool {
     /// Per-call options, to give the tasks of one call a deadline (see
     /// [`PoolBuilder::task_timeout`]).
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) -> u64 { std::thread::sleep(std::time::Duration::from_secs(secs)); secs }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let out = pool.with_timeout(Duration::from_secs(1)).map(slow, 0..10);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn with_timeout(&self, timeout: Duration) -> Call<'_> {
         self.call().with_timeout(timeout)
@@ -351,8 +443,14 @@ impl Pool {
     /// Per-call options, to run a task again when its worker crashed or it timed out (see
     /// [`PoolBuilder::retries`]).
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn flaky(x: u64) -> u64 { x } // imagine it sometimes crashes its worker
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let out = pool.with_retries(3).map(flaky, 0..10)?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn with_retries(&self, retries: u32) -> Call<'_> {
         self.call().with_retries(retries)
@@ -366,10 +464,28 @@ impl Pool {
     }
 
     /// Applies a one-argument task to every item, in parallel; the outputs in input order.
-    /// Python's `Pool.map`. Returns the error of the first failing item (by position).
+    /// Python's `Pool.map`.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// Every item runs; then the error of the first failing item by input position is
+    /// returned, naming the task and that position: [`ErrorKind::Panicked`] (the task
+    /// panicked), [`ErrorKind::Crashed`] (its worker died), [`ErrorKind::Timeout`] (it ran
+    /// past a [deadline](Self::with_timeout)), [`ErrorKind::Codec`] (an argument or output
+    /// could not be encoded or decoded), [`ErrorKind::Closed`] (the pool was closed or
+    /// terminated first) or [`ErrorKind::Spawn`] (no worker could be started).
+    ///
+    /// # Examples
+    ///
+    /// ```rust,standalone_crate
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # #[multiproc::main]
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// assert_eq!(pool.map(square, [1, 2, 3, 4, 5])?, vec![1, 4, 9, 16, 25]);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn map<T: UnaryTask>(
         &self,
@@ -382,8 +498,20 @@ impl Pool {
     /// Like [`map`](Self::map), for tasks of several arguments: each item is the tuple of
     /// one call's arguments. Python's `Pool.starmap`.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// As [`map`](Self::map): the error of the first failing item by input position.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// assert_eq!(pool.starmap(pow, [(1, 3), (2, 4)])?, vec![1, 16]);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn starmap<T: Task>(
         &self,
@@ -395,18 +523,37 @@ impl Pool {
 
     /// Runs one call of a task on a worker and returns its output. Python's `Pool.apply`.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// The call's error, of the kinds listed for [`map`](Self::map).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// assert_eq!(pool.apply(pow, (2, 10))?, 1024);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn apply<T: Task>(&self, task: T, args: T::Args) -> Result<T::Output, Error> {
         self.call().apply(task, args)
     }
 
     /// [`map`](Self::map) without blocking: returns at once with a handle to the outcome.
+    /// Errors surface when the outcome is read ([`AsyncResult::get`]).
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.map_async(square, 0..8);
     /// assert_eq!(r.get()?, vec![0, 1, 4, 9, 16, 25, 36, 49]);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn map_async<T: UnaryTask>(
         &self,
@@ -418,9 +565,15 @@ impl Pool {
 
     /// [`starmap`](Self::starmap) without blocking.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.starmap_async(pow, [(1, 3), (2, 4)]);
     /// assert_eq!(r.get()?, vec![1, 16]);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn starmap_async<T: Task>(
         &self,
@@ -432,9 +585,15 @@ impl Pool {
 
     /// [`apply`](Self::apply) without blocking.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.apply_async(pow, (2, 10));
     /// assert_eq!(r.get()?, 1024);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn apply_async<T: Task>(&self, task: T, args: T::Args) -> AsyncResult<T::Output> {
         self.call().apply_async(task, args)
@@ -442,11 +601,19 @@ impl Pool {
 
     /// A lazy, ordered stream of outputs: pulls the input as workers need it (a bounded
     /// number of items in flight), and yields each output in input order as soon as it and
-    /// all before it are done. A failing item yields its `Err` and the stream goes on.
-    /// Dropping the iterator stops feeding and discards what is outstanding.
+    /// all before it are done. A failing item yields its `Err` (of the kinds listed for
+    /// [`map`](Self::map)) and the stream goes on. Dropping the iterator stops feeding and
+    /// discards what is outstanding.
     ///
-    /// ```ignore
-    /// for square in pool.imap(square, 0..).take(1000) { println!("{}", square?); }
+    /// ```rust,standalone_crate
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # #[multiproc::main]
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// for value in pool.imap(square, 0..).take(1000) { println!("{}", value?); }
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn imap<T: UnaryTask, I>(&self, task: T, items: I) -> IMap<T, I::IntoIter>
     where
@@ -458,9 +625,15 @@ impl Pool {
     /// Like [`imap`](Self::imap), but yields outputs in completion order; each comes with
     /// nothing but its value, so pair inputs with an id when you need to match them.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let mut all: Vec<u64> = pool.imap_unordered(square, 0..10).collect::<Result<_, _>>()?;
     /// all.sort();
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn imap_unordered<T: UnaryTask, I>(&self, task: T, items: I) -> IMap<T, I::IntoIter>
     where
@@ -469,14 +642,21 @@ impl Pool {
         self.call().imap_unordered(task, items)
     }
 
-    /// Stops accepting new work; work already submitted still runs. Follow with
+    /// Stops accepting new work (calls made after it resolve to an error of kind
+    /// [`ErrorKind::Closed`]); work already submitted still runs. Follow with
     /// [`join`](Self::join) to wait for it. Python's `Pool.close`.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.map_async(square, 0..8);
     /// pool.close();
     /// pool.join();
     /// assert!(r.ready());
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn close(&self) {
         self.shared.close();
@@ -485,9 +665,14 @@ impl Pool {
     /// Stops now: kills every worker; queued and running work resolves to an error of kind
     /// [`ErrorKind::Closed`]. Python's `Pool.terminate`.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// pool.terminate();
     /// pool.join();
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn terminate(&self) {
         self.shared.terminate();
@@ -497,9 +682,14 @@ impl Pool {
     /// [`terminate`](Self::terminate). Without either it would wait forever, so it closes
     /// the pool first.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// pool.close();
     /// pool.join();
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn join(&self) {
         self.shared.close();
@@ -535,10 +725,21 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// One call's options, from [`Pool::with_chunking`]; has the same methods as [`Pool`].
+/// One call's options, from [`Pool::with_chunking`], [`Pool::with_timeout`] or
+/// [`Pool::with_retries`]. Chain more options, then run the call with the methods [`Pool`]
+/// has for it: `map`, `starmap`, `apply`, their `_async` forms, `imap` and `imap_unordered`.
+/// It borrows the pool for the length of one expression; what those methods return does not.
 ///
-/// ```ignore
+/// # Examples
+///
+/// ```no_run
+/// # use multiproc::{Chunking, Pool, task};
+/// # #[task] fn square(x: u64) -> u64 { x * x }
+/// # fn main() -> Result<(), multiproc::Error> {
+/// # let pool = Pool::new(2)?;
 /// let outputs = pool.with_chunking(Chunking::Fixed(10)).map(square, 0..1000)?;
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Clone, Copy, Debug)]
 #[must_use = "call map, imap or another method on it"]
@@ -550,8 +751,17 @@ pub struct Call<'a> {
 impl Call<'_> {
     /// Sets the chunk size for this call.
     ///
-    /// ```ignore
-    /// let out = pool.with_chunking(Chunking::Auto).with_chunking(Chunking::Fixed(2)).map(square, 0..4)?;
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let out = pool
+    ///     .with_chunking(Chunking::Auto)
+    ///     .with_chunking(Chunking::Fixed(2)) // the last setting wins
+    ///     .map(square, 0..4)?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn with_chunking(mut self, chunking: Chunking) -> Self {
         self.policy.chunking = chunking;
@@ -560,8 +770,18 @@ impl Call<'_> {
 
     /// Sets a deadline for each task of this call (see [`PoolBuilder::task_timeout`]).
     ///
-    /// ```ignore
-    /// let out = pool.with_chunking(Chunking::Fixed(1)).with_timeout(Duration::from_secs(2)).map(slow, 0..4);
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) -> u64 { std::thread::sleep(std::time::Duration::from_secs(secs)); secs }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let out = pool
+    ///     .with_chunking(Chunking::Fixed(1))
+    ///     .with_timeout(Duration::from_secs(2))
+    ///     .map(slow, 0..4);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.policy.timeout = Some(timeout);
@@ -571,8 +791,15 @@ impl Call<'_> {
     /// Sets how often a task of this call runs again after its worker crashed or it timed
     /// out (see [`PoolBuilder::retries`]).
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) -> u64 { std::thread::sleep(std::time::Duration::from_secs(secs)); secs }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let out = pool.with_timeout(Duration::from_secs(2)).with_retries(1).map(slow, 0..4);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn with_retries(mut self, retries: u32) -> Self {
         self.policy.retries = retries;
@@ -581,8 +808,20 @@ impl Call<'_> {
 
     /// [`Pool::map`] with these options.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// As [`Pool::map`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// pool.with_chunking(Chunking::Fixed(1)).map(square, [1, 2])?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn map<T: UnaryTask>(
         self,
@@ -594,8 +833,20 @@ impl Call<'_> {
 
     /// [`Pool::starmap`] with these options.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// As [`Pool::starmap`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// pool.with_chunking(Chunking::Fixed(1)).starmap(pow, [(2, 2)])?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn starmap<T: Task>(
         self,
@@ -607,8 +858,20 @@ impl Call<'_> {
 
     /// [`Pool::apply`] with these options.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// As [`Pool::apply`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// pool.with_chunking(Chunking::Auto).apply(pow, (2, 3))?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn apply<T: Task>(self, task: T, args: T::Args) -> Result<T::Output, Error> {
         self.apply_async(task, args).get()
@@ -616,8 +879,14 @@ impl Call<'_> {
 
     /// [`Pool::map_async`] with these options.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.with_chunking(Chunking::Fixed(4)).map_async(square, 0..8);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn map_async<T: UnaryTask>(
         self,
@@ -630,8 +899,14 @@ impl Call<'_> {
 
     /// [`Pool::starmap_async`] with these options.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.with_chunking(Chunking::Fixed(4)).starmap_async(pow, [(2, 2)]);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn starmap_async<T: Task>(
         self,
@@ -644,8 +919,14 @@ impl Call<'_> {
 
     /// [`Pool::apply_async`] with these options.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.with_chunking(Chunking::Auto).apply_async(pow, (2, 3));
+    /// # Ok(())
+    /// # }
     /// ```
     // The `expect` cannot fire: a successful call of one item has exactly one output.
     #[allow(clippy::missing_panics_doc)]
@@ -656,8 +937,14 @@ impl Call<'_> {
 
     /// [`Pool::imap`] with these options.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let it = pool.with_chunking(Chunking::Fixed(100)).imap(square, 0..);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn imap<T: UnaryTask, I>(self, task: T, items: I) -> IMap<T, I::IntoIter>
     where
@@ -676,8 +963,14 @@ impl Call<'_> {
 
     /// [`Pool::imap_unordered`] with these options.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let it = pool.with_chunking(Chunking::Fixed(100)).imap_unordered(square, 0..);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn imap_unordered<T: UnaryTask, I>(self, task: T, items: I) -> IMap<T, I::IntoIter>
     where

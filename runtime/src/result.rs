@@ -247,13 +247,19 @@ type Finish<T> = Box<dyn FnOnce() -> Result<T, Error> + Send>;
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```rust,standalone_crate
+/// # use multiproc::{Pool, task};
+/// # #[task] fn square(x: u64) -> u64 { x * x }
+/// # #[multiproc::main]
+/// # fn main() -> Result<(), multiproc::Error> {
 /// let pool = Pool::new(4)?;
 /// let result = pool.map_async(square, 0..8u64);
 /// // ... do something else meanwhile ...
 /// result.wait();                     // Python's "wait inside the pool's scope"
 /// drop(pool);
 /// assert_eq!(result.get()?, vec![0, 1, 4, 9, 16, 25, 36, 49]); // "get outside"
+/// # Ok(())
+/// # }
 /// ```
 #[must_use = "the work runs either way; an AsyncResult that is never read discards its outcome"]
 pub struct AsyncResult<T> {
@@ -275,9 +281,15 @@ impl<T> AsyncResult<T> {
 
     /// True when the work is done (successfully or not). Never blocks.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.apply_async(pow, (2, 10));
     /// while !r.ready() { /* do something useful */ }
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn ready(&self) -> bool {
         self.state.is_complete()
@@ -285,10 +297,16 @@ impl<T> AsyncResult<T> {
 
     /// Whether the work succeeded: `None` while it is not done.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.map_async(square, [1, 2]);
     /// r.wait();
     /// assert_eq!(r.successful(), Some(true));
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn successful(&self) -> Option<bool> {
         self.ready().then(|| !self.state.has_failed())
@@ -296,10 +314,16 @@ impl<T> AsyncResult<T> {
 
     /// Blocks until the work is done.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.map_async(square, 0..100);
     /// r.wait();
     /// assert!(r.ready());
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn wait(&self) {
         self.state.wait(None);
@@ -308,19 +332,43 @@ impl<T> AsyncResult<T> {
     /// Blocks until the work is done or `timeout` passes; true when done. Nothing is killed
     /// when it returns false: the work goes on.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) -> u64 { std::thread::sleep(std::time::Duration::from_secs(secs)); secs }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let r = pool.apply_async(slow, (10,));
     /// if !r.wait_timeout(Duration::from_secs(1)) { println!("still running"); }
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.state.wait(Some(Instant::now() + timeout))
     }
 
-    /// Waits for the work and returns its outcome: the value, or the first error (by input
-    /// position for `map`).
+    /// Waits for the work and returns its outcome.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// The error of the first failing item by input position (for `apply_async`, of its one
+    /// call): [`ErrorKind::Panicked`](crate::ErrorKind::Panicked),
+    /// [`Crashed`](crate::ErrorKind::Crashed), [`Timeout`](crate::ErrorKind::Timeout) (a
+    /// task's deadline), [`Codec`](crate::ErrorKind::Codec),
+    /// [`Closed`](crate::ErrorKind::Closed) (the pool stopped before the item ran) or
+    /// [`Spawn`](crate::ErrorKind::Spawn) (no worker could be started).
+    ///
+    /// # Examples
+    ///
+    /// ```rust,standalone_crate
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # #[multiproc::main]
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// let squares = pool.map_async(square, [1, 2, 3]).get()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn get(mut self) -> Result<T, Error> {
         self.state.wait(None);
@@ -332,12 +380,26 @@ impl<T> AsyncResult<T> {
     /// killed, the work goes on and its worker is freed when it ends. To keep the result
     /// after a timeout, use [`wait_timeout`](Self::wait_timeout) and then `get`.
     ///
-    /// ```ignore
+    /// # Errors
+    ///
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) when the work is not done within
+    /// `timeout`; otherwise those of [`get`](Self::get).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{ErrorKind, Pool, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn sleep_secs(secs: u64) -> u64 { std::thread::sleep(std::time::Duration::from_secs(secs)); secs }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
     /// match pool.map_async(sleep_secs, 0..8).get_timeout(Duration::from_secs(5)) {
     ///     Ok(values) => println!("{values:?}"),
     ///     Err(err) if err.kind() == ErrorKind::Timeout => println!("TimeoutError"),
     ///     Err(err) => return Err(err),
     /// }
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn get_timeout(mut self, timeout: Duration) -> Result<T, Error> {
         if self.state.wait(Some(Instant::now() + timeout)) {
@@ -365,6 +427,23 @@ impl<T> AsyncResult<T> {
     }
 }
 
+/// Awaiting an `AsyncResult` gives what [`get`](AsyncResult::get) returns, without blocking
+/// the executor's thread: the pool's threads wake the task when the work is done.
+///
+/// # Panics
+///
+/// Polling it again after it returned `Poll::Ready` panics, as the outcome was taken.
+///
+/// # Examples
+///
+/// ```no_run
+/// # use multiproc::{Pool, task};
+/// # #[task] fn square(x: u64) -> u64 { x * x }
+/// async fn squares(pool: &Pool) -> Result<Vec<u64>, multiproc::Error> {
+///     pool.map_async(square, [1, 2, 3]).await
+/// }
+/// # fn main() {}
+/// ```
 impl<T> Future for AsyncResult<T> {
     type Output = Result<T, Error>;
 

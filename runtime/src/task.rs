@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 /// #[derive(Serialize, Deserialize)]
 /// struct Point { x: f64, y: f64 }
 ///
-/// fn assert_payload<T: multiproc_runtime::Payload>() {}
+/// fn assert_payload<T: multiproc::Payload>() {}
 /// assert_payload::<Point>();
 /// assert_payload::<(String, Vec<u8>, Option<i64>)>();
 /// ```
@@ -40,7 +40,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Payload for T {}
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
 /// #[multiproc::task]
 /// fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
 ///
@@ -59,8 +59,26 @@ pub trait Task: Copy + Send + Sync + 'static {
     /// The return type; `()` for a function that returns nothing.
     type Output: Payload;
     /// The registered name: `module_path!()::fn_name`, or the `name = "..."` given.
+    ///
+    /// ```
+    /// use multiproc::{Task, task};
+    ///
+    /// #[task(name = "geometry::area")]
+    /// fn area(w: f64, h: f64) -> f64 { w * h }
+    ///
+    /// assert_eq!(area::NAME, "geometry::area");
+    /// ```
     const NAME: &'static str;
-    /// Runs the function in this process.
+    /// Runs the function in this process, with its arguments as one tuple.
+    ///
+    /// ```
+    /// use multiproc::{Task, task};
+    ///
+    /// #[task]
+    /// fn greet(name: String) -> String { format!("hello, {name}") }
+    ///
+    /// assert_eq!(greet::call(("ada".to_owned(),)), "hello, ada");
+    /// ```
     fn call(args: Self::Args) -> Self::Output;
 }
 
@@ -69,7 +87,7 @@ pub trait Task: Copy + Send + Sync + 'static {
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
 /// #[multiproc::task]
 /// fn square(x: u64) -> u64 { x * x }
 ///
