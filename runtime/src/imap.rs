@@ -4,9 +4,10 @@
 //! outstanding (submitted, not yet yielded). That bounds memory whatever the input's length
 //! (an infinite iterator included), unlike Python's `imap`, which reads its input ahead.
 
+use crate::call::clone_error;
 use crate::chunk::{ChunkSpec, Chunking, encode_chunk};
 use crate::error::Error;
-use crate::pool::{Pool, clone_error};
+use crate::pool::Pool;
 use crate::result::CallState;
 use crate::sched::{CallSink, Shared};
 use crate::task::Task;

@@ -2,6 +2,8 @@
 //! the wire protocol, the pool and its results. Depend on the `multiproc` crate instead; it
 //! re-exports everything public here, with the attribute macros.
 
+mod builder;
+mod call;
 mod chunk;
 mod codec;
 mod error;
@@ -20,10 +22,12 @@ mod stderr;
 mod task;
 mod worker;
 
+pub use builder::PoolBuilder;
+pub use call::Call;
 pub use chunk::Chunking;
 pub use error::{Error, ErrorKind};
 pub use imap::IMap;
-pub use pool::{Call, Pool, PoolBuilder};
+pub use pool::Pool;
 pub use result::AsyncResult;
 pub use task::{Payload, Task, UnaryTask};
 

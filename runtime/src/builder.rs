@@ -1,0 +1,335 @@
+//! [`PoolBuilder`]: a pool's settings, and starting its slots and workers.
+
+use crate::chunk::Chunking;
+use crate::error::{Error, ErrorKind};
+use crate::pool::Pool;
+use crate::protocol::DEFAULT_MAX_FRAME_LEN;
+use crate::registry::Registry;
+use crate::sched::Shared;
+use crate::slot::{Slot, SlotConfig};
+use crate::spawn::{Initializer, SpawnOptions};
+use crate::task::Task;
+use crate::worker;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+/// Per-call settings, defaulted from the builder.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Policy {
+    pub(crate) chunking: Chunking,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: u32,
+}
+
+/// Configures a [`Pool`] before starting it.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> Result<(), multiproc::Error> {
+/// let pool = multiproc::Pool::builder().processes(2).build()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until .build() is called"]
+pub struct PoolBuilder {
+    processes: Option<usize>,
+    defaults: Policy,
+    max_frame_len: u32,
+    start_timeout: Duration,
+    prefetch: usize,
+    max_tasks_per_child: Option<u64>,
+    max_memory_per_child: Option<u64>,
+    /// The initializer's name and encoded arguments (or why they could not be encoded).
+    initializer: Option<(&'static str, Result<Vec<u8>, String>)>,
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        PoolBuilder {
+            processes: None,
+            defaults: Policy {
+                chunking: Chunking::Auto,
+                timeout: None,
+                retries: 0,
+            },
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            start_timeout: Duration::from_secs(30),
+            prefetch: 8,
+            max_tasks_per_child: None,
+            max_memory_per_child: None,
+            initializer: None,
+        }
+    }
+}
+
+impl PoolBuilder {
+    /// Number of worker processes. Default: the parallelism available to this process,
+    /// which honours CPU affinity and cgroup CPU quotas.
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().processes(8).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn processes(mut self, processes: usize) -> Self {
+        self.processes = Some(processes);
+        self
+    }
+
+    /// The default chunk size of the pool's calls. Default: [`Chunking::Auto`].
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool};
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().chunking(Chunking::Fixed(100)).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn chunking(mut self, chunking: Chunking) -> Self {
+        self.defaults.chunking = chunking;
+        self
+    }
+
+    /// A deadline for every task of every call: a task still running `timeout` after it
+    /// started is killed, with its worker and every process it started (the worker's process
+    /// group), and its outcome is an error of kind [`ErrorKind::Timeout`]. The worker is
+    /// replaced; other tasks are unaffected. [`Pool::with_timeout`] sets it per call.
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # use std::time::Duration;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().task_timeout(Duration::from_secs(10)).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.defaults.timeout = Some(timeout);
+        self
+    }
+
+    /// Runs a task again, up to `retries` more times, when its worker crashed or it timed out
+    /// (panics are not retried: they are the task's own answer). Only for idempotent tasks.
+    /// Default: 0. [`Pool::with_retries`] sets it per call.
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().retries(2).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.defaults.retries = retries;
+        self
+    }
+
+    /// Replaces a worker after it has run `tasks` items, to contain leaks. Counted in items
+    /// and checked between chunks: a chunk that is running finishes first, so use
+    /// [`Chunking::Fixed(1)`](Chunking::Fixed) for an exact count. `0` acts as 1.
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().max_tasks_per_child(100).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_tasks_per_child(mut self, tasks: u64) -> Self {
+        self.max_tasks_per_child = Some(tasks.max(1));
+        self
+    }
+
+    /// Caps each worker's memory: its address space (`RLIMIT_AS`) is limited to `bytes`, so a
+    /// runaway task fails to allocate, which aborts its worker: that task's outcome is an
+    /// error of kind [`ErrorKind::Crashed`] (quoting the allocation failure from the worker's
+    /// stderr) instead of the machine going into swap. Address space counts reservations as
+    /// well as use (thread stacks, allocator arenas): leave a margin of a few hundred MiB
+    /// above what a task really needs.
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().max_memory_per_child(2 << 30).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
+        self.max_memory_per_child = Some(bytes);
+        self
+    }
+
+    /// Runs `task(args)` once in every worker before its first task, replacements included:
+    /// to load a model, open a file, set up a global. If it panics or kills its worker,
+    /// [`build`](Self::build) fails with an error of kind [`ErrorKind::Spawn`] naming it; a
+    /// replacement worker whose initializer fails is retried a few times with a growing
+    /// back-off, and if none can start, the pool's pending and future work fails with that
+    /// error instead of respawning forever. Nothing is checked here: a task that is not
+    /// registered, or arguments that cannot be encoded, are reported by `build`.
+    ///
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # #[task] fn load_model(path: String) { let _ = path; }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().initializer(load_model, ("model.bin".into(),)).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    // By value, like `Pool::apply(task, args)`: the call reads the same way.
+    #[allow(clippy::needless_pass_by_value)]
+    pub fn initializer<T: Task>(mut self, task: T, args: T::Args) -> Self {
+        let _ = task;
+        let mut encoded = Vec::new();
+        let encoded = crate::codec::encode_into(&args, &mut encoded)
+            .map(|()| encoded)
+            .map_err(|err| format!("the initializer's arguments could not be encoded: {err}"));
+        self.initializer = Some((T::NAME, encoded));
+        self
+    }
+
+    /// The largest frame (one chunk of arguments or results) accepted on a worker channel, in
+    /// bytes. Default: 1 GiB. Larger frames are an error of kind [`ErrorKind::Codec`] and are
+    /// rejected before anything is allocated for them.
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().max_frame_len(64 << 20).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_frame_len(mut self, bytes: u32) -> Self {
+        self.max_frame_len = bytes;
+        self
+    }
+
+    /// How long a new worker may take to start and complete its handshake. Default: 30 s.
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # use std::time::Duration;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().start_timeout(Duration::from_secs(5)).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// Starts the workers and waits for each to complete its handshake.
+    ///
+    /// # Errors
+    ///
+    /// - [`ErrorKind::Spawn`] when a worker cannot start or does not complete its handshake
+    ///   within the [`start_timeout`](Self::start_timeout), when the executable's `fn main`
+    ///   lacks `#[multiproc::main]`, when two tasks share a name, when
+    ///   [`processes`](Self::processes) is 0, when the [`initializer`](Self::initializer) is
+    ///   not a registered task or fails in the first workers, or when this process is itself
+    ///   a worker that never passed through `#[multiproc::main]`;
+    /// - [`ErrorKind::Codec`] when the initializer's arguments cannot be encoded;
+    /// - [`ErrorKind::Io`] when the operating system refuses a pipe or a thread.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn build(self) -> Result<Pool, Error> {
+        worker::check_may_spawn()?;
+        Registry::get()?;
+        let processes = match self.processes {
+            Some(0) => {
+                return Err(Error::new(
+                    ErrorKind::Spawn,
+                    "a pool needs at least one process",
+                ));
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        };
+        let initializer = match self.initializer {
+            None => None,
+            Some((name, args)) => Some(Arc::new(initializer_frame(name, args)?)),
+        };
+        let shared = Arc::new(Shared::new(processes)?);
+        let config = Arc::new(SlotConfig {
+            spawn: SpawnOptions {
+                max_frame_len: self.max_frame_len,
+                start_timeout: self.start_timeout,
+                max_memory: self.max_memory_per_child,
+                initializer,
+            },
+            prefetch: self.prefetch.max(1),
+            shutdown_grace: Duration::from_secs(5),
+            max_tasks_per_child: self.max_tasks_per_child,
+            restart_attempts: 4,
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut handles = Vec::with_capacity(processes);
+        for index in 0..processes {
+            let slot = Slot::new(index, Arc::clone(&shared), Arc::clone(&config));
+            let ready = ready_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("multiproc-slot-{index}"))
+                .spawn(move || slot.run(ready));
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(err) => {
+                    shared.terminate();
+                    return Err(Error::io("starting a pool thread failed", err));
+                }
+            }
+        }
+        drop(ready_tx);
+        let pool = Pool {
+            shared,
+            config,
+            processes,
+            defaults: self.defaults,
+            slots: Mutex::new(handles),
+        };
+        for _ in 0..processes {
+            match ready_rx.recv() {
+                Ok(Ok(_pid)) => {}
+                Ok(Err(err)) => return Err(err), // dropping `pool` terminates the others
+                Err(_) => return Err(Error::new(ErrorKind::Spawn, "a pool thread stopped")),
+            }
+        }
+        Ok(pool)
+    }
+}
+
+/// The `Run` frame of an initializer (seq 0: it precedes every chunk).
+fn initializer_frame(
+    name: &'static str,
+    args: Result<Vec<u8>, String>,
+) -> Result<Initializer, Error> {
+    let args = args.map_err(|message| Error::new(ErrorKind::Codec, message))?;
+    let task = Registry::get()?.id_of(name).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Spawn,
+            format!("the initializer `{name}` is not a registered task"),
+        )
+    })?;
+    let header = crate::protocol::Header::Run {
+        seq: 0,
+        task,
+        count: 1,
+        timed: false,
+    };
+    let mut frame = Vec::with_capacity(16 + args.len());
+    let start = crate::protocol::begin_frame(&mut frame, &header);
+    frame.extend_from_slice(&args);
+    crate::protocol::end_frame(&mut frame, start, u32::MAX)?;
+    Ok(Initializer { task: name, frame })
+}

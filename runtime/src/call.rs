@@ -1,0 +1,371 @@
+//! [`Call`]: one call's options, and how a call's input becomes queued chunks.
+
+use crate::builder::Policy;
+use crate::chunk::{ChunkSpec, Chunking, encode_chunk, skip_args};
+use crate::error::Error;
+use crate::imap::IMap;
+use crate::pool::Pool;
+use crate::registry::Registry;
+use crate::result::{AsyncResult, CallState, collect_in_order};
+use crate::sched::CallSink;
+use crate::task::{Task, UnaryTask};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One call's options, from [`Pool::with_chunking`], [`Pool::with_timeout`] or
+/// [`Pool::with_retries`]. Chain more options, then run the call with the methods [`Pool`]
+/// has for it: `map`, `starmap`, `apply`, their `_async` forms, `imap` and `imap_unordered`.
+/// It borrows the pool for the length of one expression; what those methods return does not.
+///
+/// # Examples
+///
+/// ```no_run
+/// # use multiproc::{Chunking, Pool, task};
+/// # #[task] fn square(x: u64) -> u64 { x * x }
+/// # fn main() -> Result<(), multiproc::Error> {
+/// # let pool = Pool::new(2)?;
+/// let outputs = pool.with_chunking(Chunking::Fixed(10)).map(square, 0..1000)?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[must_use = "call map, imap or another method on it"]
+pub struct Call<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) policy: Policy,
+}
+
+impl Call<'_> {
+    /// Sets the chunk size for this call.
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let out = pool
+    ///     .with_chunking(Chunking::Auto)
+    ///     .with_chunking(Chunking::Fixed(2)) // the last setting wins
+    ///     .map(square, 0..4)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_chunking(mut self, chunking: Chunking) -> Self {
+        self.policy.chunking = chunking;
+        self
+    }
+
+    /// Sets a deadline for each task of this call (see [`PoolBuilder::task_timeout`](crate::PoolBuilder::task_timeout)).
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) -> u64 { std::thread::sleep(std::time::Duration::from_secs(secs)); secs }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let out = pool
+    ///     .with_chunking(Chunking::Fixed(1))
+    ///     .with_timeout(Duration::from_secs(2))
+    ///     .map(slow, 0..4);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets how often a task of this call runs again after its worker crashed or it timed
+    /// out (see [`PoolBuilder::retries`](crate::PoolBuilder::retries)).
+    ///
+    /// ```no_run
+    /// # use multiproc::{Pool, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) -> u64 { std::thread::sleep(std::time::Duration::from_secs(secs)); secs }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let out = pool.with_timeout(Duration::from_secs(2)).with_retries(1).map(slow, 0..4);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_retries(mut self, retries: u32) -> Self {
+        self.policy.retries = retries;
+        self
+    }
+
+    /// [`Pool::map`] with these options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::map`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// pool.with_chunking(Chunking::Fixed(1)).map(square, [1, 2])?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn map<T: UnaryTask>(
+        self,
+        task: T,
+        items: impl IntoIterator<Item = T::Arg>,
+    ) -> Result<Vec<T::Output>, Error> {
+        self.map_async(task, items).get()
+    }
+
+    /// [`Pool::starmap`] with these options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::starmap`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// pool.with_chunking(Chunking::Fixed(1)).starmap(pow, [(2, 2)])?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn starmap<T: Task>(
+        self,
+        task: T,
+        items: impl IntoIterator<Item = T::Args>,
+    ) -> Result<Vec<T::Output>, Error> {
+        self.starmap_async(task, items).get()
+    }
+
+    /// [`Pool::apply`] with these options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::apply`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// pool.with_chunking(Chunking::Auto).apply(pow, (2, 3))?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn apply<T: Task>(self, task: T, args: T::Args) -> Result<T::Output, Error> {
+        self.apply_async(task, args).get()
+    }
+
+    /// [`Pool::map_async`] with these options.
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let r = pool.with_chunking(Chunking::Fixed(4)).map_async(square, 0..8);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn map_async<T: UnaryTask>(
+        self,
+        task: T,
+        items: impl IntoIterator<Item = T::Arg>,
+    ) -> AsyncResult<Vec<T::Output>> {
+        let _ = task;
+        self.submit_all::<T, T::Arg>(items)
+    }
+
+    /// [`Pool::starmap_async`] with these options.
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let r = pool.with_chunking(Chunking::Fixed(4)).starmap_async(pow, [(2, 2)]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn starmap_async<T: Task>(
+        self,
+        task: T,
+        items: impl IntoIterator<Item = T::Args>,
+    ) -> AsyncResult<Vec<T::Output>> {
+        let _ = task;
+        self.submit_all::<T, T::Args>(items)
+    }
+
+    /// [`Pool::apply_async`] with these options.
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn pow(x: u64, y: u32) -> u64 { x.pow(y) }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let r = pool.with_chunking(Chunking::Auto).apply_async(pow, (2, 3));
+    /// # Ok(())
+    /// # }
+    /// ```
+    // The `expect` cannot fire: a successful call of one item has exactly one output.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn apply_async<T: Task>(self, task: T, args: T::Args) -> AsyncResult<T::Output> {
+        self.starmap_async(task, [args])
+            .map_output(|mut values| values.pop().expect("apply has exactly one output"))
+    }
+
+    /// [`Pool::imap`] with these options.
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let it = pool.with_chunking(Chunking::Fixed(100)).imap(square, 0..);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn imap<T: UnaryTask, I>(self, task: T, items: I) -> IMap<T, I::IntoIter>
+    where
+        I: IntoIterator<Item = T::Arg>,
+    {
+        let _ = task;
+        let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
+        IMap::new(
+            self.pool,
+            items.into_iter(),
+            spec,
+            self.policy.chunking,
+            true,
+        )
+    }
+
+    /// [`Pool::imap_unordered`] with these options.
+    ///
+    /// ```no_run
+    /// # use multiproc::{Chunking, Pool, task};
+    /// # #[task] fn square(x: u64) -> u64 { x * x }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let pool = Pool::new(2)?;
+    /// let it = pool.with_chunking(Chunking::Fixed(100)).imap_unordered(square, 0..);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn imap_unordered<T: UnaryTask, I>(self, task: T, items: I) -> IMap<T, I::IntoIter>
+    where
+        I: IntoIterator<Item = T::Arg>,
+    {
+        let _ = task;
+        let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
+        IMap::new(
+            self.pool,
+            items.into_iter(),
+            spec,
+            self.policy.chunking,
+            false,
+        )
+    }
+
+    fn registered<T: Task>() -> Result<u32, Error> {
+        Registry::get().and_then(Registry::id_of_task::<T>)
+    }
+
+    fn chunk_spec<T: Task>(&self, task: u32) -> ChunkSpec {
+        ChunkSpec {
+            task,
+            timeout: self.policy.timeout,
+            retries: self.policy.retries,
+            max_frame_len: self.pool.max_frame_len(),
+            skip: skip_args::<T::Args>,
+        }
+    }
+
+    /// Encodes every item (each `A` is the task's argument tuple, or its one argument: the
+    /// encodings are identical), queues the chunks, and returns the handle.
+    fn submit_all<T: Task, A: Serialize>(
+        self,
+        items: impl IntoIterator<Item = A>,
+    ) -> AsyncResult<Vec<T::Output>> {
+        let items = items.into_iter();
+        match items.size_hint() {
+            (low, Some(high)) if low == high => self.submit_stream::<T, A>(items, low),
+            // Unknown length: the chunk size depends on it, so the input is collected first
+            // (as Python's `map` does). `imap` is the lazy alternative.
+            _ => {
+                let items: Vec<A> = items.collect();
+                let len = items.len();
+                self.submit_stream::<T, A>(items.into_iter(), len)
+            }
+        }
+    }
+
+    /// Encodes and queues the input chunk by chunk, so workers start on the first chunk while
+    /// the rest is being encoded. `len` sizes the chunks; the input is read to its end
+    /// whatever it is.
+    fn submit_stream<T: Task, A: Serialize>(
+        self,
+        mut items: impl Iterator<Item = A>,
+        len: usize,
+    ) -> AsyncResult<Vec<T::Output>> {
+        let state = CallState::<T::Output>::new(T::NAME);
+        let result = AsyncResult::new(Arc::clone(&state), move |state| {
+            collect_in_order(state, len)
+        });
+        let task = Self::registered::<T>();
+        let size = self.policy.chunking.for_len(len, self.pool.processes);
+        let shared = self.pool.shared();
+        let mut first = 0;
+        let mut refused = false;
+        loop {
+            let chunk: Vec<A> = items.by_ref().take(size).collect();
+            let count = chunk.len();
+            if count == 0 {
+                break;
+            }
+            state.expect(count, false);
+            let sink: Arc<dyn CallSink> = state.clone();
+            let encoded = match &task {
+                Ok(task) => encode_chunk(
+                    shared,
+                    sink,
+                    self.chunk_spec::<T>(*task),
+                    first,
+                    chunk.into_iter(),
+                ),
+                Err(err) => Err((sink, count, clone_error(err, T::NAME, first))),
+            };
+            match encoded {
+                // Once refused (a closed pool), the rest fails without being offered.
+                Ok(chunk) if !refused => refused = shared.submit([chunk]).is_err(),
+                Ok(chunk) => chunk.fail_all(&|index| {
+                    Error::closed("the pool is closed")
+                        .with_task(T::NAME)
+                        .with_index(index)
+                }),
+                Err((sink, count, err)) => {
+                    sink.fail(first, count as u32, &|index| {
+                        clone_error(&err, T::NAME, index)
+                    });
+                }
+            }
+            first += count;
+        }
+        state.expect(0, true);
+        result
+    }
+}
+
+pub(crate) fn clone_error(err: &Error, task: &str, index: usize) -> Error {
+    Error::new(err.kind(), err.message().to_owned())
+        .with_task(task)
+        .with_index(index)
+}
