@@ -28,7 +28,8 @@ pub enum ErrorKind {
     /// killer, a kill from outside) or an exit without a reply (`std::process::exit`).
     Crashed,
     /// The task ran past its deadline (its worker was killed), or a wait on a result ended
-    /// before the result was ready (nothing was killed).
+    /// before the result was ready (nothing was killed). The first names its task and item
+    /// ([`Error::task`], [`Error::index`]); the second has neither.
     Timeout,
     /// A worker process could not be started or failed its start-up handshake.
     Spawn,
