@@ -102,6 +102,24 @@ mod nested {
     }
 }
 
+static EXIT_MARKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+extern "C" fn write_exit_marker() {
+    if let Some(path) = EXIT_MARKER.get() {
+        let _ = std::fs::write(path, std::process::id().to_string());
+    }
+}
+
+/// Registers an at-exit handler in this worker, as a coverage runtime does to write its
+/// profile when the process exits normally.
+#[task]
+fn arm_exit_marker(path: String) -> u32 {
+    EXIT_MARKER.set(path).expect("armed once per worker");
+    // SAFETY: registers a plain extern "C" function with no arguments, as atexit expects.
+    assert_eq!(unsafe { nix::libc::atexit(write_exit_marker) }, 0);
+    std::process::id()
+}
+
 #[task]
 fn worker_pid() -> u32 {
     std::process::id()
@@ -297,6 +315,24 @@ fn drop_leaves_no_worker_behind() -> TestResult {
     Ok(())
 }
 
+fn dropping_an_idle_pool_lets_workers_exit_normally() -> TestResult {
+    let path = std::env::temp_dir()
+        .join(format!("multiproc-exit-marker-{}", std::process::id()))
+        .to_string_lossy()
+        .into_owned();
+    let _ = std::fs::remove_file(&path);
+    let pool = Pool::new(1)?;
+    let pid = pool.apply(arm_exit_marker, (path.clone(),))?;
+    drop(pool); // terminates, but the worker is idle: it exits normally
+    let marker = std::fs::read_to_string(&path);
+    let _ = std::fs::remove_file(&path);
+    ensure(
+        marker.ok() == Some(pid.to_string()),
+        "the worker's at-exit handler ran",
+    )?;
+    Ok(())
+}
+
 fn builder_and_default_size() -> TestResult {
     let pool = Pool::builder().build()?;
     let expected = std::thread::available_parallelism()?.get();
@@ -334,6 +370,7 @@ fn main() {
         still_an_ordinary_function,
         close_join_lets_work_finish,
         drop_leaves_no_worker_behind,
+        dropping_an_idle_pool_lets_workers_exit_normally,
         builder_and_default_size,
         explicit_chunking,
     ]);

@@ -33,6 +33,9 @@ use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
+/// How long a terminating pool lets an idle worker take to exit cleanly before killing it.
+const TERMINATE_GRACE: Duration = Duration::from_secs(1);
+
 /// Chunks shorter than this are worth queueing ahead of time in a busy worker.
 const PREFETCH_BELOW: Duration = Duration::from_millis(2);
 
@@ -191,22 +194,29 @@ impl Slot {
     /// Leaves the pool: a terminated pool kills its worker and fails what was in flight;
     /// a closed one lets the idle worker exit cleanly.
     fn finish(&mut self) {
-        let terminated_now = self.shared.is_terminated();
+        let busy = !self.inflight.is_empty();
         for flight in self.inflight.drain(..) {
             let task = flight.chunk.call.task_name();
             let first = flight.chunk.first + flight.done as usize;
+            let left = flight.chunk.count - flight.done;
             flight
                 .chunk
                 .call
-                .fail(first, flight.chunk.count - flight.done, &|index| {
-                    terminated(task, index)
-                });
+                .fail(first, left, &|index| terminated(task, index));
         }
         if let Some(mut worker) = self.worker.take() {
-            if terminated_now {
+            if busy {
+                // Terminated in the middle of work: stop now.
                 worker.kill();
             } else {
-                worker.shutdown(self.config.shutdown_grace);
+                // An idle worker exits normally, even on terminate: at-exit work such as a
+                // coverage runtime writing its profile happens, and it takes a moment.
+                let grace = if self.shared.is_terminated() {
+                    TERMINATE_GRACE.min(self.config.shutdown_grace)
+                } else {
+                    self.config.shutdown_grace
+                };
+                worker.shutdown(grace);
             }
             worker.stderr.pump();
         }
