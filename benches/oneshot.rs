@@ -1,0 +1,17 @@
+//! W4 helper: the whole life of a small program that uses a pool. It starts a pool of 2
+//! workers, runs one task, and exits. `benches/compare.py` times it end to end, many times,
+//! through `workloads w4`; a Python twin lives in compare.py.
+
+use multiproc::{Pool, task};
+
+#[task]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[multiproc::main]
+fn main() -> Result<(), multiproc::Error> {
+    let pool = Pool::new(2)?;
+    assert_eq!(pool.apply(square, (7,))?, 49);
+    Ok(())
+}
