@@ -168,8 +168,13 @@ def oneshot():
 # The driver.
 
 
-def build():
-    """Builds the Rust targets and returns {target name: executable}."""
+def build(prebuilt):
+    """Builds the Rust targets and returns {target name: executable}; with `prebuilt`, takes
+    the executables `workloads` and `oneshot` from that folder instead (a machine without
+    cargo)."""
+    if prebuilt:
+        return {name: os.path.abspath(os.path.join(prebuilt, name))
+                for name in ("workloads", "oneshot")}
     command = ["cargo", "bench", "--no-run", "--bench", "workloads", "--bench", "oneshot",
                "--message-format=json-render-diagnostics"]
     print("building:", " ".join(command), file=sys.stderr, flush=True)
@@ -241,9 +246,15 @@ def plan(args, exes):
         Row(f"imap of {count('rss')}: per task", "per_task_us", "us", False, "rust rss", "py rss",
             None, "-"),
     ]
+    for workers in filter(None, args.w2_workers.split(",")):
+        for side, base in (("rust", rust), ("py", py)):
+            runs[f"{side} w2x{workers}"] = base + ["w2", sizes["w2"], f"workers={workers}"]
+        rows.append(Row(f"W2 {count('w2')} x 25 ms CPU on {workers} workers, speedup", "speedup",
+                        "x", True, f"rust w2x{workers}", f"py w2x{workers}",
+                        (">=", 0.95 * int(workers)), "-"))
     if args.only:
         keep = set(args.only.split(","))
-        runs = {k: v for k, v in runs.items() if k.split()[1] in keep}
+        runs = {k: v for k, v in runs.items() if k.split()[1].split("x")[0] in keep}
         rows = [r for r in rows if r.rust in runs]
     return runs, rows
 
@@ -343,10 +354,14 @@ def main():
     parser.add_argument("--only", help="comma-separated workloads: w1,w1p,apply,w2,w3,w4,rss")
     parser.add_argument("--scaling", action="store_true",
                         help="multiproc only: per-task time from 1e3 to 1e7 items")
+    parser.add_argument("--w2-workers", default="",
+                        help="also run W2 on these worker counts, e.g. 4,8,16 (target: "
+                             ">= 0.95 x workers)")
+    parser.add_argument("--prebuilt", help="folder holding prebuilt workloads and oneshot")
     parser.add_argument("--json", help="also write every round's raw results to this file")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
-    exes = build()
+    exes = build(args.prebuilt)
     if args.scaling:
         text, results = scaling(exes, rounds)
     else:
