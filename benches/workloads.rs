@@ -14,6 +14,9 @@
 //! Run without a workload (as `cargo bench --bench workloads` does), it runs each in-process
 //! workload once at a small size and prints the lines: a smoke run, not a measurement.
 
+// Figures for a report: precision past 2^52 items or bytes does not matter here.
+#![allow(clippy::cast_precision_loss)]
+
 mod common;
 
 use common::{echo, echo_bytes, payload, spin, spin_cpu, square};
@@ -44,13 +47,22 @@ impl Args {
 
     fn num(&self, key: &str, default: usize) -> usize {
         self.values.get(key).map_or(default, |v| {
-            v.replace('_', "").parse().unwrap_or_else(|_| panic!("{key}={v}: not a number"))
+            v.replace('_', "")
+                .parse()
+                .unwrap_or_else(|_| panic!("{key}={v}: not a number"))
         })
     }
 
     fn text<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
         self.values.get(key).map_or(default, String::as_str)
     }
+}
+
+/// Ends a workload: lets the workers exit cleanly (untimed), so that tools that write their
+/// report at exit (valgrind) see the workers' side too.
+fn finish(pool: &Pool, fields: Fields) -> Fields {
+    pool.join();
+    fields
 }
 
 fn pool(args: &Args) -> Pool {
@@ -68,7 +80,11 @@ fn timed<R>(run: impl FnOnce() -> R) -> (R, f64) {
 }
 
 fn per_task(n: usize, seconds: f64) -> Fields {
-    vec![("n", n as f64), ("seconds", seconds), ("per_task_us", seconds * 1e6 / n as f64)]
+    vec![
+        ("n", n as f64),
+        ("seconds", seconds),
+        ("per_task_us", seconds * 1e6 / n as f64),
+    ]
 }
 
 fn w1(args: &Args) -> Fields {
@@ -76,7 +92,7 @@ fn w1(args: &Args) -> Fields {
     let pool = pool(args);
     let (out, seconds) = timed(|| pool.map(square, 0..n as u64).expect("map"));
     assert_eq!(out.len(), n);
-    per_task(n, seconds)
+    finish(&pool, per_task(n, seconds))
 }
 
 fn w1p(args: &Args) -> Fields {
@@ -89,7 +105,7 @@ fn w1p(args: &Args) -> Fields {
             .expect("imap")
     });
     std::hint::black_box(sum);
-    per_task(n, seconds)
+    finish(&pool, per_task(n, seconds))
 }
 
 fn apply(args: &Args) -> Fields {
@@ -100,27 +116,28 @@ fn apply(args: &Args) -> Fields {
             assert_eq!(pool.apply(square, (i,)).expect("apply"), i * i);
         }
     });
-    per_task(n, seconds)
+    finish(&pool, per_task(n, seconds))
 }
 
 fn w2(args: &Args) -> Fields {
     let tasks = args.num("tasks", 64);
     let ms = args.num("ms", 25) as u64;
     let pool = pool(args);
-    let (_, serial) = timed(|| {
+    let ((), serial) = timed(|| {
         for _ in 0..tasks {
             std::hint::black_box(spin_cpu(Duration::from_millis(ms)));
         }
     });
     let (out, parallel) = timed(|| pool.map(spin, vec![ms; tasks]).expect("map"));
     assert_eq!(out.len(), tasks);
-    vec![
+    let fields = vec![
         ("tasks", tasks as f64),
         ("workers", pool.processes() as f64),
         ("serial_s", serial),
         ("parallel_s", parallel),
         ("speedup", serial / parallel),
-    ]
+    ];
+    finish(&pool, fields)
 }
 
 fn w3(args: &Args) -> Fields {
@@ -148,7 +165,14 @@ fn w3(args: &Args) -> Fields {
     };
     // Both directions count: each task moves `len` bytes in and `len` bytes out.
     let mib = (2 * tasks * len) as f64 / f64::from(1 << 20);
-    vec![("tasks", tasks as f64), ("seconds", seconds), ("mib_s", mib / seconds)]
+    finish(
+        &pool,
+        vec![
+            ("tasks", tasks as f64),
+            ("seconds", seconds),
+            ("mib_s", mib / seconds),
+        ],
+    )
 }
 
 fn w4(args: &Args) -> Fields {
@@ -169,7 +193,11 @@ fn w4(args: &Args) -> Fields {
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    vec![("runs", runs as f64), ("ms", times[runs / 2]), ("min_ms", times[0])]
+    vec![
+        ("runs", runs as f64),
+        ("ms", times[runs / 2]),
+        ("min_ms", times[0]),
+    ]
 }
 
 fn rss(args: &Args) -> Fields {
@@ -185,8 +213,12 @@ fn rss(args: &Args) -> Fields {
     let (after, peak) = memory();
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
     let mut fields = per_task(n, seconds);
-    fields.extend([("rss_before_mib", mib(before)), ("rss_after_mib", mib(after)), ("peak_mib", mib(peak))]);
-    fields
+    fields.extend([
+        ("rss_before_mib", mib(before)),
+        ("rss_after_mib", mib(after)),
+        ("peak_mib", mib(peak)),
+    ]);
+    finish(&pool, fields)
 }
 
 fn run(name: &str, args: &Args) -> Fields {
@@ -203,7 +235,10 @@ fn run(name: &str, args: &Args) -> Fields {
 }
 
 fn print_json(name: &str, fields: &Fields) {
-    let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("\"{k}\": {v}"))
+        .collect();
     println!("{{\"workload\": \"{name}\", {}}}", body.join(", "));
 }
 
@@ -240,7 +275,13 @@ pub fn memory() -> (u64, u64) {
         status
             .lines()
             .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map_or(0, |kib| kib * 1024)
     };
     (field("VmRSS:"), field("VmHWM:"))

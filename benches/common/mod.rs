@@ -21,7 +21,7 @@ pub fn spin(ms: u64) -> u64 {
 pub fn spin_cpu(budget: Duration) -> u64 {
     let start = thread_cpu_time();
     let mut iterations = 0u64;
-    while thread_cpu_time() - start < budget {
+    while thread_cpu_time().saturating_sub(start) < budget {
         iterations = std::hint::black_box(iterations + 1);
     }
     iterations
@@ -30,7 +30,8 @@ pub fn spin_cpu(budget: Duration) -> u64 {
 fn thread_cpu_time() -> Duration {
     use nix::time::{ClockId, clock_gettime};
     let now = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).expect("the thread CPU clock exists");
-    Duration::new(now.tv_sec().cast_unsigned(), now.tv_nsec() as u32)
+    let secs = u64::try_from(now.tv_sec()).unwrap_or(0);
+    Duration::new(secs, u32::try_from(now.tv_nsec()).unwrap_or(0))
 }
 
 /// W3: returns its payload, so 8 MiB travel each way. A `Vec<u8>` goes through serde as a
