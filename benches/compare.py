@@ -224,6 +224,8 @@ def plan(args, exes):
     runs["py w4"] = rust + ["w4", w4_runs, "--", sys.executable, os.path.abspath(__file__),
                             "oneshot"]
     runs["floor w4"] = rust + ["w4", w4_runs, "--", "true"]
+    runs["bare w4"] = rust + ["w4", w4_runs, "--", exes["oneshot"], "bare"]
+    runs["rust start"] = rust + ["start", w4_runs]
     rows = [
         Row(f"W1 map of {count('w1')} tiny tasks, per task", "per_task_us", "us", False, "rust w1", "py w1",
             ("<=", 0.04), "0.37"),
@@ -241,6 +243,14 @@ def plan(args, exes):
             ("<=", 2.5), "151"),
         Row("W4 floor: /bin/true from the same launcher", "ms", "ms", False, "floor w4", None,
             None, "-"),
+        Row("W4 part: the same executable, exiting before the pool", "ms", "ms", False,
+            "bare w4", None, None, "-"),
+        Row("W4 part: Pool::new(2), in-process", "new_ms", "ms", False, "rust start", None,
+            None, "-"),
+        Row("W4 part: first apply", "first_apply_ms", "ms", False, "rust start", None, None,
+            "-"),
+        Row("W4 part: drop (kill and reap)", "drop_ms", "ms", False, "rust start", None, None,
+            "-"),
         Row(f"imap of {count('rss')}: parent peak RSS", "peak_mib", "MiB", False, "rust rss", "py rss",
             ("<=", 50), "grows"),
         Row(f"imap of {count('rss')}: per task", "per_task_us", "us", False, "rust rss", "py rss",
@@ -254,7 +264,8 @@ def plan(args, exes):
                         (">=", 0.95 * int(workers)), "-"))
     if args.only:
         keep = set(args.only.split(","))
-        runs = {k: v for k, v in runs.items() if k.split()[1].split("x")[0] in keep}
+        runs = {k: v for k, v in runs.items()
+                if k.split()[1].split("x")[0].replace("start", "w4") in keep}
         rows = [r for r in rows if r.rust in runs]
     return runs, rows
 

@@ -1,6 +1,7 @@
 //! W4 helper: the whole life of a small program that uses a pool. It starts a pool of 2
 //! workers, runs one task, and exits. `benches/compare.py` times it end to end, many times,
-//! through `workloads w4`; a Python twin lives in compare.py.
+//! through `workloads w4`; a Python twin lives in compare.py. With the argument `bare` it
+//! exits before starting the pool: the floor of a process of this executable.
 
 use multiproc::{Pool, task};
 
@@ -11,6 +12,9 @@ fn square(x: u64) -> u64 {
 
 #[multiproc::main]
 fn main() -> Result<(), multiproc::Error> {
+    if std::env::args().nth(1).as_deref() == Some("bare") {
+        return Ok(());
+    }
     let pool = Pool::new(2)?;
     assert_eq!(pool.apply(square, (7,))?, 49);
     Ok(())

@@ -9,6 +9,7 @@
 //! workloads w3    [tasks=16] [mib=8] [codec=vec|bytes] [workers=2]   8 MiB in + 8 MiB out
 //! workloads w4    [runs=20] -- COMMAND [ARGS...]   whole-process time of COMMAND, run `runs` times
 //! workloads rss   [n=10000000] [workers=2]  imap over a long input: parent memory
+//! workloads start [runs=20] [workers=2]   W4's parts in-process: Pool::new, first apply, drop
 //! ```
 //!
 //! Run without a workload (as `cargo bench --bench workloads` does), it runs each in-process
@@ -221,6 +222,33 @@ fn rss(args: &Args) -> Fields {
     finish(&pool, fields)
 }
 
+/// W4 from the inside: how a pool's life splits into start (every worker spawned and past its
+/// handshake), the first task, and the drop (workers killed and reaped). Medians of `runs`.
+fn start(args: &Args) -> Fields {
+    let runs = args.num("runs", 20);
+    let workers = args.num("workers", 2);
+    let mut parts = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..runs {
+        let (pool, new) = timed(|| Pool::new(workers).expect("starting the pool"));
+        let (out, first) = timed(|| pool.apply(square, (7,)).expect("apply"));
+        assert_eq!(out, 49);
+        let ((), dropped) = timed(|| drop(pool));
+        for (part, seconds) in parts.iter_mut().zip([new, first, dropped]) {
+            part.push(seconds * 1e3);
+        }
+    }
+    let median = |part: &mut Vec<f64>| {
+        part.sort_by(f64::total_cmp);
+        part[part.len() / 2]
+    };
+    vec![
+        ("runs", runs as f64),
+        ("new_ms", median(&mut parts[0])),
+        ("first_apply_ms", median(&mut parts[1])),
+        ("drop_ms", median(&mut parts[2])),
+    ]
+}
+
 fn run(name: &str, args: &Args) -> Fields {
     match name {
         "w1" => w1(args),
@@ -230,6 +258,7 @@ fn run(name: &str, args: &Args) -> Fields {
         "w3" => w3(args),
         "w4" => w4(args),
         "rss" => rss(args),
+        "start" => start(args),
         other => panic!("unknown workload {other:?}: see the doc comment of benches/workloads.rs"),
     }
 }
@@ -260,6 +289,7 @@ fn main() {
                 ("w3", "tasks=4"),
                 ("w3", "tasks=4 codec=bytes"),
                 ("rss", "n=1000000"),
+                ("start", "runs=5"),
             ] {
                 let words: Vec<String> = sizes.split(' ').map(str::to_owned).collect();
                 print_json(name, &run(name, &Args::parse(&words)));
