@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Run without a workload (as `cargo bench --bench workloads` does), it runs each in-process
-//! workload once at a small size and prints the lines: a smoke run, not a measurement.
+//! workload once at a small size and prints the lines: a smoke run, not a measurement (its
+//! peak RSS, for one, includes the workloads before it).
 
 // Figures for a report: precision past 2^52 items or bytes does not matter here.
 #![allow(clippy::cast_precision_loss)]
