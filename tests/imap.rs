@@ -75,6 +75,40 @@ fn first_waits_unary(args: (String, u64)) -> u64 {
     first_waits(args.0, args.1)
 }
 
+fn a_new_call_is_not_queued_behind_one_busy_worker() -> TestResult {
+    let pool = Pool::new(2)?;
+    let gate = Gate::new();
+    let path = gate.path();
+    // A call of short chunks: the pool learns that this task's chunks are quick.
+    let warm: Vec<u64> = pool
+        .with_chunking(Chunking::Fixed(1))
+        .map(first_waits_unary, (1..200).map(|x| (path.clone(), x)))?;
+    assert_eq!(warm.len(), 199);
+    // The same task, a new call, whose first item holds its worker. Nothing of this call may
+    // be sent ahead to that worker before one of its own chunks was measured: the other nine
+    // items must all come out through the other worker while the first is held.
+    let path2 = path.clone();
+    let mut stream = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap_unordered(first_waits_unary, (0..10).map(move |x| (path2.clone(), x)));
+    let (nine, stream) = within(
+        Duration::from_mins(1),
+        "nine items beside a held one",
+        move || {
+            let nine: Vec<_> = stream.by_ref().take(9).collect();
+            (nine, stream)
+        },
+    )
+    .inspect_err(|_| gate.open())?;
+    let mut nine: Vec<u64> = nine.into_iter().collect::<Result<_, _>>()?;
+    nine.sort_unstable();
+    assert_eq!(nine, (1..10).collect::<Vec<_>>());
+    gate.open();
+    let last: Vec<u64> = stream.collect::<Result<_, _>>()?;
+    assert_eq!(last, vec![0]);
+    Ok(())
+}
+
 fn imap_over_an_infinite_input_with_take() -> TestResult {
     let pool = Pool::new(2)?;
     let first = within(Duration::from_mins(2), "imap(0..).take(1000)", move || {
@@ -203,6 +237,7 @@ fn main() {
     support::run(tests![
         imap_keeps_input_order,
         imap_unordered_yields_in_completion_order,
+        a_new_call_is_not_queued_behind_one_busy_worker,
         imap_over_an_infinite_input_with_take,
         imap_memory_stays_flat_over_a_long_stream,
         a_panic_mid_stream_is_an_error_in_place,

@@ -13,12 +13,14 @@ use crate::task::Payload;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// Outcomes of one call, filled by slots, drained by the caller.
 pub(crate) struct CallState<O> {
+    id: u64,
     task: &'static str,
     inbox: Mutex<Inbox<O>>,
     changed: Condvar,
@@ -53,7 +55,9 @@ impl<O> Inbox<O> {
 
 impl<O: Payload> CallState<O> {
     pub(crate) fn new(task: &'static str) -> Arc<CallState<O>> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Arc::new(CallState {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             task,
             inbox: Mutex::new(Inbox {
                 ready: VecDeque::new(),
@@ -157,6 +161,10 @@ impl<O: Payload> CallState<O> {
 }
 
 impl<O: Payload> CallSink for CallState<O> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
     fn task_name(&self) -> &'static str {
         self.task
     }

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 /// Where a chunk's outcomes go: the typed state of one call (`map`, `imap`, `apply`, ...).
 pub(crate) trait CallSink: Send + Sync {
+    /// Unique among the calls of this process.
+    fn id(&self) -> u64;
     /// The registered name of the call's task, for errors.
     fn task_name(&self) -> &'static str;
     /// Decodes `count` encoded outcomes for items `first..` and stores them.

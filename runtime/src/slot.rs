@@ -91,10 +91,12 @@ pub(crate) struct Slot {
     sent_chunks: usize,
     sent_bytes: usize,
     reader: FrameReader,
-    /// When the front chunk started running as far as the parent can tell (monotonic ns),
-    /// and how long the last completed chunk ran.
+    /// When the front chunk started running as far as the parent can tell (monotonic ns).
     front_since: u64,
-    last_chunk: Option<Duration>,
+    /// The call of the last completed chunk and how long that chunk ran. Prefetching is
+    /// decided per call, from its own measured chunks: a short call must not make the long
+    /// one that follows queue its chunks behind one busy worker.
+    last_chunk: Option<(u64, Duration)>,
     /// Items the current worker has completed.
     items_run: u64,
 }
@@ -159,7 +161,7 @@ impl Slot {
                 }
             }
             while self.inflight.len() < self.config.prefetch
-                && self.last_chunk.is_some_and(|took| took < PREFETCH_BELOW)
+                && self.prefetch_pays()
                 && self
                     .budget_left()
                     .is_none_or(|left| left > self.items_in_flight())
@@ -175,6 +177,16 @@ impl Slot {
                 Pumped::Lost(why) => self.on_worker_lost(&why),
             }
         }
+    }
+
+    /// Whether queueing more chunks behind the running one pays: only while chunks of the
+    /// front chunk's call are known to be short.
+    fn prefetch_pays(&self) -> bool {
+        let Some(front) = self.inflight.front() else {
+            return false;
+        };
+        self.last_chunk
+            .is_some_and(|(call, took)| call == front.chunk.call.id() && took < PREFETCH_BELOW)
     }
 
     /// Items the current worker may still start under `max_tasks_per_child`.
@@ -435,11 +447,13 @@ impl Slot {
             front.done += count;
             if front.done == front.chunk.count {
                 self.items_run += u64::from(front.chunk.count);
+                let call = front.chunk.call.id();
                 self.inflight.pop_front();
                 self.sent_chunks -= 1;
                 progress = true;
                 let now = monotonic_ns();
-                self.last_chunk = Some(Duration::from_nanos(now.saturating_sub(self.front_since)));
+                let took = Duration::from_nanos(now.saturating_sub(self.front_since));
+                self.last_chunk = Some((call, took));
                 self.front_since = now;
             }
         }
