@@ -142,11 +142,10 @@ pub(crate) fn check_may_spawn() -> Result<(), Error> {
 }
 
 fn serve(spec: WorkerSpec) -> Result<(), Error> {
-    // SAFETY: the parent created this descriptor for this process alone, cleared its
-    // close-on-exec flag, and passed its number in ENV; nothing else here owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(spec.fd) };
-    // SAFETY: likewise for the status page's descriptor.
-    let status = StatusPage::open(unsafe { OwnedFd::from_raw_fd(spec.status_fd) })?;
+    // SAFETY: the parent created both descriptors for this process alone, cleared their
+    // close-on-exec flags, and passed their numbers in ENV; nothing else here owns them.
+    let (fd, status_fd) = unsafe { (adopt(spec.fd)?, adopt(spec.status_fd)?) };
+    let status = StatusPage::open(status_fd)?;
     guard_against_orphaning(spec.parent)?;
     install_panic_hook();
     let registry = Registry::get()?;
@@ -240,6 +239,26 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     }
     // End of stream: the parent is gone or closed the channel.
     Ok(())
+}
+
+/// Takes ownership of a descriptor inherited from the parent and marks it close-on-exec
+/// again: a process that a task starts must not inherit the channel, or it would hold it
+/// open past this worker's exit and hide that exit from the parent.
+///
+/// # Safety
+///
+/// `raw` must be an open descriptor that nothing else in this process owns.
+unsafe fn adopt(raw: RawFd) -> Result<OwnedFd, Error> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    // SAFETY: the caller guarantees that `raw` is open and unowned.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|err| {
+        Error::io(
+            "marking an inherited descriptor close-on-exec failed",
+            err.into(),
+        )
+    })?;
+    Ok(fd)
 }
 
 fn write_all(conn: &mut UnixStream, bytes: &[u8]) -> Result<(), Error> {
