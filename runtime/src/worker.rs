@@ -373,6 +373,24 @@ pub(crate) enum Outcome<T> {
     },
 }
 
+impl<T> Outcome<T> {
+    /// The task's value, or its panic or failure as an error (the caller adds which task and
+    /// item it concerns).
+    pub(crate) fn into_result(self) -> Result<T, Error> {
+        match self {
+            Outcome::Ok(value) => Ok(value),
+            Outcome::Panicked {
+                message,
+                location,
+                backtrace,
+            } => Err(Error::new(ErrorKind::Panicked, message)
+                .with_location(location)
+                .with_backtrace(backtrace)),
+            Outcome::Failed { message } => Err(Error::new(ErrorKind::Codec, message)),
+        }
+    }
+}
+
 /// The message and location of a failed outcome, read without knowing the task's output
 /// type: `None` for a success. Relies on the variant order of [`Outcome`].
 pub(crate) fn outcome_failure(encoded: &[u8]) -> Option<(String, Option<String>)> {
