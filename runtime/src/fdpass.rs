@@ -9,8 +9,10 @@
 //! with its index. Outside these scopes, attaching or taking is an error that says where
 //! handles can travel.
 
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, send, sendmsg};
 use std::cell::RefCell;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// The most descriptors one message can carry (Linux's `SCM_MAX_FD`).
 pub(crate) const MAX_FDS: usize = 253;
@@ -81,6 +83,73 @@ pub(crate) fn take(index: u32) -> Result<OwnedFd, String> {
         list.get_mut(index as usize)
             .and_then(Option::take)
             .ok_or_else(|| format!("channel handle {index} is missing from the message"))
+    })
+}
+
+/// Sends `bytes` on the Unix socket `socket`, with `fds` riding along (`SCM_RIGHTS`) when
+/// there are any. Returns the bytes sent, like `send(2)`; the descriptors travel with the
+/// first byte.
+pub(crate) fn send_with(
+    socket: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[OwnedFd],
+    flags: MsgFlags,
+) -> nix::Result<usize> {
+    if fds.is_empty() {
+        return send(socket.as_raw_fd(), bytes, flags);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let control = [ControlMessage::ScmRights(&raw)];
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &control,
+        flags,
+        None,
+    )
+}
+
+/// What [`recv_with`] received.
+pub(crate) struct Received {
+    /// Bytes written to the buffer.
+    pub bytes: usize,
+    /// The message's flags: `MSG_TRUNC` or `MSG_CTRUNC` mean part of it was lost.
+    pub flags: MsgFlags,
+    /// Descriptors that came with it, close-on-exec.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Receives into `buf` from the Unix socket `socket` with `recvmsg`, keeping any descriptors
+/// that arrive with the bytes (`SCM_RIGHTS`, up to [`MAX_FDS`]).
+pub(crate) fn recv_with(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> nix::Result<Received> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for control in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = control {
+            // SAFETY: the kernel installed these descriptors in our table for this message;
+            // nothing else owns them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok(Received {
+        bytes: msg.bytes,
+        flags: msg.flags,
+        fds,
     })
 }
 

@@ -25,10 +25,9 @@ use crate::spawn::{SpawnOptions, WorkerProcess, describe_status, status_parts};
 use crate::status::monotonic_ns;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, MsgFlags, send, sendmsg};
+use nix::sys::socket::MsgFlags;
 use std::collections::VecDeque;
-use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
@@ -372,15 +371,13 @@ impl Slot {
         while let Some(flight) = self.inflight.get(self.sent_chunks) {
             let frame = &flight.chunk.frame[self.sent_bytes..];
             let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-            let fd = worker.conn.as_raw_fd();
-            let written = if self.sent_bytes == 0 && !flight.chunk.fds.is_empty() {
-                // The descriptors ride on the first byte of the chunk's `Descriptors` frame.
-                let raw: Vec<RawFd> = flight.chunk.fds.iter().map(AsRawFd::as_raw_fd).collect();
-                let control = [ControlMessage::ScmRights(&raw)];
-                sendmsg::<()>(fd, &[IoSlice::new(frame)], &control, flags, None)
+            // The descriptors ride on the first byte of the chunk's `Descriptors` frame.
+            let fds: &[_] = if self.sent_bytes == 0 {
+                &flight.chunk.fds
             } else {
-                send(fd, frame, flags)
+                &[]
             };
+            let written = crate::fdpass::send_with(worker.conn.as_fd(), frame, fds, flags);
             match written {
                 Ok(n) => {
                     self.sent_bytes += n;

@@ -275,26 +275,18 @@ struct FdStream<'a> {
 
 impl std::io::Read for FdStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-        use std::os::fd::AsRawFd;
-        let mut space = nix::cmsg_space!([RawFd; crate::fdpass::MAX_FDS]);
-        let mut iov = [std::io::IoSliceMut::new(buf)];
-        let msg = recvmsg::<()>(
-            self.conn.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        for control in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(fds) = control {
-                for fd in fds {
-                    // SAFETY: the kernel installed this descriptor in our table for this
-                    // message; nothing else owns it.
-                    self.received.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
+        use nix::sys::socket::MsgFlags;
+        use std::os::fd::AsFd;
+        let received = crate::fdpass::recv_with(self.conn.as_fd(), buf, MsgFlags::empty())?;
+        if received.flags.contains(MsgFlags::MSG_CTRUNC) {
+            // The kernel dropped descriptors that did not fit: the arguments would refer to
+            // handles that never arrived.
+            return Err(std::io::Error::other(
+                "descriptors sent with a frame were lost (control message truncated)",
+            ));
         }
-        Ok(msg.bytes)
+        self.received.extend(received.fds);
+        Ok(received.bytes)
     }
 }
 
