@@ -9,6 +9,7 @@
 //! with its index. Outside these scopes, attaching or taking is an error that says where
 //! handles can travel.
 
+use crate::error::{Error, ErrorKind};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, send, sendmsg};
 use std::cell::RefCell;
 use std::io::{IoSlice, IoSliceMut};
@@ -20,10 +21,14 @@ pub(crate) const MAX_FDS: usize = 253;
 thread_local! {
     static OUTGOING: RefCell<Option<Vec<OwnedFd>>> = const { RefCell::new(None) };
     static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+    /// Why the last handle that refused to be encoded refused: postcard keeps no message
+    /// for a custom serialization error, so the encoder's caller reads it here.
+    static REFUSAL: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` (an encoding) with descriptor collection on; returns what it attached.
 pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
+    REFUSAL.take();
     let outer = OUTGOING.replace(Some(Vec::new()));
     let result = f();
     let fds = OUTGOING.replace(outer).unwrap_or_default();
@@ -47,7 +52,7 @@ pub(crate) fn supply<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
 // Callers: the channel handles' Serialize impls.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn attach(fd: BorrowedFd<'_>) -> Result<u32, String> {
-    OUTGOING.with_borrow_mut(|outgoing| {
+    let attached = OUTGOING.with_borrow_mut(|outgoing| {
         let Some(list) = outgoing else {
             return Err(
                 "a channel handle can only be sent as an argument of a task (Pool or Process); \
@@ -65,7 +70,26 @@ pub(crate) fn attach(fd: BorrowedFd<'_>) -> Result<u32, String> {
             .map_err(|err| format!("duplicating a descriptor failed: {err}"))?;
         list.push(dup);
         Ok(u32::try_from(list.len() - 1).expect("below MAX_FDS"))
-    })
+    });
+    if let Err(reason) = &attached {
+        REFUSAL.set(Some(reason.clone()));
+    }
+    attached
+}
+
+/// The error of an encoding that failed: with the reason a channel handle gave when one
+/// refused to be encoded (postcard's own error says only "Serde Serialization Error").
+pub(crate) fn encode_error(context: String, err: postcard::Error) -> Error {
+    match REFUSAL.take() {
+        Some(reason) => Error::new(ErrorKind::Codec, format!("{context}: {reason}")),
+        None => Error::codec(context, err),
+    }
+}
+
+/// Why an encoding failed, as text: the reason a channel handle gave when one refused,
+/// else the codec's error.
+pub(crate) fn refusal_or(err: &postcard::Error) -> String {
+    REFUSAL.take().unwrap_or_else(|| err.to_string())
 }
 
 /// Deserialize side of a handle: the descriptor sent at `index`, once.
@@ -171,6 +195,26 @@ mod tests {
             attach(r.as_fd())
                 .unwrap_err()
                 .contains("argument of a task")
+        );
+    }
+
+    #[test]
+    fn a_refusal_reaches_the_encoding_error_once() {
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        assert!(attach(r.as_fd()).is_err());
+        let err = encode_error("ctx".to_owned(), postcard::Error::SerdeSerCustom);
+        assert!(
+            err.to_string()
+                .starts_with("ctx: a channel handle can only be sent"),
+            "{err}"
+        );
+        let err = encode_error("ctx".to_owned(), postcard::Error::SerdeSerCustom);
+        assert_eq!(err.to_string(), "ctx", "taken once");
+        assert!(attach(r.as_fd()).is_err());
+        let _ = collect(|| ());
+        assert_eq!(
+            refusal_or(&postcard::Error::SerdeSerCustom),
+            "Serde Serialization Error"
         );
     }
 

@@ -433,7 +433,8 @@ pub(crate) fn run_chunk<T: Task>(
                 let mark = output.len();
                 if let Err(err) = codec::encode_into(&OutcomeRef::Ok(&value), output) {
                     output.truncate(mark);
-                    push_failure::<T>(output, &format!("could not encode the result: {err}"));
+                    let reason = crate::fdpass::refusal_or(&err);
+                    push_failure::<T>(output, &format!("could not encode the result: {reason}"));
                 }
             }
             Err(panic) => {
