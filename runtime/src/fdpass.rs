@@ -6,8 +6,9 @@
 //! index it encodes. The chunk then travels as a `Descriptors` frame that carries those
 //! descriptors (`SCM_RIGHTS` on the Unix socket) followed by its `Run` frame. The worker
 //! decodes the arguments inside [`supply`], where a handle's `Deserialize` calls [`take`]
-//! with its index. Outside these scopes, attaching or taking is an error that says where
-//! handles can travel.
+//! with its index. A channel message is encoded and decoded inside the same scopes (see
+//! `channel`), so handles also travel inside messages. Outside these scopes, attaching or
+//! taking is an error that says where handles can travel.
 
 use crate::error::{Error, ErrorKind};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, send, sendmsg};
@@ -50,19 +51,19 @@ pub(crate) fn supply<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
 ///
 /// When no message that can carry descriptors is being encoded.
 // Callers: the channel handles' Serialize impls.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn attach(fd: BorrowedFd<'_>) -> Result<u32, String> {
     let attached = OUTGOING.with_borrow_mut(|outgoing| {
         let Some(list) = outgoing else {
             return Err(
-                "a channel handle can only be sent as an argument of a task (Pool or Process); \
-                 it cannot be encoded anywhere else"
+                "a channel handle can only be sent as an argument of a task (Pool or Process) \
+                 or inside a message on a channel; it cannot be encoded anywhere else"
                     .to_owned(),
             );
         };
         if list.len() >= MAX_FDS {
             return Err(format!(
-                "one chunk can carry at most {MAX_FDS} channel handles"
+                "one message (a chunk of task arguments, or a channel message) can carry at \
+                 most {MAX_FDS} channel handles"
             ));
         }
         let dup = fd
@@ -98,12 +99,11 @@ pub(crate) fn refusal_or(err: &postcard::Error) -> String {
 ///
 /// Outside a decoding that received descriptors, or for an index that is missing or taken.
 // Callers: the channel handles' Deserialize impls.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn take(index: u32) -> Result<OwnedFd, String> {
     INCOMING.with_borrow_mut(|incoming| {
-        let list = incoming
-            .as_mut()
-            .ok_or("a channel handle can only be decoded from a task's arguments")?;
+        let list = incoming.as_mut().ok_or(
+            "a channel handle can only be decoded from a task's arguments or a channel message",
+        )?;
         list.get_mut(index as usize)
             .and_then(Option::take)
             .ok_or_else(|| format!("channel handle {index} is missing from the message"))

@@ -2,13 +2,16 @@
 //! the wire protocol, the pool and its results. Depend on the `multiproc` crate instead; it
 //! re-exports everything public here, with the attribute macros.
 
+mod channel;
 mod chunk;
 mod codec;
 mod error;
 mod fdpass;
 mod imap;
+mod pipe;
 mod pool;
 mod protocol;
+mod queue;
 mod registry;
 mod result;
 mod sched;
@@ -22,7 +25,9 @@ mod worker;
 pub use chunk::Chunking;
 pub use error::{Error, ErrorKind};
 pub use imap::IMap;
+pub use pipe::{Connection, Messages, Receiver, Sender, duplex, pipe};
 pub use pool::{Call, Pool, PoolBuilder};
+pub use queue::Queue;
 pub use result::AsyncResult;
 pub use task::{Payload, Task, UnaryTask};
 
