@@ -218,7 +218,7 @@ impl Endpoint {
                 Ok(received) => break received,
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => return Ok(None),
-                Err(Errno::ECONNRESET) => return Err(disconnected()),
+                Err(Errno::ECONNRESET | Errno::ENOTCONN) => return Err(disconnected()),
                 Err(err) => return Err(Error::io("receiving a message failed", err.into())),
             }
         };
