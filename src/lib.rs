@@ -8,6 +8,9 @@
 //!   [`Pool::apply`], their `_async` forms returning [`AsyncResult`], and the lazy streams
 //!   [`Pool::imap`] and [`Pool::imap_unordered`] ([`IMap`]). [`Chunking`] sets how many items
 //!   travel in one message; [`Pool::with_chunking`] sets it for one call ([`Call`]).
+//! - [`Process`] runs one task call in a child process of its own; [`pipe`] ([`Sender`],
+//!   [`Receiver`], [`Messages`]), [`duplex`] ([`Connection`]) and [`Queue`] carry values
+//!   between processes, and travel to them as task arguments.
 //! - [`Error`] and [`ErrorKind`]: every failure, typed. [`Payload`] is the bound on values
 //!   that cross a process boundary.
 
@@ -76,8 +79,8 @@ pub use multiproc_macros::task;
 pub use multiproc_macros::main;
 
 pub use multiproc_runtime::{
-    AsyncResult, Call, Chunking, Error, ErrorKind, IMap, Payload, Pool, PoolBuilder, Task,
-    UnaryTask,
+    AsyncResult, Call, Chunking, Connection, Error, ErrorKind, IMap, Messages, Payload, Pool,
+    PoolBuilder, Process, Queue, Receiver, Sender, Task, UnaryTask, duplex, pipe,
 };
 
 /// Used by the code the attributes generate. Not public API.

@@ -98,7 +98,7 @@ pub(crate) fn encode_chunk<A: Serialize>(
         Ok(())
     });
     if let Err((index, err)) = encoded {
-        let err = Error::codec(
+        let err = crate::fdpass::encode_error(
             format!("the arguments of item {index} could not be encoded"),
             err,
         );

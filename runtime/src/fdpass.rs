@@ -6,11 +6,15 @@
 //! index it encodes. The chunk then travels as a `Descriptors` frame that carries those
 //! descriptors (`SCM_RIGHTS` on the Unix socket) followed by its `Run` frame. The worker
 //! decodes the arguments inside [`supply`], where a handle's `Deserialize` calls [`take`]
-//! with its index. Outside these scopes, attaching or taking is an error that says where
-//! handles can travel.
+//! with its index. A channel message is encoded and decoded inside the same scopes (see
+//! `channel`), so handles also travel inside messages. Outside these scopes, attaching or
+//! taking is an error that says where handles can travel.
 
+use crate::error::{Error, ErrorKind};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, send, sendmsg};
 use std::cell::RefCell;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// The most descriptors one message can carry (Linux's `SCM_MAX_FD`).
 pub(crate) const MAX_FDS: usize = 253;
@@ -18,10 +22,14 @@ pub(crate) const MAX_FDS: usize = 253;
 thread_local! {
     static OUTGOING: RefCell<Option<Vec<OwnedFd>>> = const { RefCell::new(None) };
     static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+    /// Why the last handle that refused to be encoded refused: postcard keeps no message
+    /// for a custom serialization error, so the encoder's caller reads it here.
+    static REFUSAL: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` (an encoding) with descriptor collection on; returns what it attached.
 pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
+    REFUSAL.take();
     let outer = OUTGOING.replace(Some(Vec::new()));
     let result = f();
     let fds = OUTGOING.replace(outer).unwrap_or_default();
@@ -43,19 +51,19 @@ pub(crate) fn supply<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
 ///
 /// When no message that can carry descriptors is being encoded.
 // Callers: the channel handles' Serialize impls.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn attach(fd: BorrowedFd<'_>) -> Result<u32, String> {
-    OUTGOING.with_borrow_mut(|outgoing| {
+    let attached = OUTGOING.with_borrow_mut(|outgoing| {
         let Some(list) = outgoing else {
             return Err(
-                "a channel handle can only be sent as an argument of a task (Pool or Process); \
-                 it cannot be encoded anywhere else"
+                "a channel handle can only be sent as an argument of a task (Pool or Process) \
+                 or inside a message on a channel; it cannot be encoded anywhere else"
                     .to_owned(),
             );
         };
         if list.len() >= MAX_FDS {
             return Err(format!(
-                "one chunk can carry at most {MAX_FDS} channel handles"
+                "one message (a chunk of task arguments, or a channel message) can carry at \
+                 most {MAX_FDS} channel handles"
             ));
         }
         let dup = fd
@@ -63,7 +71,26 @@ pub(crate) fn attach(fd: BorrowedFd<'_>) -> Result<u32, String> {
             .map_err(|err| format!("duplicating a descriptor failed: {err}"))?;
         list.push(dup);
         Ok(u32::try_from(list.len() - 1).expect("below MAX_FDS"))
-    })
+    });
+    if let Err(reason) = &attached {
+        REFUSAL.set(Some(reason.clone()));
+    }
+    attached
+}
+
+/// The error of an encoding that failed: with the reason a channel handle gave when one
+/// refused to be encoded (postcard's own error says only "Serde Serialization Error").
+pub(crate) fn encode_error(context: String, err: postcard::Error) -> Error {
+    match REFUSAL.take() {
+        Some(reason) => Error::new(ErrorKind::Codec, format!("{context}: {reason}")),
+        None => Error::codec(context, err),
+    }
+}
+
+/// Why an encoding failed, as text: the reason a channel handle gave when one refused,
+/// else the codec's error.
+pub(crate) fn refusal_or(err: &postcard::Error) -> String {
+    REFUSAL.take().unwrap_or_else(|| err.to_string())
 }
 
 /// Deserialize side of a handle: the descriptor sent at `index`, once.
@@ -72,15 +99,81 @@ pub(crate) fn attach(fd: BorrowedFd<'_>) -> Result<u32, String> {
 ///
 /// Outside a decoding that received descriptors, or for an index that is missing or taken.
 // Callers: the channel handles' Deserialize impls.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn take(index: u32) -> Result<OwnedFd, String> {
     INCOMING.with_borrow_mut(|incoming| {
-        let list = incoming
-            .as_mut()
-            .ok_or("a channel handle can only be decoded from a task's arguments")?;
+        let list = incoming.as_mut().ok_or(
+            "a channel handle can only be decoded from a task's arguments or a channel message",
+        )?;
         list.get_mut(index as usize)
             .and_then(Option::take)
             .ok_or_else(|| format!("channel handle {index} is missing from the message"))
+    })
+}
+
+/// Sends `bytes` on the Unix socket `socket`, with `fds` riding along (`SCM_RIGHTS`) when
+/// there are any. Returns the bytes sent, like `send(2)`; the descriptors travel with the
+/// first byte.
+pub(crate) fn send_with(
+    socket: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[OwnedFd],
+    flags: MsgFlags,
+) -> nix::Result<usize> {
+    if fds.is_empty() {
+        return send(socket.as_raw_fd(), bytes, flags);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let control = [ControlMessage::ScmRights(&raw)];
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &control,
+        flags,
+        None,
+    )
+}
+
+/// What [`recv_with`] received.
+pub(crate) struct Received {
+    /// Bytes written to the buffer.
+    pub bytes: usize,
+    /// The message's flags: `MSG_TRUNC` or `MSG_CTRUNC` mean part of it was lost.
+    pub flags: MsgFlags,
+    /// Descriptors that came with it, close-on-exec.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Receives into `buf` from the Unix socket `socket` with `recvmsg`, keeping any descriptors
+/// that arrive with the bytes (`SCM_RIGHTS`, up to [`MAX_FDS`]).
+pub(crate) fn recv_with(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> nix::Result<Received> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for control in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = control {
+            // SAFETY: the kernel installed these descriptors in our table for this message;
+            // nothing else owns them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok(Received {
+        bytes: msg.bytes,
+        flags: msg.flags,
+        fds,
     })
 }
 
@@ -102,6 +195,26 @@ mod tests {
             attach(r.as_fd())
                 .unwrap_err()
                 .contains("argument of a task")
+        );
+    }
+
+    #[test]
+    fn a_refusal_reaches_the_encoding_error_once() {
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        assert!(attach(r.as_fd()).is_err());
+        let err = encode_error("ctx".to_owned(), postcard::Error::SerdeSerCustom);
+        assert!(
+            err.to_string()
+                .starts_with("ctx: a channel handle can only be sent"),
+            "{err}"
+        );
+        let err = encode_error("ctx".to_owned(), postcard::Error::SerdeSerCustom);
+        assert_eq!(err.to_string(), "ctx", "taken once");
+        assert!(attach(r.as_fd()).is_err());
+        let _ = collect(|| ());
+        assert_eq!(
+            refusal_or(&postcard::Error::SerdeSerCustom),
+            "Serde Serialization Error"
         );
     }
 

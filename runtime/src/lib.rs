@@ -4,14 +4,18 @@
 
 mod builder;
 mod call;
+mod channel;
 mod chunk;
 mod codec;
 mod error;
 mod fdpass;
 mod imap;
 mod outcome;
+mod pipe;
 mod pool;
+mod process;
 mod protocol;
+mod queue;
 mod registry;
 mod result;
 mod sched;
@@ -19,6 +23,7 @@ mod slot;
 mod spawn;
 mod status;
 mod stderr;
+mod supervisor;
 mod task;
 mod worker;
 
@@ -27,7 +32,10 @@ pub use call::Call;
 pub use chunk::Chunking;
 pub use error::{Error, ErrorKind};
 pub use imap::IMap;
+pub use pipe::{Connection, Messages, Receiver, Sender, duplex, pipe};
 pub use pool::Pool;
+pub use process::Process;
+pub use queue::Queue;
 pub use result::AsyncResult;
 pub use task::{Payload, Task, UnaryTask};
 

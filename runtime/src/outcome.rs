@@ -6,6 +6,7 @@
 //! measured several times the cost of decoding the value itself (see BENCHMARKS.md).
 
 use crate::codec;
+use crate::error::{Error, ErrorKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -24,6 +25,24 @@ pub(crate) enum Outcome<T> {
     Failed {
         message: String,
     },
+}
+
+impl<T> Outcome<T> {
+    /// The task's value, or its panic or failure as an error (the caller adds which task and
+    /// item it concerns).
+    pub(crate) fn into_result(self) -> Result<T, Error> {
+        match self {
+            Outcome::Ok(value) => Ok(value),
+            Outcome::Panicked {
+                message,
+                location,
+                backtrace,
+            } => Err(Error::new(ErrorKind::Panicked, message)
+                .with_location(location)
+                .with_backtrace(backtrace)),
+            Outcome::Failed { message } => Err(Error::new(ErrorKind::Codec, message)),
+        }
+    }
 }
 
 /// Appends a successful outcome. On error, `out` may hold a partial encoding: truncate it.

@@ -145,18 +145,9 @@ impl<O: Payload> CallState<O> {
     }
 
     fn convert(&self, index: usize, outcome: Outcome<O>) -> Result<O, Error> {
-        match outcome {
-            Outcome::Ok(value) => Ok(value),
-            Outcome::Panicked {
-                message,
-                location,
-                backtrace,
-            } => Err(Error::new(crate::ErrorKind::Panicked, message)
-                .with_location(location)
-                .with_backtrace(backtrace)),
-            Outcome::Failed { message } => Err(Error::new(crate::ErrorKind::Codec, message)),
-        }
-        .map_err(|err| err.with_task(self.task).with_index(index))
+        outcome
+            .into_result()
+            .map_err(|err| err.with_task(self.task).with_index(index))
     }
 }
 

@@ -25,10 +25,10 @@ use crate::spawn::{SpawnOptions, WorkerProcess, describe_status, status_parts};
 use crate::status::{Published, monotonic_ns};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use nix::sys::socket::{MsgFlags, sendmsg};
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
@@ -388,9 +388,7 @@ impl Slot {
             let pending = &flight.chunk.frame[self.sent_bytes..];
             let written = if self.sent_bytes == 0 && !flight.chunk.fds.is_empty() {
                 // The descriptors ride on the first byte of the chunk's `Descriptors` frame.
-                let raw: Vec<RawFd> = flight.chunk.fds.iter().map(AsRawFd::as_raw_fd).collect();
-                let control = [ControlMessage::ScmRights(&raw)];
-                sendmsg::<()>(fd, &[IoSlice::new(pending)], &control, flags, None)
+                crate::fdpass::send_with(worker.conn.as_fd(), pending, &flight.chunk.fds, flags)
             } else {
                 let mut slices = vec![IoSlice::new(pending)];
                 slices.extend(

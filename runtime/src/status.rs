@@ -49,7 +49,8 @@ impl StatusPage {
     /// Creates a zeroed page (parent side). Its descriptor is close-on-exec; the spawner
     /// passes it to one worker explicitly.
     pub(crate) fn create() -> Result<StatusPage, Error> {
-        let fd = anonymous_file()?;
+        let fd = anonymous_file(c"multiproc-status")
+            .map_err(|err| Error::io("creating a worker status page failed", err))?;
         nix::unistd::ftruncate(&fd, i64::try_from(SIZE).expect("a small struct"))
             .map_err(|err| Error::io("sizing a worker status page failed", err.into()))?;
         StatusPage::map(fd)
@@ -128,27 +129,31 @@ pub(crate) fn monotonic_ns() -> u64 {
     now.as_nanos() as u64
 }
 
+/// A close-on-exec file in memory that has no name on any file system: a memfd where the
+/// system has them. Shared by the status page and channel messages too large to travel
+/// inline.
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-fn anonymous_file() -> Result<OwnedFd, Error> {
+pub(crate) fn anonymous_file(name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
     use nix::sys::memfd::{MFdFlags, memfd_create};
-    memfd_create(c"multiproc-status", MFdFlags::MFD_CLOEXEC)
-        .map_err(|err| Error::io("creating a worker status page failed", err.into()))
+    Ok(memfd_create(name, MFdFlags::MFD_CLOEXEC)?)
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-fn anonymous_file() -> Result<OwnedFd, Error> {
+pub(crate) fn anonymous_file(name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
     // An unlinked temporary file: no name outlives this call.
     let path = std::env::temp_dir().join(format!(
-        "multiproc-status-{}-{}",
+        "{}-{}-{}",
+        name.to_string_lossy(),
         std::process::id(),
-        monotonic_ns()
+        NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(&path)
-        .map_err(|err| Error::io("creating a worker status page failed", err))?;
+        .open(&path)?;
     let _ = std::fs::remove_file(&path);
     Ok(file.into())
 }

@@ -142,11 +142,10 @@ pub(crate) fn check_may_spawn() -> Result<(), Error> {
 }
 
 fn serve(spec: WorkerSpec) -> Result<(), Error> {
-    // SAFETY: the parent created this descriptor for this process alone, cleared its
-    // close-on-exec flag, and passed its number in ENV; nothing else here owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(spec.fd) };
-    // SAFETY: likewise for the status page's descriptor.
-    let status = StatusPage::open(unsafe { OwnedFd::from_raw_fd(spec.status_fd) })?;
+    // SAFETY: the parent created both descriptors for this process alone, cleared their
+    // close-on-exec flags, and passed their numbers in ENV; nothing else here owns them.
+    let (fd, status_fd) = unsafe { (adopt(spec.fd)?, adopt(spec.status_fd)?) };
+    let status = StatusPage::open(status_fd)?;
     guard_against_orphaning(spec.parent)?;
     install_panic_hook();
     let registry = Registry::get()?;
@@ -250,6 +249,26 @@ fn flush(conn: &mut UnixStream, out: &mut Vec<u8>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Takes ownership of a descriptor inherited from the parent and marks it close-on-exec
+/// again: a process that a task starts must not inherit the channel, or it would hold it
+/// open past this worker's exit and hide that exit from the parent.
+///
+/// # Safety
+///
+/// `raw` must be an open descriptor that nothing else in this process owns.
+unsafe fn adopt(raw: RawFd) -> Result<OwnedFd, Error> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    // SAFETY: the caller guarantees that `raw` is open and unowned.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|err| {
+        Error::io(
+            "marking an inherited descriptor close-on-exec failed",
+            err.into(),
+        )
+    })?;
+    Ok(fd)
+}
+
 fn write_all(conn: &mut UnixStream, bytes: &[u8]) -> Result<(), Error> {
     conn.write_all(bytes)
         .map_err(|err| Error::io("writing to the parent failed", err))
@@ -264,26 +283,18 @@ struct FdStream<'a> {
 
 impl std::io::Read for FdStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-        use std::os::fd::AsRawFd;
-        let mut space = nix::cmsg_space!([RawFd; crate::fdpass::MAX_FDS]);
-        let mut iov = [std::io::IoSliceMut::new(buf)];
-        let msg = recvmsg::<()>(
-            self.conn.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        for control in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(fds) = control {
-                for fd in fds {
-                    // SAFETY: the kernel installed this descriptor in our table for this
-                    // message; nothing else owns it.
-                    self.received.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
+        use nix::sys::socket::MsgFlags;
+        use std::os::fd::AsFd;
+        let received = crate::fdpass::recv_with(self.conn.as_fd(), buf, MsgFlags::empty())?;
+        if received.flags.contains(MsgFlags::MSG_CTRUNC) {
+            // The kernel dropped descriptors that did not fit: the arguments would refer to
+            // handles that never arrived.
+            return Err(std::io::Error::other(
+                "descriptors sent with a frame were lost (control message truncated)",
+            ));
         }
-        Ok(msg.bytes)
+        self.received.extend(received.fds);
+        Ok(received.bytes)
     }
 }
 
@@ -362,7 +373,11 @@ pub(crate) fn run_chunk<T: Task>(
                 let mark = output.len();
                 if let Err(err) = outcome::encode_ok(&value, output) {
                     output.truncate(mark);
-                    outcome::encode_failed(&format!("could not encode the result: {err}"), output);
+                    let reason = crate::fdpass::refusal_or(&err);
+                    outcome::encode_failed(
+                        &format!("could not encode the result: {reason}"),
+                        output,
+                    );
                 }
             }
             Err(panic) => outcome::encode_panicked(

@@ -1,0 +1,285 @@
+//! `Process`: every method, outcomes (value, panic, crash, signals), timeouts, and no orphan
+//! in any case: a running process dropped, a parent killed, a child that starts its own
+//! long-lived process.
+
+mod support;
+
+use multiproc::{ErrorKind, Process, Sender, pipe, task};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::{Gate, TestResult, ensure, pass_gate, wait_gone, within};
+
+const LIMIT: Duration = Duration::from_mins(1);
+const SCENARIO: &str = "MULTIPROC_TEST_PROCESS_SCENARIO";
+
+#[task]
+fn add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+#[task]
+fn own_pid() -> u32 {
+    std::process::id()
+}
+
+#[task]
+fn wait_at(gate: String) -> String {
+    pass_gate(&gate);
+    "through".to_owned()
+}
+
+#[task]
+fn fail(how: String) -> u8 {
+    match how.as_str() {
+        "panic" => panic!("no such user: {how}"),
+        "abort" => {
+            eprintln!("about to abort");
+            std::process::abort()
+        }
+        "exit" => std::process::exit(3),
+        _ => 0,
+    }
+}
+
+#[task]
+fn park_forever() {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Starts `sleep 600` and returns its pid without waiting for it.
+#[allow(clippy::zombie_processes)]
+#[task]
+fn start_sleeper() -> u32 {
+    Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("spawn sleep")
+        .id()
+}
+
+/// Starts `sleep 600`, sends its pid, then hangs.
+#[allow(clippy::zombie_processes)]
+#[task]
+fn hang_with_a_child(pids: Sender<u32>) {
+    let child = Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("spawn sleep");
+    pids.send(child.id()).expect("send the pid");
+    loop {
+        std::thread::park();
+    }
+}
+
+fn new_start_join_and_accessors() -> TestResult {
+    let mut p = Process::new(add, (2, 3));
+    assert!(!p.is_alive());
+    assert_eq!((p.pid(), p.exit_status()), (None, None));
+    let err = p.join().expect_err("not started");
+    assert_eq!(err.kind(), ErrorKind::Spawn, "{err}");
+    p.start()?;
+    let pid = p.pid().expect("a started process has a pid");
+    ensure(pid != std::process::id(), "a process of its own")?;
+    assert_eq!(p.join()?, 5);
+    assert!(!p.is_alive());
+    assert!(p.exit_status().is_some_and(|s| s.success()), "{p:?}");
+    let err = p.join().expect_err("joined already");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    let err = p.start().expect_err("started already");
+    assert_eq!(err.kind(), ErrorKind::Spawn, "{err}");
+    ensure(format!("{p:?}").contains("::add"), format!("{p:?}"))?;
+    Ok(())
+}
+
+fn spawn_runs_processes_side_by_side() -> TestResult {
+    let mut processes = (0..4)
+        .map(|_| Process::spawn(own_pid, ()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut pids = Vec::new();
+    for p in &mut processes {
+        let reported = p.join()?;
+        assert_eq!(Some(reported), p.pid());
+        pids.push(reported);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 4, "four distinct processes");
+    Ok(())
+}
+
+fn a_panic_is_an_error_and_the_process_exits_cleanly() -> TestResult {
+    let mut p = Process::spawn(fail, ("panic".to_owned(),))?;
+    let err = p.join().expect_err("it panics");
+    assert_eq!(err.kind(), ErrorKind::Panicked, "{err}");
+    assert_eq!(err.message(), "no such user: panic");
+    ensure(
+        err.location().is_some_and(|at| at.contains("process.rs")),
+        format!("{err:?}"),
+    )?;
+    ensure(
+        err.task().is_some_and(|t| t.ends_with("::fail")),
+        err.to_string(),
+    )?;
+    assert!(p.exit_status().is_some_and(|s| s.success()));
+    Ok(())
+}
+
+fn a_crash_is_an_error_with_its_signal_exit_code_and_stderr() -> TestResult {
+    let mut p = Process::spawn(fail, ("abort".to_owned(),))?;
+    let err = p.join().expect_err("it aborts");
+    assert_eq!(err.kind(), ErrorKind::Crashed, "{err}");
+    assert_eq!(err.signal(), Some(Signal::SIGABRT as i32), "{err}");
+    ensure(
+        err.stderr_tail()
+            .is_some_and(|t| t.contains("about to abort")),
+        err.to_string(),
+    )?;
+    assert_eq!(
+        p.exit_status().and_then(|s| s.signal()),
+        Some(Signal::SIGABRT as i32)
+    );
+    let mut p = Process::spawn(fail, ("exit".to_owned(),))?;
+    let err = p.join().expect_err("it exits mid-task");
+    assert_eq!((err.kind(), err.exit_code()), (ErrorKind::Crashed, Some(3)));
+    assert_eq!(p.exit_status().and_then(|s| s.code()), Some(3));
+    Ok(())
+}
+
+fn join_timeout_leaves_it_running() -> TestResult {
+    let gate = Gate::new();
+    let mut p = Process::spawn(wait_at, (gate.path(),))?;
+    let err = p
+        .join_timeout(Duration::from_millis(50))
+        .expect_err("held at the gate");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(p.is_alive());
+    gate.open();
+    let out = within(LIMIT, "join after the gate opened", move || {
+        (p.join_timeout(Duration::from_hours(1)), p.is_alive())
+    })?;
+    assert_eq!(out.0?, "through");
+    assert!(!out.1);
+    Ok(())
+}
+
+fn terminate_and_kill_signal_it() -> TestResult {
+    for (signal, stop) in [
+        (
+            Signal::SIGTERM,
+            Process::terminate as fn(&Process<park_forever>),
+        ),
+        (Signal::SIGKILL, Process::kill),
+    ] {
+        let mut p = Process::spawn(park_forever, ())?;
+        stop(&p);
+        let (joined, status) = within(LIMIT, "join after a signal", move || {
+            (p.join(), p.exit_status())
+        })?;
+        let err = joined.expect_err("stopped");
+        assert_eq!(err.kind(), ErrorKind::Crashed, "{err}");
+        assert_eq!(err.signal(), Some(signal as i32), "{err}");
+        ensure(err.message().contains("was stopped with"), err.to_string())?;
+        assert_eq!(status.and_then(|s| s.signal()), Some(signal as i32));
+    }
+    // Signalling a process that has exited does nothing.
+    let mut p = Process::spawn(add, (1, 1))?;
+    assert_eq!(p.join()?, 2);
+    p.terminate();
+    p.kill();
+    assert!(p.exit_status().is_some_and(|s| s.success()));
+    Ok(())
+}
+
+fn dropping_a_running_process_kills_it_and_what_it_started() -> TestResult {
+    let (tx, rx) = pipe()?;
+    let p = Process::spawn(hang_with_a_child, (tx,))?;
+    let pid = p.pid().expect("started");
+    let grandchild = rx.recv()?;
+    within(LIMIT, "dropping a running process", move || drop(p))?;
+    ensure(
+        !support::alive(pid),
+        "the child is gone (and reaped) once drop returns",
+    )?;
+    ensure(
+        wait_gone(grandchild, LIMIT),
+        "the child's own child was killed with it",
+    )?;
+    Ok(())
+}
+
+fn a_process_outlives_the_thread_that_started_it() -> TestResult {
+    let gate = Gate::new();
+    let path = gate.path();
+    // On Linux the parent-death signal follows the thread that spawned a child: the
+    // supervisor thread spawns it, so the starting thread may end first.
+    let mut p = std::thread::spawn(move || Process::spawn(wait_at, (path,)))
+        .join()
+        .map_err(|_| "the starting thread panicked")??;
+    gate.open();
+    assert_eq!(p.join()?, "through");
+    Ok(())
+}
+
+fn a_child_that_starts_a_long_lived_process_still_joins() -> TestResult {
+    let mut p = Process::spawn(start_sleeper, ())?;
+    let (sleeper, status) = within(LIMIT, "join", move || (p.join(), p.exit_status()))?;
+    let sleeper = sleeper?;
+    assert!(status.is_some_and(|s| s.success()));
+    ensure(
+        support::alive(sleeper),
+        "the sleeper was not killed by a clean exit",
+    )?;
+    kill(Pid::from_raw(sleeper.cast_signed()), Signal::SIGKILL)?;
+    Ok(())
+}
+
+/// The scenario process: starts a `Process` that never ends, from a thread that then
+/// exits, reports the child's pid, and waits to be killed.
+fn scenario() -> ! {
+    let p = std::thread::spawn(|| Process::spawn(park_forever, ()).expect("spawn"))
+        .join()
+        .expect("thread");
+    println!("{}", p.pid().expect("pid"));
+    loop {
+        std::thread::park();
+    }
+}
+
+fn children_die_with_a_killed_parent() -> TestResult {
+    let mut parent = Command::new(std::env::current_exe()?)
+        .env(SCENARIO, "1")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(parent.stdout.take().expect("piped")).read_line(&mut line)?;
+    let child: u32 = line.trim().parse()?;
+    kill(Pid::from_raw(parent.id().cast_signed()), Signal::SIGKILL)?;
+    parent.wait()?;
+    ensure(wait_gone(child, LIMIT), "the child died with its parent")?;
+    Ok(())
+}
+
+#[multiproc::main]
+fn main() {
+    if std::env::var_os(SCENARIO).is_some() {
+        scenario();
+    }
+    support::run(tests![
+        new_start_join_and_accessors,
+        spawn_runs_processes_side_by_side,
+        a_panic_is_an_error_and_the_process_exits_cleanly,
+        a_crash_is_an_error_with_its_signal_exit_code_and_stderr,
+        join_timeout_leaves_it_running,
+        terminate_and_kill_signal_it,
+        dropping_a_running_process_kills_it_and_what_it_started,
+        a_process_outlives_the_thread_that_started_it,
+        a_child_that_starts_a_long_lived_process_still_joins,
+        children_die_with_a_killed_parent,
+    ]);
+}
