@@ -37,6 +37,8 @@ pub(crate) struct Inbox<O> {
     pub failed: bool,
     /// Nobody will read the outcomes any more.
     pub abandoned: bool,
+    /// Threads blocked in `wait_until`: with none, a delivery makes no wake-up system call.
+    waiters: usize,
     waker: Option<Waker>,
 }
 
@@ -65,6 +67,7 @@ impl<O: Payload> CallState<O> {
                 sealed: false,
                 failed: false,
                 abandoned: false,
+                waiters: 0,
                 waker: None,
             }),
             changed: Condvar::new(),
@@ -83,8 +86,9 @@ impl<O: Payload> CallState<O> {
         inbox.sealed |= seal;
         let done = inbox.is_complete();
         let waker = done.then(|| inbox.waker.take()).flatten();
+        let notify = done && inbox.waiters > 0;
         drop(inbox);
-        if done {
+        if notify {
             self.changed.notify_all();
         }
         if let Some(waker) = waker {
@@ -102,21 +106,25 @@ impl<O: Payload> CallState<O> {
         while !ready(&inbox) {
             match deadline {
                 None => {
+                    inbox.waiters += 1;
                     inbox = self
                         .changed
                         .wait(inbox)
                         .unwrap_or_else(PoisonError::into_inner);
+                    inbox.waiters -= 1;
                 }
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
                     }
+                    inbox.waiters += 1;
                     inbox = self
                         .changed
                         .wait_timeout(inbox, left)
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
+                    inbox.waiters -= 1;
                 }
             }
         }
@@ -137,8 +145,11 @@ impl<O: Payload> CallState<O> {
             inbox.ready.push_back(batch);
         }
         let waker = inbox.waker.take();
+        let notify = inbox.waiters > 0;
         drop(inbox);
-        self.changed.notify_all();
+        if notify {
+            self.changed.notify_all();
+        }
         if let Some(waker) = waker {
             waker.wake();
         }

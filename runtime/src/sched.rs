@@ -188,11 +188,16 @@ impl Shared {
         let before = state.queue.len();
         state.queue.extend(chunks);
         let added = state.queue.len() - before;
+        // A slot counts itself idle under this lock before it sleeps: with none idle, busy
+        // slots find the chunks when they next look, and the wake-up system call is saved.
+        let idle = state.idle;
         drop(state);
-        if added == 1 {
-            self.work.notify_one();
-        } else if added > 1 {
-            self.work.notify_all();
+        if idle > 0 {
+            if added == 1 {
+                self.work.notify_one();
+            } else if added > 1 {
+                self.work.notify_all();
+            }
         }
         Ok(())
     }
