@@ -46,13 +46,30 @@ use std::time::{Duration, Instant};
 /// # Ok::<(), multiproc_runtime::Error>(())
 /// ```
 ///
-/// With a child process (`produce` is a `#[multiproc::task]` that takes a `Sender`):
+/// With a child process: the `Sender` goes to it as a task argument, and the parent's copy
+/// closes once the child has started, so the pipe is disconnected when the child is done.
 ///
-/// ```ignore
-/// let (tx, rx) = multiproc::pipe::<(i32, Option<i32>, String)>()?;
-/// let child = multiproc::Process::spawn(produce, (tx,))?;
-/// println!("{:?}", rx.recv()?); // (42, None, "hello")
-/// child.join()?;
+/// ```rust,standalone_crate
+/// use multiproc::{pipe, task, ErrorKind, Process, Sender};
+///
+/// type Message = (i32, Option<i32>, String);
+///
+/// /// Errors cross the process boundary as values the parent can decode: a message here.
+/// #[task]
+/// fn produce(tx: Sender<Message>) -> Result<(), String> {
+///     tx.send((42, None, "hello".to_owned()))
+///         .map_err(|err| err.to_string())
+/// }
+///
+/// #[multiproc::main]
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let (tx, rx) = pipe::<Message>()?;
+///     let mut child = Process::spawn(produce, (tx,))?;
+///     assert_eq!(rx.recv()?, (42, None, "hello".to_owned()));
+///     child.join()??; // the child's own outcome, then the task's
+///     assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Disconnected);
+///     Ok(())
+/// }
 /// ```
 pub fn pipe<T: Payload>() -> Result<(Sender<T>, Receiver<T>), Error> {
     let (tx, rx) = endpoint_pair()?;

@@ -45,12 +45,17 @@ use std::time::{Duration, Instant};
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```rust,standalone_crate
 /// use multiproc::{task, Process};
 ///
 /// #[task]
 /// fn greet(name: String) {
 ///     println!("hello {name}");
+/// }
+///
+/// #[task]
+/// fn add(x: i64, y: i64) -> i64 {
+///     x + y
 /// }
 ///
 /// #[multiproc::main]
@@ -61,6 +66,8 @@ use std::time::{Duration, Instant};
 ///     let mut p = Process::spawn(greet, ("bob".to_owned(),))?;
 ///     p.join()?;
 ///     assert!(p.exit_status().is_some_and(|status| status.success()));
+///     let mut p = Process::spawn(add, (2, 3))?;
+///     assert_eq!(p.join()?, 5); // join returns what the task returned
 ///     Ok(())
 /// }
 /// ```
@@ -74,10 +81,17 @@ impl<T: Task> Process<T> {
     /// Prepares a call of `task` with `args` (a tuple: `(x,)` for one argument). Nothing
     /// starts until [`start`](Self::start).
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Process, task};
+    /// # #[task] fn greet(name: String) { println!("hello {name}"); }
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let mut p = Process::new(greet, ("alice".to_owned(),));
     /// assert!(!p.is_alive());
     /// p.start()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn new(task: T, args: T::Args) -> Process<T> {
         let _ = task; // a task is a zero-sized name: its type says everything
@@ -93,9 +107,16 @@ impl<T: Task> Process<T> {
     ///
     /// As [`start`](Self::start).
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Process, task};
+    /// # #[task] fn greet(name: String) { println!("hello {name}"); }
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let mut p = Process::spawn(greet, ("bob".to_owned(),))?;
     /// p.join()?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn spawn(task: T, args: T::Args) -> Result<Process<T>, Error> {
         let mut process = Process::new(task, args);
@@ -113,10 +134,17 @@ impl<T: Task> Process<T> {
     /// registry) or when this process was started already. A process whose start failed may
     /// be started again.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Process, task};
+    /// # #[task] fn greet(name: String) { println!("hello {name}"); }
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let mut p = Process::new(greet, ("alice".to_owned(),));
     /// p.start()?;
     /// assert!(p.pid().is_some());
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn start(&mut self) -> Result<(), Error> {
         let Some(args) = &self.args else {
@@ -149,9 +177,16 @@ impl<T: Task> Process<T> {
     /// process was never started; [`ErrorKind::Closed`] when an earlier `join` already
     /// returned the outcome.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Process, task};
+    /// # #[task] fn add(x: i64, y: i64) -> i64 { x + y }
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let mut p = Process::spawn(add, (2, 3))?;
     /// assert_eq!(p.join()?, 5);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn join(&mut self) -> Result<T::Output, Error> {
         self.finish(None)
@@ -165,11 +200,20 @@ impl<T: Task> Process<T> {
     ///
     /// As [`join`](Self::join), and [`ErrorKind::Timeout`] while the child runs.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{ErrorKind, Process, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) { std::thread::sleep(Duration::from_secs(secs)); }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let mut p = Process::spawn(slow, (60,))?;
     /// match p.join_timeout(Duration::from_secs(1)) {
     ///     Err(err) if err.kind() == ErrorKind::Timeout => p.kill(),
     ///     other => println!("{other:?}"),
     /// }
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn join_timeout(&mut self, timeout: Duration) -> Result<T::Output, Error> {
         // A timeout too large for the clock waits forever.
@@ -209,10 +253,17 @@ impl<T: Task> Process<T> {
     /// True from a successful [`start`](Self::start) until the child has exited (and been
     /// reaped, which the parent does at once). Python's `is_alive()`.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Process, task};
+    /// # #[task] fn greet(name: String) { println!("hello {name}"); }
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let mut p = Process::spawn(greet, ("alice".to_owned(),))?;
     /// p.join()?;
     /// assert!(!p.is_alive());
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn is_alive(&self) -> bool {
         self.child
@@ -222,9 +273,18 @@ impl<T: Task> Process<T> {
 
     /// The child's process id, once started. Python's `pid`.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Process, task};
+    /// # #[task] fn greet(name: String) { println!("hello {name}"); }
+    /// # fn main() -> Result<(), multiproc::Error> {
     /// let p = Process::spawn(greet, ("alice".to_owned(),))?;
-    /// println!("running as {}", p.pid().unwrap());
+    /// if let Some(pid) = p.pid() {
+    ///     println!("running as {pid}");
+    /// }
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Supervised::pid)
@@ -234,11 +294,21 @@ impl<T: Task> Process<T> {
     /// `exitcode`, as a [`std::process::ExitStatus`]: `code()` is its exit code (0 after a
     /// task that returned), and on Unix `ExitStatusExt::signal()` the signal that killed it.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{Process, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) { std::thread::sleep(Duration::from_secs(secs)); }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let mut p = Process::spawn(slow, (60,))?;
     /// use std::os::unix::process::ExitStatusExt;
+    /// assert!(p.exit_status().is_none()); // still running
     /// p.kill();
     /// let _ = p.join();
     /// assert_eq!(p.exit_status().and_then(|s| s.signal()), Some(9));
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn exit_status(&self) -> Option<ExitStatus> {
         self.child.as_ref().and_then(Supervised::status)
@@ -249,9 +319,18 @@ impl<T: Task> Process<T> {
     /// it reports as [`ErrorKind::Crashed`] unless the task had finished. Python's
     /// `terminate()`.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{ErrorKind, Process, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) { std::thread::sleep(Duration::from_secs(secs)); }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let mut p = Process::spawn(slow, (60,))?;
     /// p.terminate();
     /// assert_eq!(p.join().unwrap_err().kind(), ErrorKind::Crashed);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn terminate(&self) {
         if let Some(child) = &self.child {
@@ -263,10 +342,20 @@ impl<T: Task> Process<T> {
     /// is still running. Returns at once: [`join`](Self::join) to wait for the exit. Python's
     /// `kill()`.
     ///
-    /// ```ignore
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{ErrorKind, Process, task};
+    /// # use std::time::Duration;
+    /// # #[task] fn slow(secs: u64) { std::thread::sleep(Duration::from_secs(secs)); }
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// # let mut p = Process::spawn(slow, (60,))?;
     /// p.kill();
     /// let err = p.join().unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Crashed);
     /// assert_eq!(err.signal(), Some(9));
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn kill(&self) {
         if let Some(child) = &self.child {

@@ -50,11 +50,20 @@ use std::time::{Duration, Instant};
 /// With a child process (`f` is a `#[multiproc::task]` that takes the queue and puts
 /// `(42, None, "hello")`):
 ///
-/// ```ignore
+/// ```no_run
+/// # use multiproc::{Process, Queue, task};
+/// # type Message = (i32, Option<i32>, String);
+/// # #[task]
+/// # fn f(q: Queue<Message>) -> Result<(), String> {
+/// #     q.put((42, None, "hello".to_owned())).map_err(|err| err.to_string())
+/// # }
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let q = Queue::new()?;
-/// let p = Process::spawn(f, (q.clone(),))?;
+/// let mut p = Process::spawn(f, (q.clone(),))?;
 /// println!("{:?}", q.get()?); // (42, None, "hello")
-/// p.join()?;
+/// p.join()??; // the child's own outcome, then the task's
+/// # Ok(())
+/// # }
 /// ```
 pub struct Queue<T> {
     /// Producers send on this end.
