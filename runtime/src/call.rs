@@ -239,14 +239,7 @@ impl Call<'_> {
         I: IntoIterator<Item = T::Arg>,
     {
         let _ = task;
-        let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
-        IMap::new(
-            self.pool,
-            items.into_iter(),
-            spec,
-            self.policy.chunking,
-            true,
-        )
+        self.stream::<T, I>(items, true)
     }
 
     /// [`Pool::imap_unordered`] with these options.
@@ -265,13 +258,21 @@ impl Call<'_> {
         I: IntoIterator<Item = T::Arg>,
     {
         let _ = task;
+        self.stream::<T, I>(items, false)
+    }
+
+    /// The stream of `imap` (`ordered`) or `imap_unordered`.
+    fn stream<T: UnaryTask, I>(self, items: I, ordered: bool) -> IMap<T, I::IntoIter>
+    where
+        I: IntoIterator<Item = T::Arg>,
+    {
         let spec = Self::registered::<T>().map(|task| self.chunk_spec::<T>(task));
         IMap::new(
             self.pool,
             items.into_iter(),
             spec,
             self.policy.chunking,
-            false,
+            ordered,
         )
     }
 
