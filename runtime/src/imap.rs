@@ -8,7 +8,7 @@ use crate::call::clone_error;
 use crate::chunk::{ChunkSpec, Chunking, encode_chunk};
 use crate::error::Error;
 use crate::pool::Pool;
-use crate::result::CallState;
+use crate::result::{CallState, Outcomes, OutcomesIter};
 use crate::sched::{CallSink, Shared};
 use crate::task::Task;
 use serde::Serialize;
@@ -59,11 +59,11 @@ pub struct IMap<T: Task, I> {
     /// Outputs received from the pool (yielded or waiting here).
     arrived: usize,
     /// The batch being yielded.
-    current: std::vec::IntoIter<Result<T::Output, Error>>,
+    current: OutcomesIter<T::Output>,
     /// Ordered mode: index of the next output to yield, and batches that came early, by
     /// their first index.
     next_index: usize,
-    early: BTreeMap<usize, Vec<Result<T::Output, Error>>>,
+    early: BTreeMap<usize, Outcomes<T::Output>>,
     /// Adaptive chunking: size of the last chunk, and when the stream started.
     last_chunk: usize,
     started: Instant,
@@ -91,7 +91,7 @@ where
             submitted: 0,
             yielded: 0,
             arrived: 0,
-            current: Vec::new().into_iter(),
+            current: Outcomes::Values(Vec::new()).into_iter(),
             next_index: 0,
             early: BTreeMap::new(),
             last_chunk: 0,

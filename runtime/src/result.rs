@@ -42,11 +42,60 @@ pub(crate) struct Inbox<O> {
     waker: Option<Waker>,
 }
 
-/// Outcomes of consecutive items `first..first + outcomes.len()`: one per delivery, so
-/// storing and assembling cost one operation per chunk, not per item.
+/// Outcomes of consecutive items `first..first + outcomes.len()`: one batch per delivery,
+/// so storing and assembling cost one operation per chunk, not per item.
 pub(crate) struct Batch<O> {
     pub first: usize,
-    pub outcomes: Vec<Result<O, Error>>,
+    pub outcomes: Outcomes<O>,
+}
+
+/// A batch's outcomes. A chunk with no failure (the common case) is kept as plain values, so
+/// assembling a `map` moves whole vectors instead of unwrapping a `Result` per item.
+pub(crate) enum Outcomes<O> {
+    Values(Vec<O>),
+    Mixed(Vec<Result<O, Error>>),
+}
+
+impl<O> Outcomes<O> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Outcomes::Values(values) => values.len(),
+            Outcomes::Mixed(outcomes) => outcomes.len(),
+        }
+    }
+
+    fn has_error(&self) -> bool {
+        matches!(self, Outcomes::Mixed(outcomes) if outcomes.iter().any(Result::is_err))
+    }
+}
+
+impl<O> IntoIterator for Outcomes<O> {
+    type Item = Result<O, Error>;
+    type IntoIter = OutcomesIter<O>;
+
+    fn into_iter(self) -> OutcomesIter<O> {
+        match self {
+            Outcomes::Values(values) => OutcomesIter::Values(values.into_iter()),
+            Outcomes::Mixed(outcomes) => OutcomesIter::Mixed(outcomes.into_iter()),
+        }
+    }
+}
+
+/// Iterates a batch's outcomes as `Result`s.
+pub(crate) enum OutcomesIter<O> {
+    Values(std::vec::IntoIter<O>),
+    Mixed(std::vec::IntoIter<Result<O, Error>>),
+}
+
+impl<O> Iterator for OutcomesIter<O> {
+    type Item = Result<O, Error>;
+
+    fn next(&mut self) -> Option<Result<O, Error>> {
+        match self {
+            OutcomesIter::Values(values) => values.next().map(Ok),
+            OutcomesIter::Mixed(outcomes) => outcomes.next(),
+        }
+    }
 }
 
 impl<O> Inbox<O> {
@@ -141,7 +190,7 @@ impl<O: Payload> CallState<O> {
         let mut inbox = self.lock();
         inbox.pending -= batch.outcomes.len();
         if !inbox.abandoned {
-            inbox.failed |= batch.outcomes.iter().any(Result::is_err);
+            inbox.failed |= batch.outcomes.has_error();
             inbox.ready.push_back(batch);
         }
         let waker = inbox.waker.take();
@@ -173,35 +222,50 @@ impl<O: Payload> CallSink for CallState<O> {
 
     fn deliver(&self, first: usize, count: u32, outcomes: &[u8]) {
         let count = count as usize;
-        let mut decoded = Vec::with_capacity(count);
+        // Plain values until the first failure, then results from there on.
+        let mut values = Vec::with_capacity(count);
+        let mut mixed: Option<Vec<Result<O, Error>>> = None;
         let mut rest = outcomes;
         for index in first..first + count {
             match outcome::decode::<O>(rest) {
-                Ok((outcome, tail)) => {
+                Ok((Outcome::Ok(value), tail)) => {
                     rest = tail;
-                    decoded.push(self.convert(index, outcome));
+                    match &mut mixed {
+                        None => values.push(value),
+                        Some(outcomes) => outcomes.push(Ok(value)),
+                    }
+                }
+                Ok((failure, tail)) => {
+                    rest = tail;
+                    let outcomes = mixed.get_or_insert_with(|| values.drain(..).map(Ok).collect());
+                    outcomes.push(self.convert(index, failure));
                 }
                 Err(err) => {
                     // The stream position is lost: this item and the rest of the frame fail.
+                    let outcomes = mixed.get_or_insert_with(|| values.drain(..).map(Ok).collect());
                     for index in index..first + count {
                         let error = Error::codec("the result could not be decoded", err.clone());
-                        decoded.push(Err(error.with_task(self.task).with_index(index)));
+                        outcomes.push(Err(error.with_task(self.task).with_index(index)));
                     }
                     break;
                 }
             }
         }
-        self.store(Batch {
-            first,
-            outcomes: decoded,
-        });
+        let outcomes = match mixed {
+            None => Outcomes::Values(values),
+            Some(outcomes) => Outcomes::Mixed(outcomes),
+        };
+        self.store(Batch { first, outcomes });
     }
 
     fn fail(&self, first: usize, count: u32, error: &dyn Fn(usize) -> Error) {
         let outcomes = (first..first + count as usize)
             .map(|index| Err(error(index)))
             .collect();
-        self.store(Batch { first, outcomes });
+        self.store(Batch {
+            first,
+            outcomes: Outcomes::Mixed(outcomes),
+        });
     }
 
     fn abandoned(&self) -> bool {
@@ -490,8 +554,13 @@ pub(crate) fn collect_in_order<O: Payload>(
     let mut values = Vec::with_capacity(len);
     for batch in batches {
         debug_assert_eq!(batch.first, values.len(), "batches partition the input");
-        for outcome in batch.outcomes {
-            values.push(outcome?); // the lowest-indexed error, since batches are sorted
+        match batch.outcomes {
+            Outcomes::Values(mut batch) => values.append(&mut batch),
+            Outcomes::Mixed(outcomes) => {
+                for outcome in outcomes {
+                    values.push(outcome?); // the lowest-indexed error, since batches are sorted
+                }
+            }
         }
     }
     Ok(values)
