@@ -54,10 +54,15 @@ fn start_scenario() -> Result<(std::process::Child, Vec<u32>), Box<dyn std::erro
     Ok((child, pids))
 }
 
-fn workers_die_with_a_sigkilled_parent() -> TestResult {
+/// Stops a busy scenario parent with `stop`, checks it died of `signal`, then that every
+/// worker is gone within one second.
+fn workers_die_with_parent(
+    stop: impl FnOnce(Pid) -> nix::Result<()>,
+    signal: Signal,
+) -> TestResult {
     let (mut parent, workers) = start_scenario()?;
-    kill(Pid::from_raw(parent.id().cast_signed()), Signal::SIGKILL)?;
-    assert_eq!(parent.wait()?.signal(), Some(Signal::SIGKILL as i32));
+    stop(Pid::from_raw(parent.id().cast_signed()))?;
+    assert_eq!(parent.wait()?.signal(), Some(signal as i32));
     for pid in workers {
         ensure(
             wait_gone(pid, Duration::from_secs(1)),
@@ -67,18 +72,13 @@ fn workers_die_with_a_sigkilled_parent() -> TestResult {
     Ok(())
 }
 
+fn workers_die_with_a_sigkilled_parent() -> TestResult {
+    workers_die_with_parent(|parent| kill(parent, Signal::SIGKILL), Signal::SIGKILL)
+}
+
 fn ctrl_c_stops_the_parent_and_its_workers() -> TestResult {
-    let (mut parent, workers) = start_scenario()?;
     // What a terminal does on Ctrl-C: SIGINT to the foreground process group.
-    killpg(Pid::from_raw(parent.id().cast_signed()), Signal::SIGINT)?;
-    assert_eq!(parent.wait()?.signal(), Some(Signal::SIGINT as i32));
-    for pid in workers {
-        ensure(
-            wait_gone(pid, Duration::from_secs(1)),
-            format!("worker {pid} outlived its parent"),
-        )?;
-    }
-    Ok(())
+    workers_die_with_parent(|parent| killpg(parent, Signal::SIGINT), Signal::SIGINT)
 }
 
 fn workers_ignore_sigint() -> TestResult {
