@@ -103,6 +103,44 @@ fn slow_item(x: u64) -> u64 {
     x
 }
 
+/// Sleeps, then returns a large string (4 MiB): its outcome takes several reads to arrive.
+#[task]
+fn big_after_ms(ms: u64) -> String {
+    std::thread::sleep(Duration::from_millis(ms));
+    "x".repeat(4 << 20)
+}
+
+#[task]
+fn text_len(text: String) -> usize {
+    text.len()
+}
+
+#[task]
+fn hang_forever() {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Panics when the marker file exists: an initializer that starts failing on command.
+#[task]
+fn init_unless_marker(marker: String) {
+    assert!(std::fs::metadata(&marker).is_err(), "the marker says no");
+}
+
+/// Reports this worker's pid through a FIFO, waits at the gate, then aborts (when `x` is 0).
+#[task]
+fn abort_after_gate(args: (String, String, u64)) -> u64 {
+    let (report, gate, x) = args;
+    if x == 0 {
+        // Blocks until the test reads it: an event, not a file to poll.
+        std::fs::write(&report, std::process::id().to_string()).expect("report the pid");
+        support::pass_gate(&gate);
+        std::process::abort();
+    }
+    x
+}
+
 fn temp_path(name: &str) -> String {
     std::env::temp_dir()
         .join(format!("multiproc-crash-{}-{name}", std::process::id()))
@@ -300,6 +338,120 @@ fn failing_initializer_is_a_clear_error() -> TestResult {
     Ok(())
 }
 
+fn a_timed_call_behind_short_chunks_still_times_out() -> TestResult {
+    let pool = Pool::new(1)?;
+    // Short untimed chunks keep the worker's socket full of prefetched work...
+    let fast = pool
+        .with_chunking(Chunking::Fixed(1))
+        .map_async(square, 0..20_000);
+    // ...and a timed call arrives behind them: its deadline must still be kept.
+    let slow = pool
+        .with_timeout(Duration::from_millis(300))
+        .apply_async(sleep_ms, (60_000,));
+    let outcome = support::within(Duration::from_secs(30), "the timed call", move || {
+        slow.get()
+    })?;
+    assert_eq!(
+        outcome.expect_err("killed at its deadline").kind(),
+        ErrorKind::Timeout
+    );
+    assert_eq!(fast.get()?.len(), 20_000);
+    Ok(())
+}
+
+fn a_task_done_in_time_is_not_killed_while_its_result_arrives() -> TestResult {
+    let pool = Pool::new(1)?;
+    // Each item takes 0.4 s of its 1 s deadline; their results take several reads each.
+    let out = pool
+        .with_chunking(Chunking::Fixed(4))
+        .with_timeout(Duration::from_secs(1))
+        .map(big_after_ms, [400, 400, 400, 400])?;
+    ensure(
+        out.iter().all(|text| text.len() == 4 << 20),
+        "four full results",
+    )?;
+    Ok(())
+}
+
+fn an_argument_too_large_for_the_memory_cap_fails_instead_of_looping() -> TestResult {
+    let pool = Pool::builder()
+        .processes(1)
+        .max_memory_per_child(256 << 20)
+        .build()?;
+    let huge = "x".repeat(300 << 20);
+    let outcome = support::within(Duration::from_mins(2), "an oversized argument", move || {
+        pool.apply(text_len, (huge,)).map(|_| pool)
+    })?;
+    let err = outcome.expect_err("no worker can receive it");
+    assert_eq!(err.kind(), ErrorKind::Crashed, "{err}");
+    ensure(
+        err.to_string().contains("max_memory_per_child"),
+        err.to_string(),
+    )?;
+    Ok(())
+}
+
+fn a_hanging_initializer_is_bounded_by_the_start_timeout() -> TestResult {
+    let built = support::within(
+        Duration::from_mins(1),
+        "build with a hanging initializer",
+        || {
+            Pool::builder()
+                .processes(1)
+                .start_timeout(Duration::from_secs(1))
+                .initializer(hang_forever, ())
+                .build()
+                .map(drop)
+        },
+    )?;
+    let err = built.expect_err("the initializer never finishes");
+    assert_eq!(err.kind(), ErrorKind::Spawn);
+    ensure(
+        err.to_string().contains("start-up timeout"),
+        err.to_string(),
+    )?;
+    Ok(())
+}
+
+fn work_put_back_after_close_fails_when_no_worker_is_left() -> TestResult {
+    let marker = temp_path("init-marker");
+    let _ = std::fs::remove_file(&marker);
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(init_unless_marker, (marker.clone(),))
+        .build()?;
+    let (gate, report) = (support::Gate::new(), support::Gate::new());
+    // One chunk of two items: item 0 holds its worker at the gate, item 1 waits behind it.
+    let items = [
+        (report.path(), gate.path(), 0),
+        (report.path(), gate.path(), 1),
+    ];
+    let result = pool
+        .with_chunking(Chunking::Fixed(2))
+        .map_async(abort_after_gate, items);
+    // The gated item reports its worker's pid; the other worker is idle.
+    let busy: u32 = std::fs::read_to_string(report.path())?.trim().parse()?;
+    pool.close();
+    for idle in pool.worker_pids().into_iter().filter(|&pid| pid != busy) {
+        ensure(
+            wait_gone(idle, Duration::from_secs(30)),
+            "the idle worker left the closed pool",
+        )?;
+    }
+    // From now on no worker can start; item 0 crashes its worker and item 1 goes back in line.
+    std::fs::write(&marker, b"no more")?;
+    gate.open();
+    let resolved = result.wait_timeout(Duration::from_mins(1));
+    let _ = std::fs::remove_file(&marker);
+    ensure(
+        resolved,
+        "the put-back item resolved instead of waiting for a worker forever",
+    )?;
+    let err = result.get().expect_err("item 0 crashed");
+    assert_eq!((err.kind(), err.index()), (ErrorKind::Crashed, Some(0)));
+    Ok(())
+}
+
 fn random_kills_lose_and_duplicate_nothing() -> TestResult {
     const ITEMS: u64 = 10_000;
     const KILLS: usize = 50;
@@ -371,5 +523,10 @@ fn main() {
         initializer_runs_in_every_worker,
         failing_initializer_is_a_clear_error,
         random_kills_lose_and_duplicate_nothing,
+        a_timed_call_behind_short_chunks_still_times_out,
+        a_task_done_in_time_is_not_killed_while_its_result_arrives,
+        an_argument_too_large_for_the_memory_cap_fails_instead_of_looping,
+        a_hanging_initializer_is_bounded_by_the_start_timeout,
+        work_put_back_after_close_fails_when_no_worker_is_left,
     ]);
 }

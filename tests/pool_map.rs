@@ -120,6 +120,18 @@ fn arm_exit_marker(path: String) -> u32 {
     std::process::id()
 }
 
+const PLAIN_MAIN: &str = "MULTIPROC_TEST_PLAIN_MAIN";
+
+/// Starts this very program again, as a task may start any program built with multiproc.
+#[task]
+fn run_this_program_again() -> String {
+    let output = std::process::Command::new(std::env::current_exe().expect("current exe"))
+        .env(PLAIN_MAIN, "1")
+        .output()
+        .expect("run it");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[task]
 fn worker_pid() -> u32 {
     std::process::id()
@@ -333,6 +345,13 @@ fn dropping_an_idle_pool_lets_workers_exit_normally() -> TestResult {
     Ok(())
 }
 
+fn a_task_can_start_another_multiproc_program() -> TestResult {
+    let pool = Pool::new(1)?;
+    // The worker's own start-up variables must not leak into it: it runs its `main`.
+    assert_eq!(pool.apply(run_this_program_again, ())?, "plain main ran\n");
+    Ok(())
+}
+
 fn builder_and_default_size() -> TestResult {
     let pool = Pool::builder().build()?;
     let expected = std::thread::available_parallelism()?.get();
@@ -357,7 +376,12 @@ fn explicit_chunking() -> TestResult {
 
 #[multiproc::main]
 fn main() {
+    if std::env::var_os(PLAIN_MAIN).is_some() {
+        println!("plain main ran");
+        return;
+    }
     support::run(tests![
+        a_task_can_start_another_multiproc_program,
         seed_example,
         map_100_000_items,
         empty_input,

@@ -268,6 +268,9 @@ impl PoolBuilder {
                 start_timeout: self.start_timeout,
                 max_memory: self.max_memory_per_child,
                 initializer,
+                stop: Some(Arc::new(shared.stop_read.try_clone().map_err(|err| {
+                    Error::io("duplicating the pool's stop pipe failed", err)
+                })?)),
             },
             prefetch: self.prefetch.max(1),
             shutdown_grace: Duration::from_secs(5),

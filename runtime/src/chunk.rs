@@ -125,6 +125,7 @@ pub(crate) fn encode_chunk<A: Serialize>(
         timeout: spec.timeout,
         retries: spec.retries,
         attempt: 0,
+        unblamed_deaths: 0,
         frame,
         payload_at,
         skip: spec.skip,

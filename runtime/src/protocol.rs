@@ -186,6 +186,7 @@ impl FrameReader {
 
     /// Blocks until a whole frame is buffered. `Ok(None)` is a clean end of stream between
     /// frames; a stream that ends inside a frame is an error.
+    #[cfg(test)]
     pub(crate) fn read_frame(
         &mut self,
         source: &mut impl Read,
@@ -234,6 +235,7 @@ impl FrameReader {
     }
 }
 
+#[cfg(test)]
 fn read_error(err: io::Error) -> Error {
     match err.downcast::<Error>() {
         Ok(err) => err,

@@ -44,6 +44,10 @@ pub(crate) struct Chunk {
     pub retries: u32,
     /// How often these items already ran into a crash or timeout.
     pub attempt: u32,
+    /// How many workers died, unblamed, while this chunk was first in line (being sent,
+    /// or finished with its outcomes in transit): bounded, so that a chunk that kills every
+    /// worker before its first item starts cannot loop forever.
+    pub unblamed_deaths: u32,
     /// A `Descriptors` frame (when `fds` is not empty) followed by the `Run` frame.
     pub frame: Vec<u8>,
     /// Where the arguments start in `frame`.
@@ -88,6 +92,7 @@ impl Chunk {
             timeout: self.timeout,
             retries: self.retries,
             attempt,
+            unblamed_deaths: 0,
             frame,
             payload_at,
             skip: self.skip,
@@ -258,12 +263,24 @@ impl Shared {
 
     /// A chunk to send ahead while this slot's worker is busy, if taking it leaves enough
     /// queued for the idle slots.
-    pub(crate) fn try_prefetch(&self) -> Option<Chunk> {
+    /// Only a chunk of `call`: every chunk in flight in one worker then belongs to one call
+    /// and shares its deadline policy.
+    pub(crate) fn try_prefetch(&self, call: u64) -> Option<Chunk> {
         let mut state = self.lock();
         if state.phase == Phase::Terminated || state.queue.len() <= state.idle {
             return None;
         }
-        Self::pop_live(&mut state)
+        while state
+            .queue
+            .front()
+            .is_some_and(|chunk| chunk.call.abandoned())
+        {
+            state.queue.pop_front();
+        }
+        if state.queue.front()?.call.id() != call {
+            return None;
+        }
+        state.queue.pop_front()
     }
 
     fn pop_live(state: &mut State) -> Option<Chunk> {
@@ -324,25 +341,32 @@ impl Shared {
         }
     }
 
-    /// A slot gave up starting its worker. When it was the last, the pool cannot run
-    /// anything: queued work fails with the spawn error, and so does new work.
-    pub(crate) fn slot_lost(&self, error: &Error) {
+    /// A slot is leaving: with `error`, because it gave up starting its worker. When it was
+    /// the last, nothing can run what is still queued (work put back by a worker that died
+    /// after the others had left a closing pool, say): it fails, with the start error if
+    /// there is one, and new work is refused with it.
+    pub(crate) fn slot_exited(&self, error: Option<&Error>) {
         let mut state = self.lock();
         state.live_slots -= 1;
         if state.live_slots > 0 {
             return;
         }
-        let message = format!("no worker process could be started: {error}");
-        state.fatal = Some(message.clone());
+        if let Some(error) = error {
+            state.fatal = Some(format!("no worker process could be started: {error}"));
+        }
+        let fatal = state.fatal.clone();
         let queued: Vec<Chunk> = state.queue.drain(..).collect();
         drop(state);
         self.work.notify_all();
         for chunk in queued {
             let task = chunk.call.task_name();
             chunk.fail_all(&|index| {
-                Error::new(ErrorKind::Spawn, message.clone())
-                    .with_task(task)
-                    .with_index(index)
+                match &fatal {
+                    Some(message) => Error::new(ErrorKind::Spawn, message.clone()),
+                    None => Error::closed("the pool's last worker left before this item could run"),
+                }
+                .with_task(task)
+                .with_index(index)
             });
         }
     }

@@ -36,6 +36,13 @@ use std::time::Duration;
 /// How long a terminating pool lets an idle worker take to exit cleanly before killing it.
 const TERMINATE_GRACE: Duration = Duration::from_secs(1);
 
+/// How often a slot looks at the status page while chunks with a deadline are in flight but
+/// none has started yet (at most; a quarter of the shortest timeout if that is less).
+const RECHECK: Duration = Duration::from_millis(20);
+
+/// Unblamed worker deaths a chunk may see while first in line before its items fail.
+const MAX_UNBLAMED_DEATHS: u32 = 3;
+
 /// Chunks shorter than this are worth queueing ahead of time in a busy worker.
 const PREFETCH_BELOW: Duration = Duration::from_millis(2);
 
@@ -71,6 +78,23 @@ enum Lost {
     },
     /// It sent something that breaks the protocol; we kill it.
     Protocol(Error),
+}
+
+/// What `next_check` asks of the poll loop.
+enum Check {
+    /// Kill the worker at `at` if item `item` of `inflight[chunk]` still runs.
+    Kill {
+        at: u64,
+        chunk: usize,
+        item: u32,
+        after: Duration,
+    },
+    /// Look at the status page again at `at`.
+    Recheck { at: u64 },
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 enum Pumped {
@@ -126,25 +150,26 @@ impl Slot {
                 let _ = ready.send(Ok(pid));
             }
             Err(err) => {
-                self.shared.slot_lost(&err);
+                self.shared.slot_exited(Some(&err));
                 let _ = ready.send(Err(err));
                 return;
             }
         }
         drop(ready);
-        self.serve();
+        let gave_up = self.serve();
         self.finish();
+        self.shared.slot_exited(gave_up.as_ref());
     }
 
-    fn serve(&mut self) {
+    /// Runs until the pool stops or closes; `Some` if it gave up starting a worker.
+    fn serve(&mut self) -> Option<Error> {
         loop {
             if self.worker.is_none() {
                 if self.shared.is_terminated() {
-                    return;
+                    return None;
                 }
                 if let Err(err) = self.start_worker(self.config.restart_attempts) {
-                    self.shared.slot_lost(&err);
-                    return;
+                    return Some(err);
                 }
             }
             if self.inflight.is_empty() {
@@ -157,36 +182,34 @@ impl Slot {
                 // back to the queue unblamed.
                 match self.shared.wait_next() {
                     Next::Run(chunk) => self.push(chunk),
-                    Next::Exit => return,
+                    Next::Exit => return None,
                 }
             }
             while self.inflight.len() < self.config.prefetch
-                && self.prefetch_pays()
+                && let Some(call) = self.prefetch_call()
                 && self
                     .budget_left()
                     .is_none_or(|left| left > self.items_in_flight())
             {
-                match self.shared.try_prefetch() {
+                match self.shared.try_prefetch(call) {
                     Some(chunk) => self.push(chunk),
                     None => break,
                 }
             }
             match self.pump() {
                 Pumped::Progress => {}
-                Pumped::Stop => return,
+                Pumped::Stop => return None,
                 Pumped::Lost(why) => self.on_worker_lost(&why),
             }
         }
     }
 
-    /// Whether queueing more chunks behind the running one pays: only while chunks of the
-    /// front chunk's call are known to be short.
-    fn prefetch_pays(&self) -> bool {
-        let Some(front) = self.inflight.front() else {
-            return false;
-        };
-        self.last_chunk
-            .is_some_and(|(call, took)| call == front.chunk.call.id() && took < PREFETCH_BELOW)
+    /// The call whose chunks are worth queueing behind the running one: the front chunk's,
+    /// once one of its chunks measured short. `None`: do not prefetch.
+    fn prefetch_call(&self) -> Option<u64> {
+        let call = self.inflight.front()?.chunk.call.id();
+        let (measured, took) = self.last_chunk?;
+        (measured == call && took < PREFETCH_BELOW).then_some(call)
     }
 
     /// Items the current worker may still start under `max_tasks_per_child`.
@@ -294,17 +317,32 @@ impl Slot {
         Some((index, page.item))
     }
 
-    /// The running item's deadline (monotonic ns), its chunk's position and the item.
-    fn deadline(&self) -> Option<(u64, usize, u32, Duration)> {
+    /// When the slot must look at its worker again, if chunks with a deadline are in flight.
+    /// While an item of one runs: at its deadline, counted from the start the worker
+    /// published, to kill it. While none has started as far as the status page shows
+    /// (arguments or outcomes in transit): after a short interval, to see whether one has; a
+    /// deadline never counts from a guess.
+    fn next_check(&self) -> Option<Check> {
         let page = self.worker.as_ref()?.status.read();
-        let (index, item, since) = match self.running(page) {
-            Some((index, item)) => (index, item, page.started_ns),
-            // Not started yet as far as the page says: count from when it became the front.
-            None => (0, self.inflight.front()?.done, self.front_since),
-        };
-        let timeout = self.inflight[index].chunk.timeout?;
-        let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        Some((since.saturating_add(timeout_ns), index, item, timeout))
+        if let Some((chunk, item)) = self.running(page)
+            && let Some(after) = self.inflight[chunk].chunk.timeout
+        {
+            return Some(Check::Kill {
+                at: page.started_ns.saturating_add(nanos(after)),
+                chunk,
+                item,
+                after,
+            });
+        }
+        let shortest = self
+            .inflight
+            .iter()
+            .filter_map(|flight| flight.chunk.timeout)
+            .min()?;
+        let interval = (shortest / 4).clamp(Duration::from_millis(1), RECHECK);
+        Some(Check::Recheck {
+            at: monotonic_ns().saturating_add(nanos(interval)),
+        })
     }
 
     fn pump(&mut self) -> Pumped {
@@ -318,13 +356,21 @@ impl Slot {
                 return Pumped::Lost(lost);
             }
             let mut wait = PollTimeout::NONE;
-            if let Some((deadline, chunk, item, after)) = self.deadline() {
+            if let Some(check) = self.next_check() {
                 let now = monotonic_ns();
-                if now >= deadline {
-                    return Pumped::Lost(Lost::TimedOut { chunk, item, after });
-                }
-                // Round up so that we wake at or after the deadline, not just before it.
-                let ms = (deadline - now).div_ceil(1_000_000);
+                let at = match check {
+                    Check::Kill {
+                        at,
+                        chunk,
+                        item,
+                        after,
+                    } if now >= at => {
+                        return Pumped::Lost(Lost::TimedOut { chunk, item, after });
+                    }
+                    Check::Kill { at, .. } | Check::Recheck { at } => at,
+                };
+                // Round up so that we wake at or after the time, not just before it.
+                let ms = at.saturating_sub(now).div_ceil(1_000_000);
                 wait = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
             }
             let worker = self.worker.as_ref().expect("pump runs with a worker");
@@ -436,7 +482,7 @@ impl Slot {
                 .inflight
                 .front_mut()
                 .filter(|front| front.chunk.seq == seq && front.done == first)
-                .filter(|front| count <= front.chunk.count - front.done)
+                .filter(|front| count > 0 && count <= front.chunk.count - front.done)
                 .ok_or_else(|| protocol_error(format!("results for an unexpected chunk {seq}")))?;
             front
                 .chunk
@@ -487,7 +533,7 @@ impl Slot {
             match (why, culprit) {
                 (Lost::Died | Lost::TimedOut { .. }, Some((at, item))) if at == position => {
                     if chunk.attempt < chunk.retries {
-                        again.extend(chunk.sub(&self.shared, item, item + 1, chunk.attempt + 1));
+                        self.resend(chunk, item, item + 1, chunk.attempt + 1, 0, &mut again);
                     } else {
                         let error = lost_error(why, pid, status, chunk.attempt + 1);
                         chunk.call.fail(chunk.first + item as usize, 1, &|index| {
@@ -498,8 +544,8 @@ impl Slot {
                                 .with_stderr_tail(stderr_tail.clone())
                         });
                     }
-                    again.extend(chunk.sub(&self.shared, flight.done, item, chunk.attempt));
-                    again.extend(chunk.sub(&self.shared, item + 1, chunk.count, chunk.attempt));
+                    self.resend(chunk, flight.done, item, chunk.attempt, 0, &mut again);
+                    self.resend(chunk, item + 1, chunk.count, chunk.attempt, 0, &mut again);
                 }
                 // A malformed reply: the items it concerned fail rather than run again into
                 // the same fault.
@@ -515,12 +561,77 @@ impl Slot {
                             .with_index(index)
                     });
                 }
-                // Not started, or finished with its outcomes lost: run it (again), unblamed.
-                _ if flight.done == 0 => again.push(flight.chunk),
-                _ => again.extend(chunk.sub(&self.shared, flight.done, chunk.count, chunk.attempt)),
+                // Not started, or finished with its outcomes lost: run it (again), unblamed;
+                // but a chunk first in line when worker after worker dies fails in the end.
+                _ => {
+                    let first_in_line = position == 0 && matches!(why, Lost::Died);
+                    let deaths = chunk.unblamed_deaths + u32::from(first_in_line);
+                    if deaths > MAX_UNBLAMED_DEATHS {
+                        let (signal, code) = status_parts(status);
+                        let message = format!(
+                            "{deaths} worker processes died while this item was being sent to \
+                             them, before it started; an argument larger than \
+                             `max_memory_per_child` does this"
+                        );
+                        let first = chunk.first + flight.done as usize;
+                        chunk.call.fail(first, chunk.count - flight.done, &|index| {
+                            Error::new(ErrorKind::Crashed, message.clone())
+                                .with_task(task)
+                                .with_index(index)
+                                .with_status(signal, code)
+                                .with_stderr_tail(stderr_tail.clone())
+                        });
+                    } else if flight.done == 0 {
+                        let mut whole = flight.chunk;
+                        whole.unblamed_deaths = deaths;
+                        again.push(whole);
+                    } else {
+                        self.resend(
+                            chunk,
+                            flight.done,
+                            chunk.count,
+                            chunk.attempt,
+                            deaths,
+                            &mut again,
+                        );
+                    }
+                }
             }
         }
         self.shared.requeue_front(again);
+    }
+
+    /// Queues items `from..to` of `chunk` to run again; if they cannot be re-sent (their
+    /// channel handles could not be duplicated), they fail instead of being lost.
+    fn resend(
+        &self,
+        chunk: &Chunk,
+        from: u32,
+        to: u32,
+        attempt: u32,
+        deaths: u32,
+        again: &mut Vec<Chunk>,
+    ) {
+        if from >= to {
+            return;
+        }
+        if let Some(mut part) = chunk.sub(&self.shared, from, to, attempt) {
+            part.unblamed_deaths = deaths;
+            again.push(part);
+        } else {
+            let task = chunk.call.task_name();
+            chunk
+                .call
+                .fail(chunk.first + from as usize, to - from, &|index| {
+                    Error::new(
+                        ErrorKind::Io,
+                        "its worker died and it could not be sent again (duplicating its channel \
+                     handles failed: out of file descriptors?)",
+                    )
+                    .with_task(task)
+                    .with_index(index)
+                });
+        }
     }
 }
 

@@ -11,7 +11,8 @@ use crate::worker::{ENV, WorkerSpec};
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -27,6 +28,16 @@ pub(crate) struct SpawnOptions {
     pub max_memory: Option<u64>,
     /// Run once in every worker before its first task.
     pub initializer: Option<Arc<Initializer>>,
+    /// The pool's stop pipe (readable once it is terminated): a start-up in progress ends.
+    pub stop: Option<Arc<OwnedFd>>,
+}
+
+/// How a start-up read ended without its frame.
+enum StartEnd {
+    TimedOut,
+    Exited,
+    Stopped,
+    Failed(Error),
 }
 
 /// A task call that every worker runs once after its handshake, as an encoded `Run` frame.
@@ -51,6 +62,7 @@ impl WorkerProcess {
     /// Starts a worker and completes the handshake: protocol version and registry digest must
     /// match this process's, or the worker is killed and the error says why.
     pub(crate) fn spawn(options: &SpawnOptions) -> Result<WorkerProcess, Error> {
+        let started_at = Instant::now();
         let registry = Registry::get()?;
         let (conn, child_end) = UnixStream::pair()
             .map_err(|err| Error::io("creating a worker channel failed", err))
@@ -111,7 +123,7 @@ impl WorkerProcess {
         };
         let started = worker.handshake(registry.digest(), options).and_then(|()| {
             match &options.initializer {
-                Some(init) => worker.initialize(init),
+                Some(init) => worker.initialize(init, options, started_at + options.start_timeout),
                 None => Ok(()),
             }
         });
@@ -125,52 +137,87 @@ impl WorkerProcess {
         }
     }
 
-    fn handshake(&mut self, digest: u64, options: &SpawnOptions) -> Result<(), Error> {
-        let deadline = Instant::now() + options.start_timeout;
-        let mut reader = FrameReader::new(1024);
-        let range = loop {
-            if let Some(range) = reader.next_frame().map_err(spawn_kind)? {
-                break range;
+    /// Reads one frame during start-up: until `deadline`, and no longer than the pool lives.
+    fn read_start_frame(
+        &mut self,
+        reader: &mut FrameReader,
+        deadline: Instant,
+        stop: Option<&OwnedFd>,
+    ) -> Result<Range<usize>, StartEnd> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        loop {
+            if let Some(range) = reader.next_frame().map_err(StartEnd::Failed)? {
+                return Ok(range);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                return Err(StartEnd::TimedOut);
+            }
+            let (readable, stopped) = {
+                let mut fds = vec![PollFd::new(self.conn.as_fd(), PollFlags::POLLIN)];
+                if let Some(stop) = stop {
+                    fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+                }
+                let wait = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+                match poll(&mut fds, wait) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(err) => {
+                        return Err(StartEnd::Failed(Error::io(
+                            "waiting for a worker failed",
+                            err.into(),
+                        )));
+                    }
+                }
+                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+                (ready(&fds[0]), fds.get(1).is_some_and(ready))
+            };
+            if stopped {
+                return Err(StartEnd::Stopped);
+            }
+            if !readable {
+                continue;
+            }
+            match reader.read_from(&mut self.conn) {
+                Ok(0) => return Err(StartEnd::Exited),
+                Ok(_) => {}
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(err) => {
+                    return Err(StartEnd::Failed(Error::io(
+                        "reading from a starting worker failed",
+                        err,
+                    )));
+                }
+            }
+        }
+    }
+
+    fn handshake(&mut self, digest: u64, options: &SpawnOptions) -> Result<(), Error> {
+        let deadline = Instant::now() + options.start_timeout;
+        let mut reader = FrameReader::new(1024);
+        let range = match self.read_start_frame(&mut reader, deadline, options.stop.as_deref()) {
+            Ok(range) => range,
+            Err(StartEnd::TimedOut) => {
                 return Err(Self::start_failure(format!(
                     "the worker process did not finish its start-up within {:?}; is `fn main` \
                      marked #[multiproc::main], and does it reach that attribute's entry at once?",
                     options.start_timeout
                 )));
             }
-            self.conn
-                .set_read_timeout(Some(left))
-                .map_err(|err| Error::io("configuring a worker channel failed", err))?;
-            match reader.read_from(&mut self.conn) {
-                Ok(0) => {
-                    let status = self.wait();
-                    return Err(Self::start_failure(format!(
-                        "the worker process exited during start-up ({}) before reaching the \
-                         worker entry: is `fn main` marked #[multiproc::main]?",
-                        describe_status(status)
-                    )));
-                }
-                Ok(_) => {}
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(err) => {
-                    return Err(spawn_kind(Error::io(
-                        "reading the worker's handshake failed",
-                        err,
-                    )));
-                }
+            Err(StartEnd::Exited) => {
+                let status = self.wait();
+                return Err(Self::start_failure(format!(
+                    "the worker process exited during start-up ({}) before reaching the \
+                     worker entry: is `fn main` marked #[multiproc::main]?",
+                    describe_status(status)
+                )));
             }
+            Err(StartEnd::Stopped) => return Err(stopped()),
+            Err(StartEnd::Failed(err)) => return Err(spawn_kind(err)),
         };
-        self.conn
-            .set_read_timeout(None)
-            .map_err(|err| Error::io("configuring a worker channel failed", err))?;
         let (header, _) = protocol::parse_body(reader.body(range)).map_err(spawn_kind)?;
         match header {
             Header::Ready {
@@ -207,7 +254,12 @@ impl WorkerProcess {
 
     /// Runs the initializer and checks its outcome: a panic, a failure or a death is an error
     /// that names the initializer.
-    fn initialize(&mut self, init: &Initializer) -> Result<(), Error> {
+    fn initialize(
+        &mut self,
+        init: &Initializer,
+        options: &SpawnOptions,
+        deadline: Instant,
+    ) -> Result<(), Error> {
         use std::io::Write;
         let failed = |message: String| {
             Error::new(
@@ -219,12 +271,24 @@ impl WorkerProcess {
             .write_all(&init.frame)
             .map_err(|err| failed(format!("could not be sent to the worker: {err}")))?;
         let mut reader = FrameReader::new(u32::MAX);
-        let Ok(Some(range)) = reader.read_frame(&mut self.conn) else {
-            let status = self.wait();
-            return Err(
-                failed(format!("killed its worker ({})", describe_status(status)))
-                    .with_status(status.signal(), status.code()),
-            );
+        // The initializer's time counts against the start-up timeout.
+        let range = match self.read_start_frame(&mut reader, deadline, options.stop.as_deref()) {
+            Ok(range) => range,
+            Err(StartEnd::TimedOut) => {
+                return Err(failed(format!(
+                    "did not finish within the start-up timeout of {:?}; raise \
+                     `PoolBuilder::start_timeout` for a slow initializer",
+                    options.start_timeout
+                )));
+            }
+            Err(StartEnd::Stopped) => return Err(stopped()),
+            Err(StartEnd::Exited | StartEnd::Failed(_)) => {
+                let status = self.wait();
+                return Err(
+                    failed(format!("killed its worker ({})", describe_status(status)))
+                        .with_status(status.signal(), status.code()),
+                );
+            }
         };
         let (header, outcome) = protocol::parse_body(reader.body(range))?;
         if !matches!(header, Header::Results { count: 1, .. }) {
@@ -324,6 +388,10 @@ pub(crate) fn describe_status(status: ExitStatus) -> String {
         (None, Some(code)) => format!("exit code {code}"),
         (None, None) => status.to_string(),
     }
+}
+
+fn stopped() -> Error {
+    Error::closed("the pool was terminated while this worker was starting")
 }
 
 fn spawn_kind(err: Error) -> Error {

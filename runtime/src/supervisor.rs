@@ -186,6 +186,7 @@ fn supervise(
         start_timeout: Duration::from_secs(30),
         max_memory: None,
         initializer: None,
+        stop: None,
     };
     let mut worker = match WorkerProcess::spawn(&options) {
         Ok(worker) => worker,

@@ -89,6 +89,11 @@ pub fn worker_main() {
     let Some(value) = std::env::var_os(ENV) else {
         return;
     };
+    // Not inherited by what a task starts: another program built with #[multiproc::main]
+    // (this one, say) must run its own `main`, not take our descriptors for its own.
+    // SAFETY: this runs first thing in `main`, before this process starts any thread, so no
+    // other thread reads or writes the environment concurrently.
+    unsafe { std::env::remove_var(ENV) };
     ENTERED.store(true, Ordering::SeqCst);
     let code = match WorkerSpec::decode(&value) {
         Ok(spec) => match serve(spec) {
@@ -142,11 +147,14 @@ pub(crate) fn check_may_spawn() -> Result<(), Error> {
 }
 
 fn serve(spec: WorkerSpec) -> Result<(), Error> {
-    // SAFETY: the parent created both descriptors for this process alone, cleared their
-    // close-on-exec flags, and passed their numbers in ENV; nothing else here owns them.
+    // First: a process whose parent is not the one that wrote ENV must not touch the
+    // descriptor numbers in it.
+    guard_against_orphaning(spec.parent)?;
+    // SAFETY: our parent (checked above) created both descriptors for this process alone,
+    // cleared their close-on-exec flags, and passed their numbers in ENV, which no other
+    // process inherits (worker_main removes it); nothing else here owns them.
     let (fd, status_fd) = unsafe { (adopt(spec.fd)?, adopt(spec.status_fd)?) };
     let status = StatusPage::open(status_fd)?;
-    guard_against_orphaning(spec.parent)?;
     install_panic_hook();
     let registry = Registry::get()?;
     let mut conn = UnixStream::from(fd);
