@@ -168,8 +168,10 @@ impl PoolBuilder {
     /// [`build`](Self::build) fails with an error of kind [`ErrorKind::Spawn`] naming it; a
     /// replacement worker whose initializer fails is retried a few times with a growing
     /// back-off, and if none can start, the pool's pending and future work fails with that
-    /// error instead of respawning forever. Nothing is checked here: a task that is not
-    /// registered, or arguments that cannot be encoded, are reported by `build`.
+    /// error instead of respawning forever. Its time counts against
+    /// [`start_timeout`](Self::start_timeout) (30 s by default): raise that for a slow one.
+    /// Nothing is checked here: a task that is not registered, or arguments that cannot be
+    /// encoded, are reported by `build`.
     ///
     /// ```no_run
     /// # use multiproc::{Pool, task};
