@@ -395,9 +395,10 @@ impl Pool {
     /// ```
     pub fn join(&self) {
         self.shared.close();
-        let handles: Vec<_> =
-            std::mem::take(&mut *self.slots.lock().unwrap_or_else(PoisonError::into_inner));
-        for handle in handles {
+        // The lock is held while joining, so that a second caller waits for the slots too
+        // instead of returning while the first still joins. Slot threads never take it.
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        for handle in slots.drain(..) {
             let _ = handle.join();
         }
     }
