@@ -66,21 +66,9 @@ fn hold_connection(conn: Connection<u64, u64>, wake: Receiver<()>) {
 #[task]
 fn send_large(tx: Sender<(u32, u32, Vec<u8>)>, producer: u32, count: u32, size: usize) {
     for index in 0..count {
-        tx.send((producer, index, pattern(producer, index, size)))
+        tx.send((producer, index, support::pattern(producer, index, size)))
             .expect("send");
     }
-}
-
-/// Bytes that say which message they belong to and where they sit in it: a torn or
-/// interleaved message cannot match.
-fn pattern(producer: u32, index: u32, size: usize) -> Vec<u8> {
-    let seed = (u64::from(producer) << 32) | u64::from(index);
-    let mut bytes = vec![0; size];
-    for (i, word) in bytes.chunks_exact_mut(8).enumerate() {
-        let value = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        word.copy_from_slice(&value.to_le_bytes());
-    }
-    bytes
 }
 
 /// Takes a sender out of a queue and sends on it.
@@ -310,7 +298,7 @@ fn large_messages_from_several_producers_at_once() -> TestResult {
     for message in &rx {
         let (producer, index, bytes) = message?;
         ensure(
-            bytes == pattern(producer, index, SIZE),
+            bytes == support::pattern(producer, index, SIZE),
             format!("message {index} of producer {producer} arrived intact"),
         )?;
         seen.insert((producer, index));

@@ -43,7 +43,7 @@ fn produce_forever(q: Queue<Numbered>, producer: u32) {
 #[task]
 fn produce_large_forever(q: Queue<(u32, u32, Vec<u8>)>, producer: u32) {
     for index in 0.. {
-        q.put((producer, index, pattern(producer, index, LARGE)))
+        q.put((producer, index, support::pattern(producer, index, LARGE)))
             .expect("put");
     }
 }
@@ -57,7 +57,7 @@ fn take_one(q: Queue<Numbered>) -> Numbered {
 #[task]
 fn put_large(q: Queue<(u32, u32, Vec<u8>)>, producer: u32, count: u32) {
     for index in 0..count {
-        q.put((producer, index, pattern(producer, index, LARGE)))
+        q.put((producer, index, support::pattern(producer, index, LARGE)))
             .expect("put");
     }
 }
@@ -68,18 +68,6 @@ fn put_square(q: Queue<u64>, x: u64) {
 }
 
 const LARGE: usize = 8 << 20;
-
-/// Bytes that say which message they belong to and where they sit in it: a torn or
-/// interleaved message cannot match.
-fn pattern(producer: u32, index: u32, size: usize) -> Vec<u8> {
-    let seed = (u64::from(producer) << 32) | u64::from(index);
-    let mut bytes = vec![0; size];
-    for (i, word) in bytes.chunks_exact_mut(8).enumerate() {
-        let value = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        word.copy_from_slice(&value.to_le_bytes());
-    }
-    bytes
-}
 
 fn every_method_in_one_process() -> TestResult {
     let q = Queue::<String>::new()?;
@@ -196,7 +184,7 @@ fn a_large_message_producer_killed_mid_message() -> TestResult {
     let doomed = Process::spawn(produce_large_forever, (q.clone(), 7))?;
     let (producer, index, bytes) = q.get()?;
     ensure(
-        bytes == pattern(producer, index, LARGE),
+        bytes == support::pattern(producer, index, LARGE),
         "first message intact",
     )?;
     // It is now writing its next 8 MiB message (or blocked putting it).
@@ -207,7 +195,7 @@ fn a_large_message_producer_killed_mid_message() -> TestResult {
         let mut all_intact = true;
         loop {
             let (producer, index, bytes) = q.get().expect("get");
-            all_intact &= bytes == pattern(producer, index, LARGE);
+            all_intact &= bytes == support::pattern(producer, index, LARGE);
             if producer == 8 {
                 return (all_intact, index);
             }
@@ -250,7 +238,7 @@ fn large_messages_from_several_producers_at_once() -> TestResult {
         let mut seen = BTreeSet::new();
         for _ in 0..PRODUCERS * EACH {
             let (producer, index, bytes) = q.get().map_err(|err| err.to_string())?;
-            if bytes != pattern(producer, index, LARGE) {
+            if bytes != support::pattern(producer, index, LARGE) {
                 return Err(format!("message {index} of producer {producer} is torn"));
             }
             seen.insert((producer, index));

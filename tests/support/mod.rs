@@ -145,3 +145,15 @@ pub fn wait_gone(pid: u32, limit: Duration) -> bool {
     let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
     matches!(poll(&mut fds, timeout), Ok(n) if n > 0) || !alive(pid)
 }
+
+/// Bytes that say which message they belong to and where they sit in it: a torn or
+/// interleaved message cannot match.
+pub fn pattern(producer: u32, index: u32, size: usize) -> Vec<u8> {
+    let seed = (u64::from(producer) << 32) | u64::from(index);
+    let mut bytes = vec![0; size];
+    for (i, word) in bytes.chunks_exact_mut(8).enumerate() {
+        let value = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        word.copy_from_slice(&value.to_le_bytes());
+    }
+    bytes
+}
