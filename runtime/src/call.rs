@@ -116,7 +116,8 @@ impl Call<'_> {
         task: T,
         items: impl IntoIterator<Item = T::Arg>,
     ) -> Result<Vec<T::Output>, Error> {
-        self.map_async(task, items).get()
+        let _ = task;
+        self.submit_all::<T, T::Arg>(items, true).get()
     }
 
     /// [`Pool::starmap`] with these options.
@@ -141,7 +142,8 @@ impl Call<'_> {
         task: T,
         items: impl IntoIterator<Item = T::Args>,
     ) -> Result<Vec<T::Output>, Error> {
-        self.starmap_async(task, items).get()
+        let _ = task;
+        self.submit_all::<T, T::Args>(items, true).get()
     }
 
     /// [`Pool::apply`] with these options.
@@ -161,8 +163,13 @@ impl Call<'_> {
     /// # Ok(())
     /// # }
     /// ```
+    // The `expect` cannot fire: a successful call of one item has exactly one output.
+    #[allow(clippy::missing_panics_doc)]
     pub fn apply<T: Task>(self, task: T, args: T::Args) -> Result<T::Output, Error> {
-        self.apply_async(task, args).get()
+        let _ = task;
+        self.submit_all::<T, T::Args>([args], true)
+            .get()
+            .map(|mut values| values.pop().expect("apply has exactly one output"))
     }
 
     /// [`Pool::map_async`] with these options.
@@ -182,7 +189,7 @@ impl Call<'_> {
         items: impl IntoIterator<Item = T::Arg>,
     ) -> AsyncResult<Vec<T::Output>> {
         let _ = task;
-        self.submit_all::<T, T::Arg>(items)
+        self.submit_all::<T, T::Arg>(items, false)
     }
 
     /// [`Pool::starmap_async`] with these options.
@@ -202,7 +209,7 @@ impl Call<'_> {
         items: impl IntoIterator<Item = T::Args>,
     ) -> AsyncResult<Vec<T::Output>> {
         let _ = task;
-        self.submit_all::<T, T::Args>(items)
+        self.submit_all::<T, T::Args>(items, false)
     }
 
     /// [`Pool::apply_async`] with these options.
@@ -291,20 +298,23 @@ impl Call<'_> {
     }
 
     /// Encodes every item (each `A` is the task's argument tuple, or its one argument: the
-    /// encodings are identical), queues the chunks, and returns the handle.
+    /// encodings are identical), queues the chunks, and returns the handle. `blocking`: the
+    /// caller waits for the outcomes as soon as this returns, so the last chunk may run from
+    /// its thread (see `Shared::submit_and_wait`).
     fn submit_all<T: Task, A: Serialize>(
         self,
         items: impl IntoIterator<Item = A>,
+        blocking: bool,
     ) -> AsyncResult<Vec<T::Output>> {
         let items = items.into_iter();
         match items.size_hint() {
-            (low, Some(high)) if low == high => self.submit_stream::<T, A>(items, low),
+            (low, Some(high)) if low == high => self.submit_stream::<T, A>(items, low, blocking),
             // Unknown length: the chunk size depends on it, so the input is collected first
             // (as Python's `map` does). `imap` is the lazy alternative.
             _ => {
                 let items: Vec<A> = items.collect();
                 let len = items.len();
-                self.submit_stream::<T, A>(items.into_iter(), len)
+                self.submit_stream::<T, A>(items.into_iter(), len, blocking)
             }
         }
     }
@@ -316,8 +326,9 @@ impl Call<'_> {
         self,
         mut items: impl Iterator<Item = A>,
         len: usize,
+        blocking: bool,
     ) -> AsyncResult<Vec<T::Output>> {
-        let state = CallState::<T::Output>::new(T::NAME);
+        let state = CallState::<T::Output>::new(T::NAME, self.pool.shared().spin);
         let result = AsyncResult::new(Arc::clone(&state), move |state| {
             collect_in_order(state, len)
         });
@@ -346,7 +357,15 @@ impl Call<'_> {
             };
             match encoded {
                 // Once refused (a closed pool), the rest fails without being offered.
-                Ok(chunk) if !refused => refused = shared.submit([chunk]).is_err(),
+                Ok(chunk) if !refused => {
+                    let last = first + count >= len;
+                    refused = if blocking && last {
+                        shared.submit_and_wait(chunk)
+                    } else {
+                        shared.submit([chunk])
+                    }
+                    .is_err();
+                }
                 Ok(chunk) => chunk.fail_all(&|index| {
                     Error::closed("the pool is closed")
                         .with_task(T::NAME)

@@ -82,7 +82,7 @@ where
     ) -> Self {
         IMap {
             shared: Arc::clone(pool.shared()),
-            state: CallState::new(T::NAME),
+            state: CallState::new(T::NAME, pool.shared().spin),
             input: Some(input),
             spec,
             chunking,

@@ -6,7 +6,7 @@
 //! work the pool can no longer finish is failed with [`ErrorKind::Closed`](crate::ErrorKind)
 //! by the pool as it stops: nothing waits forever.
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::outcome::{self, Outcome};
 use crate::sched::CallSink;
 use crate::task::Payload;
@@ -24,6 +24,10 @@ pub(crate) struct CallState<O> {
     task: &'static str,
     inbox: Mutex<Inbox<O>>,
     changed: Condvar,
+    /// How long a waiting thread polls before it sleeps.
+    spin: Duration,
+    /// Deliveries so far (batches stored, expectations changed), for a polling waiter.
+    stores: AtomicU64,
 }
 
 pub(crate) struct Inbox<O> {
@@ -105,7 +109,8 @@ impl<O> Inbox<O> {
 }
 
 impl<O: Payload> CallState<O> {
-    pub(crate) fn new(task: &'static str) -> Arc<CallState<O>> {
+    /// `spin`: how long a waiting thread polls before it sleeps (the pool's `Shared::spin`).
+    pub(crate) fn new(task: &'static str, spin: Duration) -> Arc<CallState<O>> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Arc::new(CallState {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -120,6 +125,8 @@ impl<O: Payload> CallState<O> {
                 waker: None,
             }),
             changed: Condvar::new(),
+            spin,
+            stores: AtomicU64::new(0),
         })
     }
 
@@ -137,6 +144,7 @@ impl<O: Payload> CallState<O> {
         let waker = done.then(|| inbox.waker.take()).flatten();
         let notify = done && inbox.waiters > 0;
         drop(inbox);
+        self.stores.fetch_add(1, Ordering::Release);
         if notify {
             self.changed.notify_all();
         }
@@ -146,12 +154,27 @@ impl<O: Payload> CallState<O> {
     }
 
     /// Blocks until `ready(inbox)` holds or `deadline` passes; returns the guard either way.
+    /// Looks again without sleeping for up to the pool's spin window first (see
+    /// `worker::SPIN`): outcomes of short tasks arrive within microseconds, and a sleeping
+    /// thread takes longer to wake.
     pub(crate) fn wait_until(
         &self,
         deadline: Option<Instant>,
         ready: impl Fn(&Inbox<O>) -> bool,
     ) -> MutexGuard<'_, Inbox<O>> {
         let mut inbox = self.lock();
+        if !ready(&inbox) && !self.spin.is_zero() {
+            // Polls a counter of deliveries, not the lock, so as not to slow the deliveries.
+            let until = Instant::now() + self.spin;
+            while !ready(&inbox) && Instant::now() < until {
+                let seen = self.stores.load(Ordering::Acquire);
+                drop(inbox);
+                while self.stores.load(Ordering::Acquire) == seen && Instant::now() < until {
+                    std::thread::yield_now();
+                }
+                inbox = self.lock();
+            }
+        }
         while !ready(&inbox) {
             match deadline {
                 None => {
@@ -196,6 +219,7 @@ impl<O: Payload> CallState<O> {
         let waker = inbox.waker.take();
         let notify = inbox.waiters > 0;
         drop(inbox);
+        self.stores.fetch_add(1, Ordering::Release);
         if notify {
             self.changed.notify_all();
         }
@@ -204,24 +228,8 @@ impl<O: Payload> CallState<O> {
         }
     }
 
-    fn convert(&self, index: usize, outcome: Outcome<O>) -> Result<O, Error> {
-        outcome
-            .into_result()
-            .map_err(|err| err.with_task(self.task).with_index(index))
-    }
-}
-
-impl<O: Payload> CallSink for CallState<O> {
-    fn id(&self) -> u64 {
-        self.id
-    }
-
-    fn task_name(&self) -> &'static str {
-        self.task
-    }
-
-    fn deliver(&self, first: usize, count: u32, outcomes: &[u8]) {
-        let count = count as usize;
+    /// Decodes the outcomes of items `first..first + count`.
+    fn decode(&self, first: usize, count: usize, outcomes: &[u8]) -> Outcomes<O> {
         // Plain values until the first failure, then results from there on.
         let mut values = Vec::with_capacity(count);
         let mut mixed: Option<Vec<Result<O, Error>>> = None;
@@ -251,10 +259,49 @@ impl<O: Payload> CallSink for CallState<O> {
                 }
             }
         }
-        let outcomes = match mixed {
+        match mixed {
             None => Outcomes::Values(values),
             Some(outcomes) => Outcomes::Mixed(outcomes),
-        };
+        }
+    }
+
+    fn convert(&self, index: usize, outcome: Outcome<O>) -> Result<O, Error> {
+        outcome
+            .into_result()
+            .map_err(|err| err.with_task(self.task).with_index(index))
+    }
+}
+
+impl<O: Payload> CallSink for CallState<O> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn task_name(&self) -> &'static str {
+        self.task
+    }
+
+    fn deliver(&self, first: usize, count: u32, outcomes: &[u8]) {
+        // A `Deserialize` impl of the user's may panic: that fails these items, and neither
+        // the slot thread nor a caller running a chunk itself unwinds through the pool.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.decode(first, count as usize, outcomes)
+        }));
+        let outcomes = decoded.unwrap_or_else(|panic| {
+            let message = crate::worker::panic_message(&*panic);
+            Outcomes::Mixed(
+                (first..first + count as usize)
+                    .map(|index| {
+                        Err(Error::new(
+                            ErrorKind::Codec,
+                            format!("decoding the result panicked: {message}"),
+                        )
+                        .with_task(self.task)
+                        .with_index(index))
+                    })
+                    .collect(),
+            )
+        });
         self.store(Batch { first, outcomes });
     }
 

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Header};
+use crate::slot::Slot;
 use nix::fcntl::OFlag;
 use nix::unistd::pipe2;
 use std::collections::VecDeque;
@@ -117,19 +118,61 @@ enum Phase {
 
 struct State {
     queue: VecDeque<Chunk>,
-    /// Slots blocked waiting for work: a slot takes a second chunk ahead only when more
-    /// chunks are queued than there are idle slots, so prefetching never starves a worker.
-    idle: usize,
+    /// Each slot's parking place, by slot index.
+    slots: Vec<Parking>,
     phase: Phase,
     live_slots: usize,
     /// Set when every slot has given up starting its worker: the pool cannot run anything.
     fatal: Option<String>,
 }
 
+/// Where a slot waits for work. While its thread waits, the slot itself (its worker, with an
+/// empty pipeline) is parked here, so that a caller about to block on a single chunk can
+/// borrow it and run the chunk from its own thread ([`Shared::lend`]): two wake-ups per
+/// round trip (worker, caller) instead of four (slot thread, worker, slot thread, caller).
+#[derive(Default)]
+struct Parking {
+    /// The slot's thread is in [`Shared::wait_next`].
+    waiting: bool,
+    /// The slot, while its thread waits and no caller has borrowed it.
+    parked: Option<Box<Slot>>,
+    /// Woken for work it has not yet looked at: neither woken again nor lent meanwhile.
+    woken: bool,
+}
+
+impl Parking {
+    /// Waiting with its slot at hand, and not already woken: work for it wakes it.
+    fn idle(&self) -> bool {
+        self.waiting && self.parked.is_some() && !self.woken
+    }
+}
+
+impl State {
+    fn idle(&self) -> usize {
+        self.slots.iter().filter(|slot| slot.idle()).count()
+    }
+
+    /// Wakes up to `chunks` idle slots, one per chunk queued.
+    fn wake_idle(&mut self, chunks: usize, wakers: &[Condvar]) {
+        for (index, slot) in self
+            .slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, slot)| slot.idle())
+            .take(chunks)
+        {
+            slot.woken = true;
+            wakers[index].notify_one();
+        }
+    }
+}
+
 /// State shared by a pool's handle, its callers and its slots.
 pub(crate) struct Shared {
     state: Mutex<State>,
-    work: Condvar,
+    /// One per slot: a slot's thread waits on its own, so a wake-up reaches a slot that can
+    /// act on it (an idle one for new work, a lent one when its slot comes back).
+    wakers: Vec<Condvar>,
     next_seq: AtomicU64,
     /// Closed on terminate: its read end then polls readable in every slot, waking slots
     /// blocked on a worker's socket.
@@ -137,11 +180,17 @@ pub(crate) struct Shared {
     pub(crate) stop_read: OwnedFd,
     /// The pid of each slot's current worker.
     pids: Mutex<Vec<Option<u32>>>,
+    /// How long a thread about to sleep for a reply or an outcome polls first
+    /// (`worker::SPIN`; zero on one CPU).
+    pub(crate) spin: Duration,
 }
 
 /// What a slot should do next.
 pub(crate) enum Next {
     Run(Chunk),
+    /// The slot came back from a caller with something for its thread to do: a worker to
+    /// replace or recycle, or a chunk still in flight.
+    Resume,
     Exit,
 }
 
@@ -154,16 +203,17 @@ impl Shared {
         Ok(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
-                idle: 0,
+                slots: (0..slots).map(|_| Parking::default()).collect(),
                 phase: Phase::Running,
                 live_slots: slots,
                 fatal: None,
             }),
-            work: Condvar::new(),
+            wakers: (0..slots).map(|_| Condvar::new()).collect(),
             next_seq: AtomicU64::new(1),
             stop_write: Mutex::new(Some(stop_write)),
             stop_read,
             pids: Mutex::new(vec![None; slots]),
+            spin: crate::worker::spin_window(),
         })
     }
 
@@ -193,17 +243,9 @@ impl Shared {
         let before = state.queue.len();
         state.queue.extend(chunks);
         let added = state.queue.len() - before;
-        // A slot counts itself idle under this lock before it sleeps: with none idle, busy
-        // slots find the chunks when they next look, and the wake-up system call is saved.
-        let idle = state.idle;
-        drop(state);
-        if idle > 0 {
-            if added == 1 {
-                self.work.notify_one();
-            } else if added > 1 {
-                self.work.notify_all();
-            }
-        }
+        // A slot parks itself under this lock before it sleeps: with none idle, busy slots
+        // find the chunks when they next look, and the wake-up system call is saved.
+        state.wake_idle(added, &self.wakers);
         Ok(())
     }
 
@@ -219,6 +261,22 @@ impl Shared {
         }
     }
 
+    /// Runs `chunk` from the calling thread on an idle worker when one is free and nothing is
+    /// queued, else queues it. For a caller that blocks on the chunk's outcomes right away
+    /// (`apply`, the last chunk of `map`): the round trip then wakes two threads, the worker
+    /// and the caller, instead of four.
+    pub(crate) fn submit_and_wait(&self, chunk: Chunk) -> Result<(), Error> {
+        let Some(slot) = self.lend() else {
+            return self.submit([chunk]);
+        };
+        let mut lent = Lent {
+            shared: self,
+            slot: Some(slot),
+        };
+        lent.slot.as_mut().expect("set above").run_direct(chunk);
+        Ok(())
+    }
+
     /// Puts chunks that a dead worker never started back at the front, in order.
     pub(crate) fn requeue_front(&self, chunks: Vec<Chunk>) {
         if chunks.is_empty() {
@@ -232,32 +290,75 @@ impl Shared {
             }
             return;
         }
+        let added = chunks.len();
         for chunk in chunks.into_iter().rev() {
             state.queue.push_front(chunk);
         }
-        drop(state);
-        self.work.notify_all();
+        state.wake_idle(added, &self.wakers);
     }
 
-    /// Blocks until there is a chunk for this slot, or the slot should exit.
-    pub(crate) fn wait_next(&self) -> Next {
+    /// Parks `slot` until there is a chunk for it, or it has something else to do, or it
+    /// should exit; then hands it back. While parked, a caller may borrow it (see
+    /// [`lend`](Self::lend)): its thread then waits for its return.
+    pub(crate) fn wait_next(&self, slot: Box<Slot>) -> (Next, Box<Slot>) {
+        let index = slot.index();
         let mut state = self.lock();
+        state.slots[index] = Parking {
+            waiting: true,
+            parked: Some(slot),
+            woken: false,
+        };
         loop {
-            if state.phase == Phase::Terminated {
-                return Next::Exit;
+            if let Some(slot) = &state.slots[index].parked {
+                let next = if state.phase == Phase::Terminated {
+                    Some(Next::Exit)
+                } else if slot.needs_thread() {
+                    Some(Next::Resume)
+                } else if let Some(chunk) = Self::pop_live(&mut state) {
+                    Some(Next::Run(chunk))
+                } else if state.phase == Phase::Closing || state.fatal.is_some() {
+                    Some(Next::Exit)
+                } else {
+                    None
+                };
+                if let Some(next) = next {
+                    let parking = std::mem::take(&mut state.slots[index]);
+                    let slot = parking.parked.expect("checked above");
+                    return (next, slot);
+                }
             }
-            if let Some(chunk) = Self::pop_live(&mut state) {
-                return Next::Run(chunk);
-            }
-            if state.phase == Phase::Closing || state.fatal.is_some() {
-                return Next::Exit;
-            }
-            state.idle += 1;
-            state = self
-                .work
+            state.slots[index].woken = false;
+            state = self.wakers[index]
                 .wait(state)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            state.idle -= 1;
+        }
+    }
+
+    /// Borrows an idle slot, to run one chunk from the caller's thread, when the pool
+    /// accepts work and nothing is queued (a borrowed slot never overtakes queued work).
+    /// Give it back with [`give_back`](Self::give_back).
+    pub(crate) fn lend(&self) -> Option<Box<Slot>> {
+        let mut state = self.lock();
+        if state.phase != Phase::Running || state.fatal.is_some() || !state.queue.is_empty() {
+            return None;
+        }
+        state
+            .slots
+            .iter_mut()
+            .find(|slot| slot.idle())
+            .and_then(|slot| slot.parked.take())
+    }
+
+    /// Returns a borrowed slot to its parking place, waking its thread only if there is
+    /// something for it to do.
+    pub(crate) fn give_back(&self, slot: Box<Slot>) {
+        let index = slot.index();
+        let mut state = self.lock();
+        let wake = state.phase != Phase::Running || !state.queue.is_empty() || slot.needs_thread();
+        state.slots[index].parked = Some(slot);
+        if wake {
+            state.slots[index].woken = true;
+            self.wakers[index].notify_one();
         }
     }
 
@@ -267,7 +368,7 @@ impl Shared {
     /// and shares its deadline policy.
     pub(crate) fn try_prefetch(&self, call: u64) -> Option<Chunk> {
         let mut state = self.lock();
-        if state.phase == Phase::Terminated || state.queue.len() <= state.idle {
+        if state.phase == Phase::Terminated || state.queue.len() <= state.idle() {
             return None;
         }
         while state
@@ -290,6 +391,12 @@ impl Shared {
             }
         }
         None
+    }
+
+    fn wake_all(&self) {
+        for waker in &self.wakers {
+            waker.notify_all();
+        }
     }
 
     pub(crate) fn set_pid(&self, slot: usize, pid: Option<u32>) {
@@ -320,7 +427,7 @@ impl Shared {
             state.phase = Phase::Closing;
         }
         drop(state);
-        self.work.notify_all();
+        self.wake_all();
     }
 
     /// `terminate()`: fail everything queued with `Closed` and wake every slot.
@@ -329,7 +436,7 @@ impl Shared {
         state.phase = Phase::Terminated;
         let queued: Vec<Chunk> = state.queue.drain(..).collect();
         drop(state);
-        self.work.notify_all();
+        self.wake_all();
         drop(
             self.stop_write
                 .lock()
@@ -357,7 +464,7 @@ impl Shared {
         let fatal = state.fatal.clone();
         let queued: Vec<Chunk> = state.queue.drain(..).collect();
         drop(state);
-        self.work.notify_all();
+        self.wake_all();
         for chunk in queued {
             let task = chunk.call.task_name();
             chunk.fail_all(&|index| {
@@ -368,6 +475,20 @@ impl Shared {
                 .with_task(task)
                 .with_index(index)
             });
+        }
+    }
+}
+
+/// A borrowed slot; given back when dropped, even by a panic in a result's decoding.
+struct Lent<'a> {
+    shared: &'a Shared,
+    slot: Option<Box<Slot>>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.shared.give_back(slot);
         }
     }
 }

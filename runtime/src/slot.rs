@@ -144,62 +144,96 @@ impl Slot {
     }
 
     /// The slot thread's body. Reports the first worker's start on `ready`.
-    pub(crate) fn run(mut self, ready: Sender<Result<u32, Error>>) {
-        match self.start_worker(1) {
+    pub(crate) fn run(self, ready: Sender<Result<u32, Error>>) {
+        let mut slot = Box::new(self);
+        match slot.start_worker(1) {
             Ok(pid) => {
                 let _ = ready.send(Ok(pid));
             }
             Err(err) => {
-                self.shared.slot_exited(Some(&err));
+                slot.shared.slot_exited(Some(&err));
                 let _ = ready.send(Err(err));
                 return;
             }
         }
         drop(ready);
-        let gave_up = self.serve();
-        self.finish();
-        self.shared.slot_exited(gave_up.as_ref());
+        let (mut slot, gave_up) = Slot::serve(slot);
+        slot.finish();
+        slot.shared.slot_exited(gave_up.as_ref());
     }
 
-    /// Runs until the pool stops or closes; `Some` if it gave up starting a worker.
-    fn serve(&mut self) -> Option<Error> {
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// True when the slot cannot be lent as it is: its worker is gone or must be recycled,
+    /// or work is in flight (a slot given back in the middle of a chunk).
+    pub(crate) fn needs_thread(&self) -> bool {
+        self.worker.is_none() || self.budget_left() == Some(0) || !self.inflight.is_empty()
+    }
+
+    /// Runs until the pool stops or closes; `Some` if it gave up starting a worker. The slot
+    /// moves into the shared state while it waits for work (it may be lent meanwhile), hence
+    /// `Box<Self>` in and out.
+    fn serve(mut slot: Box<Slot>) -> (Box<Slot>, Option<Error>) {
         loop {
-            if self.worker.is_none() {
-                if self.shared.is_terminated() {
-                    return None;
+            if slot.worker.is_none() {
+                if slot.shared.is_terminated() {
+                    return (slot, None);
                 }
-                if let Err(err) = self.start_worker(self.config.restart_attempts) {
-                    return Some(err);
+                if let Err(err) = slot.start_worker(slot.config.restart_attempts) {
+                    return (slot, Some(err));
                 }
             }
-            if self.inflight.is_empty() {
-                if self.budget_left() == Some(0) {
-                    self.recycle_worker();
+            if slot.inflight.is_empty() {
+                if slot.budget_left() == Some(0) {
+                    slot.recycle_worker();
                     continue;
                 }
                 // A worker killed while idle is found out when this chunk meets the end of
                 // its stream; the status page then shows the chunk never started, and it goes
                 // back to the queue unblamed.
-                match self.shared.wait_next() {
-                    Next::Run(chunk) => self.push(chunk),
-                    Next::Exit => return None,
+                let shared = Arc::clone(&slot.shared);
+                let (next, back) = shared.wait_next(slot);
+                slot = back;
+                match next {
+                    Next::Run(chunk) => slot.push(chunk),
+                    Next::Resume => continue,
+                    Next::Exit => return (slot, None),
                 }
             }
-            while self.inflight.len() < self.config.prefetch
-                && let Some(call) = self.prefetch_call()
-                && self
+            while slot.inflight.len() < slot.config.prefetch
+                && let Some(call) = slot.prefetch_call()
+                && slot
                     .budget_left()
-                    .is_none_or(|left| left > self.items_in_flight())
+                    .is_none_or(|left| left > slot.items_in_flight())
             {
-                match self.shared.try_prefetch(call) {
-                    Some(chunk) => self.push(chunk),
+                match slot.shared.try_prefetch(call) {
+                    Some(chunk) => slot.push(chunk),
                     None => break,
                 }
             }
-            match self.pump() {
+            match slot.pump(Duration::ZERO) {
                 Pumped::Progress => {}
-                Pumped::Stop => return None,
-                Pumped::Lost(why) => self.on_worker_lost(&why),
+                Pumped::Stop => return (slot, None),
+                Pumped::Lost(why) => slot.on_worker_lost(&why),
+            }
+        }
+    }
+
+    /// Runs `chunk` on this (lent, idle) slot's worker from the calling thread, until its
+    /// outcomes are stored, the worker is lost (handled as the slot thread would: blame,
+    /// re-queue) or the pool is terminated (the slot thread then fails what is in flight).
+    pub(crate) fn run_direct(&mut self, chunk: Chunk) {
+        self.push(chunk);
+        while !self.inflight.is_empty() {
+            match self.pump(self.shared.spin) {
+                Pumped::Progress => {}
+                Pumped::Stop => return,
+                Pumped::Lost(why) => {
+                    self.on_worker_lost(&why);
+                    return;
+                }
             }
         }
     }
@@ -345,7 +379,11 @@ impl Slot {
         })
     }
 
-    fn pump(&mut self) -> Pumped {
+    /// Sends and receives until a chunk completes, the worker is lost or the pool stops.
+    /// While only replies are awaited, polls without sleeping for up to `spin` first (see
+    /// `worker::SPIN`).
+    fn pump(&mut self, spin: Duration) -> Pumped {
+        let spin_until = monotonic_ns().saturating_add(nanos(spin));
         loop {
             match self.drain_frames() {
                 Ok(true) => return Pumped::Progress,
@@ -354,6 +392,14 @@ impl Slot {
             }
             if let Err(lost) = self.write_some() {
                 return Pumped::Lost(lost);
+            }
+            if self.sent_chunks == self.inflight.len() && monotonic_ns() < spin_until {
+                match self.receive() {
+                    Ok(true) => {}
+                    Ok(false) => std::thread::yield_now(),
+                    Err(lost) => return Pumped::Lost(lost),
+                }
+                continue;
             }
             let mut wait = PollTimeout::NONE;
             if let Some(check) = self.next_check() {
@@ -404,21 +450,32 @@ impl Slot {
             if stderr_ready {
                 worker.stderr.pump();
             }
-            if conn_events.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
-                match self.reader.read_from(&mut worker.conn) {
-                    Ok(0) => return Pumped::Lost(Lost::Died),
-                    Ok(_) => {}
-                    Err(err)
-                        if matches!(
-                            err.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(err) => match err.downcast::<Error>() {
-                        Ok(err) => return Pumped::Lost(Lost::Protocol(err)),
-                        Err(_) => return Pumped::Lost(Lost::Died),
-                    },
-                }
+            if conn_events.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                && let Err(lost) = self.receive()
+            {
+                return Pumped::Lost(lost);
             }
+        }
+    }
+
+    /// Reads what the worker sent, without blocking. False when nothing was there.
+    fn receive(&mut self) -> Result<bool, Lost> {
+        let worker = self.worker.as_mut().expect("receive runs with a worker");
+        match self.reader.read_from(&mut worker.conn) {
+            Ok(0) => Err(Lost::Died),
+            Ok(_) => Ok(true),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(err) => match err.downcast::<Error>() {
+                Ok(err) => Err(Lost::Protocol(err)),
+                Err(_) => Err(Lost::Died),
+            },
         }
     }
 

@@ -168,6 +168,7 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
 
     let mut reader = FrameReader::new(spec.max_frame_len);
     let mut received = VecDeque::new();
+    let spin = spin_window();
     let mut next_fds = Vec::new();
     // Results not yet sent. Every chunk already buffered runs before they go out in one
     // write: under a stream of short chunks that is one system call per batch, not per
@@ -234,17 +235,55 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
             }
         }
         flush(&mut conn, &mut out)?;
-        let mut source = FdStream {
-            conn: &conn,
-            received: &mut received,
-        };
-        match reader.read_from(&mut source) {
+        match read_spinning(&mut reader, &conn, &mut received, spin) {
             // End of stream: the parent is gone or closed the channel.
             Ok(0) if reader.buffered() == 0 => return Ok(()),
             Ok(0) => return Err(protocol::truncated(reader.buffered())),
             Ok(_) => {}
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(err) => return Err(Error::io("reading from the parent failed", err)),
+        }
+    }
+}
+
+/// How long a worker keeps looking for its next request before it sleeps, and a caller for
+/// its reply (`Slot::run_direct`).
+///
+/// Waking a sleeping thread on an idle CPU is the dearest part of a short round trip: on a
+/// virtual machine whose idle CPUs halt, tens of microseconds, against a few for the whole
+/// round trip between two threads that are awake. A worker that has just answered usually
+/// gets its next request within microseconds (a caller's `apply` loop, a `map`'s next chunk),
+/// so it polls the socket for a short while first, yielding its CPU to any other runnable
+/// thread between polls. The cost is bounded: at most this long per idle spell, and nothing
+/// on a machine with one CPU, where polling could only delay the peer it waits for.
+pub(crate) const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// [`SPIN`], or zero when this process may use one CPU only.
+pub(crate) fn spin_window() -> std::time::Duration {
+    match std::thread::available_parallelism() {
+        Ok(cpus) if cpus.get() > 1 => SPIN,
+        _ => std::time::Duration::ZERO,
+    }
+}
+
+/// Reads what the parent sent, polling without blocking for up to `spin` before a blocking
+/// read (see [`SPIN`]).
+fn read_spinning(
+    reader: &mut FrameReader,
+    conn: &UnixStream,
+    received: &mut VecDeque<OwnedFd>,
+    spin: std::time::Duration,
+) -> std::io::Result<usize> {
+    let until = std::time::Instant::now() + spin;
+    loop {
+        let mut source = FdStream {
+            conn,
+            received,
+            dontwait: !spin.is_zero() && std::time::Instant::now() < until,
+        };
+        match reader.read_from(&mut source) {
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            other => return other,
         }
     }
 }
@@ -287,13 +326,20 @@ fn write_all(conn: &mut UnixStream, bytes: &[u8]) -> Result<(), Error> {
 struct FdStream<'a> {
     conn: &'a UnixStream,
     received: &'a mut VecDeque<OwnedFd>,
+    /// Read without blocking: `WouldBlock` when nothing is there.
+    dontwait: bool,
 }
 
 impl std::io::Read for FdStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use nix::sys::socket::MsgFlags;
         use std::os::fd::AsFd;
-        let received = crate::fdpass::recv_with(self.conn.as_fd(), buf, MsgFlags::empty())?;
+        let flags = if self.dontwait {
+            MsgFlags::MSG_DONTWAIT
+        } else {
+            MsgFlags::empty()
+        };
+        let received = crate::fdpass::recv_with(self.conn.as_fd(), buf, flags)?;
         if received.flags.contains(MsgFlags::MSG_CTRUNC) {
             // The kernel dropped descriptors that did not fit: the arguments would refer to
             // handles that never arrived.
@@ -416,14 +462,14 @@ fn run_caught<R>(f: impl FnOnce() -> R) -> Result<R, CaughtPanic> {
     IN_TASK.set(false);
     result.map_err(|payload| {
         LAST_PANIC.take().unwrap_or_else(|| CaughtPanic {
-            message: payload_message(&*payload),
+            message: panic_message(&*payload),
             location: None,
             backtrace: None,
         })
     })
 }
 
-fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(message) = payload.downcast_ref::<&str>() {
         (*message).to_owned()
     } else if let Some(message) = payload.downcast_ref::<String>() {
