@@ -8,7 +8,8 @@ mod support;
 use multiproc::{ErrorKind, Pool, task};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use support::{TestResult, ensure};
+use std::time::Duration;
+use support::{TestResult, ensure, within};
 
 #[task]
 fn square(x: u64) -> u64 {
@@ -135,6 +136,37 @@ fn run_this_program_again() -> String {
 #[task]
 fn worker_pid() -> u32 {
     std::process::id()
+}
+
+/// What a task finds on stdin, and the signal disposition of SIGINT, in its worker.
+#[task]
+fn stdin_and_sigint() -> (usize, bool) {
+    use std::io::Read;
+    let mut input = Vec::new();
+    let read = std::io::stdin()
+        .read_to_end(&mut input)
+        .map_or(usize::MAX, |_| input.len());
+    // SAFETY: reads the current disposition by setting it to itself.
+    let ignored = unsafe {
+        let previous = nix::libc::signal(nix::libc::SIGINT, nix::libc::SIG_IGN);
+        nix::libc::signal(nix::libc::SIGINT, previous);
+        previous == nix::libc::SIG_IGN
+    };
+    (read, ignored)
+}
+
+/// The channel reaches a worker as its stdin (so that it can be started with `posix_spawn`),
+/// but a task must find an empty stdin there, not the protocol; and SIGINT stays ignored.
+fn a_task_reads_an_empty_stdin_and_ignores_sigint() -> TestResult {
+    let (seen, after) = within(Duration::from_mins(1), "reading stdin in a task", || {
+        let pool = Pool::new(1)?;
+        let seen = pool.apply(stdin_and_sigint, ())?;
+        // The channel still works after the task read stdin to its end.
+        Ok::<_, multiproc::Error>((seen, pool.apply(square, (5,))?))
+    })??;
+    assert_eq!(seen, (0, true));
+    assert_eq!(after, 25);
+    Ok(())
 }
 
 fn seed_example() -> TestResult {
@@ -382,6 +414,7 @@ fn main() {
     }
     support::run(tests![
         a_task_can_start_another_multiproc_program,
+        a_task_reads_an_empty_stdin_and_ignores_sigint,
         seed_example,
         map_100_000_items,
         empty_input,

@@ -116,7 +116,7 @@ pub(crate) fn take(index: u32) -> Result<OwnedFd, String> {
 pub(crate) fn send_with(
     socket: BorrowedFd<'_>,
     bytes: &[u8],
-    fds: &[OwnedFd],
+    fds: &[impl AsRawFd],
     flags: MsgFlags,
 ) -> nix::Result<usize> {
     if fds.is_empty() {

@@ -23,7 +23,7 @@ use std::io::{self, Read};
 use std::ops::Range;
 
 /// Bumped on any change to [`Header`] or to the payload layouts.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// The default upper bound on one frame's body: larger lengths are rejected before any
 /// allocation. [`crate::PoolBuilder::max_frame_len`] changes it.

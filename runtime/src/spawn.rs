@@ -1,6 +1,6 @@
 //! Starting a worker process: the current executable, run again with [`ENV`](crate::worker::ENV)
-//! set, connected by a private socket that is neither stdin nor stdout (task code may print;
-//! its stdout and stderr are the parent's).
+//! set, connected by a private socket that arrives as its stdin and is moved aside at once:
+//! a task reads an empty stdin, and prints to the parent's stdout and stderr.
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
@@ -8,11 +8,11 @@ use crate::registry::Registry;
 use crate::status::StatusPage;
 use crate::stderr::StderrTail;
 use crate::worker::{ENV, WorkerSpec};
-use nix::sys::signal::{self, SigHandler, Signal};
+use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -67,52 +67,30 @@ impl WorkerProcess {
         let (conn, child_end) = UnixStream::pair()
             .map_err(|err| Error::io("creating a worker channel failed", err))
             .map_err(spawn_kind)?;
-        let child_fd = child_end.as_raw_fd();
         let status = StatusPage::create().map_err(spawn_kind)?;
-        let status_fd = status.fd().as_raw_fd();
         let spec = WorkerSpec {
-            fd: child_fd,
-            status_fd,
             parent: std::process::id(),
             max_frame_len: options.max_frame_len,
+            max_memory: options.max_memory.unwrap_or(0),
         };
+        // No `pre_exec`: std then starts the child with `posix_spawn` (a `vfork`-style clone
+        // that copies no page tables), not `fork`. The channel goes in as the child's stdin,
+        // the only descriptor such a start can hand over besides stdout and stderr; the
+        // worker moves it out of the way at once (`worker::take_channel`) and sets what a
+        // `pre_exec` would have set (SIGINT ignored, the memory cap) on itself.
         let mut command = Command::new(executable());
         command
             .env(ENV, spec.encode())
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(OwnedFd::from(child_end)))
             .stderr(Stdio::piped())
             // Its own process group: a timeout kills the task and everything it started, and
             // a terminal's Ctrl-C reaches the parent, which stops the pool, not each worker.
             .process_group(0);
-        let max_memory = options.max_memory;
-        let prepare = move || {
-            use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-            use std::os::fd::BorrowedFd;
-            for raw in [child_fd, status_fd] {
-                // SAFETY: both are open in the child: inherited copies of `child_end` and of
-                // the status page, which the parent keeps open until `spawn` returns.
-                let fd = unsafe { BorrowedFd::borrow_raw(raw) };
-                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
-            }
-            // SAFETY: installing SIG_IGN runs no handler code. Ignored dispositions survive
-            // exec: the worker ignores SIGINT from its first instruction.
-            unsafe { signal::signal(Signal::SIGINT, SigHandler::SigIgn) }?;
-            if let Some(bytes) = max_memory {
-                use nix::sys::resource::{Resource, setrlimit};
-                setrlimit(Resource::RLIMIT_AS, bytes, bytes)?;
-            }
-            Ok(())
-        };
-        // SAFETY: `prepare` runs in the child between fork and exec and only makes
-        // async-signal-safe calls (fcntl, sigaction) on values it owns.
-        unsafe {
-            command.pre_exec(prepare);
-        }
         let mut child = command
             .spawn()
             .map_err(|err| Error::io("starting a worker process failed", err))
             .map_err(spawn_kind)?;
-        drop(child_end);
+        drop(command);
         let stderr = StderrTail::new(child.stderr.take());
         let mut worker = WorkerProcess {
             child,
@@ -121,12 +99,13 @@ impl WorkerProcess {
             stderr,
             reaped: None,
         };
-        let started = worker.handshake(registry.digest(), options).and_then(|()| {
-            match &options.initializer {
+        let started = worker
+            .send_status_page()
+            .and_then(|()| worker.handshake(registry.digest(), options))
+            .and_then(|()| match &options.initializer {
                 Some(init) => worker.initialize(init, options, started_at + options.start_timeout),
                 None => Ok(()),
-            }
-        });
+            });
         match started {
             Ok(()) => Ok(worker),
             Err(err) => {
@@ -134,6 +113,28 @@ impl WorkerProcess {
                 let tail = worker.stderr.last_lines();
                 Err(err.with_stderr_tail(tail))
             }
+        }
+    }
+
+    /// The worker's first frame: its status page, as a descriptor. The socket buffer is
+    /// empty, so this small write cannot block.
+    fn send_status_page(&mut self) -> Result<(), Error> {
+        let mut frame = Vec::with_capacity(16);
+        protocol::descriptors_frame(&mut frame, 1);
+        let sent = crate::fdpass::send_with(
+            self.conn.as_fd(),
+            &frame,
+            &[self.status.fd()],
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        );
+        match sent {
+            Ok(n) if n == frame.len() => Ok(()),
+            Ok(_) => Err(Self::start_failure(
+                "the status page was sent in part".to_owned(),
+            )),
+            Err(err) => Err(Self::start_failure(format!(
+                "sending the worker its status page failed: {err}"
+            ))),
         }
     }
 

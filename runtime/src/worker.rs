@@ -1,8 +1,9 @@
 //! The worker side: what a re-executed child does when `#[multiproc::main]` hands it control.
 //!
 //! A parent starts a worker by running its own executable again with [`ENV`] set to a
-//! [`WorkerSpec`]: the number of an inherited socket descriptor, the parent's pid and the
-//! frame limit. [`worker_main`] sees the variable, connects, says `Ready`, then runs each
+//! [`WorkerSpec`]: the parent's pid, the frame limit and the memory cap; the socket is its
+//! stdin. [`worker_main`] sees the variable, takes the socket and the status page the parent
+//! sends first, says `Ready`, then runs each
 //! `Run` chunk it receives and answers with `Results`, until `Shutdown` or end of stream. It
 //! never returns to the user's `main` body.
 
@@ -30,24 +31,28 @@ static ENTERED: AtomicBool = AtomicBool::new(false);
 /// Set once a missing entry has been reported, so it is reported once.
 static REPORTED_MISSING: AtomicBool = AtomicBool::new(false);
 
-/// What a parent tells a worker through [`ENV`].
+/// What a parent tells a worker through [`ENV`]. The channel itself is the worker's stdin
+/// at start (see [`take_channel`]): the one descriptor besides stdout and stderr that
+/// `posix_spawn` can hand over, and a worker needs no stdin of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WorkerSpec {
-    pub fd: RawFd,
-    pub status_fd: RawFd,
     pub parent: u32,
     pub max_frame_len: u32,
+    /// The address-space limit (`RLIMIT_AS`) the worker sets on itself, in bytes; 0: none.
+    pub max_memory: u64,
 }
+
+/// Where the channel arrives in a worker: its stdin.
+const CHANNEL_AT_START: RawFd = 0;
 
 impl WorkerSpec {
     pub(crate) fn encode(&self) -> String {
         format!(
-            "v{}:{}:{}:{}:{}",
+            "v{}:{}:{}:{}",
             protocol::PROTOCOL_VERSION,
-            self.fd,
-            self.status_fd,
             self.parent,
-            self.max_frame_len
+            self.max_frame_len,
+            self.max_memory
         )
     }
 
@@ -67,15 +72,16 @@ impl WorkerSpec {
                 .and_then(|part| part.parse::<u64>().ok())
                 .ok_or(format!("missing or malformed {name}"))
         };
-        let fd = RawFd::try_from(field("descriptor")?).map_err(|e| e.to_string())?;
-        let status_fd = RawFd::try_from(field("status descriptor")?).map_err(|e| e.to_string())?;
         let parent = u32::try_from(field("parent pid")?).map_err(|e| e.to_string())?;
         let max_frame_len = u32::try_from(field("frame limit")?).map_err(|e| e.to_string())?;
+        let max_memory = field("memory limit")?;
+        if parts.next().is_some() {
+            return Err("trailing fields".to_owned());
+        }
         Ok(WorkerSpec {
-            fd,
-            status_fd,
             parent,
             max_frame_len,
+            max_memory,
         })
     }
 }
@@ -126,15 +132,13 @@ pub(crate) fn check_may_spawn() -> Result<(), Error> {
     if ENTERED.load(Ordering::SeqCst) {
         return Ok(());
     }
-    if !REPORTED_MISSING.swap(true, Ordering::SeqCst)
-        && let Ok(spec) = WorkerSpec::decode(&value)
-    {
+    if !REPORTED_MISSING.swap(true, Ordering::SeqCst) && WorkerSpec::decode(&value).is_ok() {
         {
             let frame = protocol::control_frame(&Header::MissingEntry);
             // SAFETY: the parent passed this descriptor to this process for this channel and
             // nothing in a process that never entered the worker closes it; a failed write
             // (the descriptor is not what we think) is ignored, the parent then times out.
-            let fd = unsafe { BorrowedFd::borrow_raw(spec.fd) };
+            let fd = unsafe { BorrowedFd::borrow_raw(CHANNEL_AT_START) };
             let _ = nix::unistd::write(fd, &frame);
         }
     }
@@ -150,14 +154,16 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     // First: a process whose parent is not the one that wrote ENV must not touch the
     // descriptor numbers in it.
     guard_against_orphaning(spec.parent)?;
-    // SAFETY: our parent (checked above) created both descriptors for this process alone,
-    // cleared their close-on-exec flags, and passed their numbers in ENV, which no other
-    // process inherits (worker_main removes it); nothing else here owns them.
-    let (fd, status_fd) = unsafe { (adopt(spec.fd)?, adopt(spec.status_fd)?) };
-    let status = StatusPage::open(status_fd)?;
+    // SAFETY: our parent (checked above) made our stdin this worker's channel, and nothing
+    // in this process has used stdin: `worker_main` runs first thing in `main`.
+    let fd = unsafe { take_channel()? };
+    limit_self(spec)?;
     install_panic_hook();
     let registry = Registry::get()?;
     let mut conn = UnixStream::from(fd);
+    let mut reader = FrameReader::new(spec.max_frame_len);
+    let mut received = VecDeque::new();
+    let status = StatusPage::open(first_descriptor(&mut reader, &conn, &mut received)?)?;
     start_watchdog(&conn)?;
     let ready = Header::Ready {
         version: protocol::PROTOCOL_VERSION,
@@ -166,8 +172,6 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     };
     write_all(&mut conn, &protocol::control_frame(&ready))?;
 
-    let mut reader = FrameReader::new(spec.max_frame_len);
-    let mut received = VecDeque::new();
     let spin = spin_window();
     let mut next_fds = Vec::new();
     // Results not yet sent. Every chunk already buffered runs before they go out in one
@@ -296,24 +300,77 @@ fn flush(conn: &mut UnixStream, out: &mut Vec<u8>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Takes ownership of a descriptor inherited from the parent and marks it close-on-exec
-/// again: a process that a task starts must not inherit the channel, or it would hold it
-/// open past this worker's exit and hide that exit from the parent.
+/// Takes the channel from stdin: moves it to a close-on-exec descriptor, so that a process a
+/// task starts does not inherit it (it would hold the channel open past this worker's exit
+/// and hide that exit from the parent), and puts `/dev/null` in its place, so that a task
+/// reading stdin reads nothing rather than the protocol.
 ///
 /// # Safety
 ///
-/// `raw` must be an open descriptor that nothing else in this process owns.
-unsafe fn adopt(raw: RawFd) -> Result<OwnedFd, Error> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    // SAFETY: the caller guarantees that `raw` is open and unowned.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|err| {
-        Error::io(
-            "marking an inherited descriptor close-on-exec failed",
-            err.into(),
-        )
-    })?;
-    Ok(fd)
+/// Stdin must be the channel, and nothing else in this process may own or use it.
+unsafe fn take_channel() -> Result<OwnedFd, Error> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+    use nix::sys::stat::Mode;
+    // SAFETY: the caller guarantees that stdin is the channel and unowned.
+    let stdin = unsafe { BorrowedFd::borrow_raw(CHANNEL_AT_START) };
+    let moved = fcntl(stdin, FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map_err(|err| Error::io("taking the worker channel failed", err.into()))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    let channel = unsafe { OwnedFd::from_raw_fd(moved) };
+    let null = open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| Error::io("opening /dev/null failed", err.into()))?;
+    // Replaces descriptor 0, which the caller guarantees nothing else uses; dup2 clears
+    // close-on-exec on the copy, so stdin stays open for what a task starts.
+    nix::unistd::dup2_stdin(&null)
+        .map_err(|err| Error::io("replacing the worker's stdin failed", err.into()))?;
+    Ok(channel)
+}
+
+/// What the parent used to set between fork and exec, set by the worker on itself so that
+/// the parent can start it with `posix_spawn`: SIGINT ignored (a worker leaves its pool when
+/// the parent does, not on a Ctrl-C sent to a process group), and the memory cap.
+fn limit_self(spec: WorkerSpec) -> Result<(), Error> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: installing SIG_IGN runs no handler code.
+    unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) }
+        .map_err(|err| Error::io("ignoring SIGINT failed", err.into()))?;
+    if spec.max_memory > 0 {
+        use nix::sys::resource::{Resource, setrlimit};
+        setrlimit(Resource::RLIMIT_AS, spec.max_memory, spec.max_memory)
+            .map_err(|err| Error::io("setting the memory limit failed", err.into()))?;
+    }
+    Ok(())
+}
+
+/// Reads the parent's first frame, which carries the status page: a `Descriptors` frame
+/// of one.
+fn first_descriptor(
+    reader: &mut FrameReader,
+    conn: &UnixStream,
+    received: &mut VecDeque<OwnedFd>,
+) -> Result<OwnedFd, Error> {
+    loop {
+        if let Some(range) = reader.next_frame()? {
+            let (header, _) = protocol::parse_body(reader.body(range))?;
+            return match (header, received.pop_front()) {
+                (Header::Descriptors { count: 1 }, Some(fd)) if received.is_empty() => Ok(fd),
+                (header, _) => Err(Error::new(
+                    ErrorKind::Codec,
+                    format!("expected the status page first, got {header:?}"),
+                )),
+            };
+        }
+        match read_spinning(reader, conn, received, std::time::Duration::ZERO) {
+            Ok(0) => return Err(protocol::truncated(reader.buffered())),
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(Error::io("reading from the parent failed", err)),
+        }
+    }
 }
 
 fn write_all(conn: &mut UnixStream, bytes: &[u8]) -> Result<(), Error> {
@@ -509,18 +566,18 @@ mod tests {
     #[test]
     fn spec_round_trips() {
         let spec = WorkerSpec {
-            fd: 7,
-            status_fd: 8,
             parent: 4242,
             max_frame_len: 1 << 20,
+            max_memory: 1 << 30,
         };
         assert_eq!(WorkerSpec::decode(&spec.encode().into()), Ok(spec));
     }
 
     #[test]
     fn spec_rejects_other_versions_and_garbage() {
-        assert!(WorkerSpec::decode(&"v999:7:8:1:1".into()).is_err());
-        assert!(WorkerSpec::decode(&"v1:x:8:1:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v999:7:8:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v2:x:8:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v2:7:8:1:1".into()).is_err());
         assert!(WorkerSpec::decode(&"".into()).is_err());
     }
 
