@@ -5,6 +5,7 @@ mod support;
 
 use multiproc::{ErrorKind, Pool, task};
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_bytes::ByteBuf;
 use support::{TestResult, ensure};
 
 /// Serializes fine in the worker, refuses to deserialize in the parent.
@@ -56,6 +57,67 @@ fn corrupt_channel(_x: u8) -> u8 {
     // SAFETY: the worker's channel descriptor; ManuallyDrop keeps it open for the worker.
     let mut channel = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
     channel.write_all(&[0xff; 16]).expect("write");
+    0
+}
+
+/// Bytes whose content says where they are, so that a shifted or mixed-up copy cannot match.
+fn patterned(len: usize, salt: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
+        .collect()
+}
+
+#[task]
+fn reversed(data: ByteBuf) -> ByteBuf {
+    ByteBuf::from(data.into_vec().into_iter().rev().collect::<Vec<u8>>())
+}
+
+#[task]
+fn patterned_of(len: usize, salt: u8) -> ByteBuf {
+    ByteBuf::from(patterned(len, salt))
+}
+
+/// Aborts its worker the first time it sees `marker` missing; returns the data's length.
+#[task]
+fn abort_once(marker: String, data: ByteBuf) -> usize {
+    if std::fs::metadata(&marker).is_err() {
+        std::fs::write(&marker, b"crashed once").expect("marker");
+        std::process::abort();
+    }
+    data.len()
+}
+
+/// Writes `frame` (a length prefix and a body) onto the worker's channel to the parent.
+fn write_raw_frame(frame: &[u8]) {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let fd: i32 = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            std::fs::read_link(entry.path())
+                .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
+        })
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .min()
+        .expect("the worker's channel");
+    // SAFETY: the worker's channel descriptor; ManuallyDrop keeps it open for the worker.
+    let mut channel = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    channel.write_all(frame).expect("write");
+}
+
+/// Sends a `Shared` frame (header variant 7: number 1, `len` bytes as a varint) that the
+/// parent must refuse: no region, or one shorter than `len`.
+#[task]
+fn forge_shared_frame(len_varint: Vec<u8>) -> u8 {
+    let mut body = vec![7, 1];
+    body.extend_from_slice(&len_varint);
+    let mut frame = u32::try_from(body.len())
+        .expect("short")
+        .to_le_bytes()
+        .to_vec();
+    frame.extend_from_slice(&body);
+    write_raw_frame(&frame);
     0
 }
 
@@ -132,6 +194,90 @@ fn large_payloads_round_trip() -> TestResult {
     Ok(())
 }
 
+/// Frames from 100 KiB to 9 MiB, both ways, go through the socket or through the shared
+/// regions (256 KiB and up, when a region is free), which grow and are reused: every byte
+/// must come back where it belongs, in order, whatever the path.
+fn large_frames_through_shared_memory_keep_every_byte() -> TestResult {
+    let pool = Pool::new(2)?;
+    let sizes = [
+        100 << 10,
+        (256 << 10) - 64,
+        256 << 10,
+        (256 << 10) + 1,
+        1 << 20,
+        3 << 20,
+        6 << 20,
+        300 << 10,
+        5 << 20,
+        1 << 20,
+    ];
+    for round in 0..2u8 {
+        let inputs: Vec<ByteBuf> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| ByteBuf::from(patterned(len, round.wrapping_add(i as u8))))
+            .collect();
+        let expected: Vec<ByteBuf> = inputs
+            .iter()
+            .map(|data| ByteBuf::from(data.iter().rev().copied().collect::<Vec<u8>>()))
+            .collect();
+        let out = pool
+            .with_chunking(multiproc::Chunking::Fixed(1))
+            .map(reversed, inputs)?;
+        ensure(out == expected, format!("round {round}: a reply differs"))?;
+        // Small requests, large replies: replies go by the socket until the parent gives the
+        // worker a replies region large enough.
+        let out = pool
+            .with_chunking(multiproc::Chunking::Fixed(1))
+            .starmap(patterned_of, sizes.iter().map(|&len| (len, round)))?;
+        for (data, &len) in out.iter().zip(&sizes) {
+            ensure(
+                **data == patterned(len, round),
+                format!("round {round}: {len} bytes differ"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A worker that dies while its request sits in shared memory: the request runs again on
+/// its replacement, which gets regions of its own.
+fn a_shared_request_runs_again_after_its_worker_dies() -> TestResult {
+    let marker = std::env::temp_dir().join(format!("multiproc-abort-once-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let pool = Pool::new(1)?;
+    let marker = marker.to_string_lossy().into_owned();
+    let data = ByteBuf::from(patterned(4 << 20, 3));
+    let len = pool
+        .with_retries(1)
+        .apply(abort_once, (marker.clone(), data.clone()))?;
+    let _ = std::fs::remove_file(&marker);
+    assert_eq!(len, data.len());
+    assert_eq!(pool.apply(reversed, (data.clone(),))?.len(), data.len());
+    Ok(())
+}
+
+/// A worker that announces a shared frame it has no region for, or one that overruns its
+/// region, breaks the protocol: its item fails with a clear error, the pool goes on.
+fn a_forged_shared_frame_is_an_error() -> TestResult {
+    let pool = Pool::new(1)?;
+    let err = pool
+        .apply(forge_shared_frame, (vec![0x10],))
+        .expect_err("no region yet");
+    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    ensure(err.to_string().contains("no region"), err.to_string())?;
+    // Give the new worker regions, then overrun its replies region.
+    let big = ByteBuf::from(patterned(2 << 20, 1));
+    assert_eq!(pool.apply(reversed, (big.clone(),))?.len(), big.len());
+    let err = pool
+        .apply(forge_shared_frame, (vec![0xff, 0xff, 0xff, 0xff, 0x0f],))
+        .expect_err("overruns the region");
+    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    ensure(err.to_string().contains("overruns"), err.to_string())?;
+    assert_eq!(pool.apply(reversed, (big.clone(),))?.len(), big.len());
+    Ok(())
+}
+
 #[multiproc::main]
 fn main() {
     support::run(tests![
@@ -139,5 +285,8 @@ fn main() {
         corrupt_frame_from_a_worker_fails_its_item_and_the_pool_goes_on,
         oversized_results_and_arguments_are_item_errors,
         large_payloads_round_trip,
+        large_frames_through_shared_memory_keep_every_byte,
+        a_shared_request_runs_again_after_its_worker_dies,
+        a_forged_shared_frame_is_an_error,
     ]);
 }

@@ -16,6 +16,7 @@ mod pool;
 mod process;
 mod protocol;
 mod queue;
+mod region;
 mod registry;
 mod result;
 mod sched;

@@ -62,6 +62,13 @@ pub(crate) enum Header {
     /// Either way: the next frame's payload refers to `count` descriptors, which travel
     /// with this frame's first byte (`SCM_RIGHTS`). See `fdpass`.
     Descriptors { count: u32 },
+    /// Parent → worker: a shared region of `len` bytes (see `region`), whose memfd travels
+    /// with this frame's first byte: from now on the requests region (`requests`) or the
+    /// replies region, replacing the previous one.
+    Region { requests: bool, len: u64 },
+    /// Either way: shared frame number `n`, `len` bytes of whole frames at the start of the
+    /// sender's region, to be read there instead of from the socket.
+    Shared { n: u64, len: u64 },
 }
 
 /// Starts a frame in `buf`: a placeholder length, then the encoded header. The caller then
@@ -100,6 +107,24 @@ pub(crate) fn descriptors_frame(buf: &mut Vec<u8>, count: usize) {
         let start = begin_frame(buf, &Header::Descriptors { count });
         end_frame(buf, start, u32::MAX).expect("a control frame is small");
     }
+}
+
+/// The first frame in `bytes` (a run of whole frames, as in a shared region): its body and
+/// what follows it. `Err` for a length over `max_len` or past the end.
+pub(crate) fn split_frame(bytes: &[u8], max_len: u32) -> Result<(&[u8], &[u8]), Error> {
+    let prefix: [u8; PREFIX] = bytes
+        .get(..PREFIX)
+        .and_then(|prefix| prefix.try_into().ok())
+        .ok_or_else(|| truncated(bytes.len()))?;
+    let len = u32::from_le_bytes(prefix);
+    if len > max_len {
+        return Err(oversized(u64::from(len), max_len));
+    }
+    let rest = &bytes[PREFIX..];
+    if rest.len() < len as usize {
+        return Err(truncated(bytes.len()));
+    }
+    Ok(rest.split_at(len as usize))
 }
 
 /// Splits a frame body into its header and payload.

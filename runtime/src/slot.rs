@@ -20,15 +20,16 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
+use crate::region::{Region, SHARED_MIN};
 use crate::sched::{Chunk, Next, Shared, terminated};
 use crate::spawn::{SpawnOptions, WorkerProcess, describe_status, status_parts};
 use crate::status::{Published, monotonic_ns};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{MsgFlags, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
@@ -64,6 +65,45 @@ struct InFlight {
     chunk: Chunk,
     /// Items of the chunk whose outcomes have arrived.
     done: u32,
+    /// What goes on the socket for this chunk, decided when its sending starts
+    /// (`Slot::prepare`): `prefix` (regions announced, or the `Shared` frame), then the
+    /// chunk's frame unless `shared` (it is in the requests region).
+    prepared: bool,
+    prefix: Vec<u8>,
+    /// Descriptors of the regions `prefix` announces, owned by the slot; they ride on the
+    /// first byte, before the chunk's own.
+    prefix_fds: Vec<RawFd>,
+    shared: bool,
+}
+
+impl InFlight {
+    fn new(chunk: Chunk) -> InFlight {
+        InFlight {
+            chunk,
+            done: 0,
+            prepared: false,
+            prefix: Vec::new(),
+            prefix_fds: Vec::new(),
+            shared: false,
+        }
+    }
+
+    /// The bytes this chunk puts on the socket, in two parts.
+    fn wire(&self) -> (&[u8], &[u8]) {
+        let frame: &[u8] = if self.shared { &[] } else { &self.chunk.frame };
+        (&self.prefix, frame)
+    }
+
+    fn wire_len(&self) -> usize {
+        let (prefix, frame) = self.wire();
+        prefix.len() + frame.len()
+    }
+
+    /// Sent as it is, in a batch with others: small, without descriptors, nothing to
+    /// announce.
+    fn plain(&self) -> bool {
+        self.prefix.is_empty() && self.chunk.fds.is_empty() && self.chunk.frame.len() < SHARED_MIN
+    }
 }
 
 /// Why a worker is gone.
@@ -123,6 +163,15 @@ pub(crate) struct Slot {
     last_chunk: Option<(u64, Duration)>,
     /// Items the current worker has completed.
     items_run: u64,
+    /// Shared regions with the current worker (see `region`): requests, written here;
+    /// replies, read here.
+    requests: Option<Region>,
+    replies: Option<Region>,
+    /// The number of the last shared frame written to `requests`.
+    requests_sent: u64,
+    /// How large a replies region the worker's replies call for: the largest request sent
+    /// through shared memory (replies are often as large) or reply seen on the socket.
+    want_replies: usize,
 }
 
 impl Slot {
@@ -140,6 +189,10 @@ impl Slot {
             front_since: monotonic_ns(),
             last_chunk: None,
             items_run: 0,
+            requests: None,
+            replies: None,
+            requests_sent: 0,
+            want_replies: 0,
         }
     }
 
@@ -331,12 +384,16 @@ impl Slot {
         if self.inflight.is_empty() {
             self.front_since = monotonic_ns();
         }
-        self.inflight.push_back(InFlight { chunk, done: 0 });
+        self.inflight.push_back(InFlight::new(chunk));
     }
 
     fn reset_channel_state(&mut self) {
         self.sent_chunks = 0;
         self.sent_bytes = 0;
+        self.requests = None;
+        self.replies = None;
+        self.requests_sent = 0;
+        self.want_replies = 0;
         self.reader = FrameReader::new(self.config.spawn.max_frame_len);
         self.shared.set_pid(self.index, None);
     }
@@ -484,30 +541,43 @@ impl Slot {
     fn write_some(&mut self) -> Result<(), Lost> {
         /// Frames gathered into one `sendmsg`.
         const GATHER: usize = 32;
-        let worker = self.worker.as_ref().expect("write_some runs with a worker");
-        let fd = worker.conn.as_raw_fd();
         let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-        while let Some(flight) = self.inflight.get(self.sent_chunks) {
-            let pending = &flight.chunk.frame[self.sent_bytes..];
-            let written = if self.sent_bytes == 0 && !flight.chunk.fds.is_empty() {
-                // The descriptors ride on the first byte of the chunk's `Descriptors` frame.
-                crate::fdpass::send_with(worker.conn.as_fd(), pending, &flight.chunk.fds, flags)
+        while self.sent_chunks < self.inflight.len() {
+            if self.sent_bytes == 0 {
+                self.prepare(self.sent_chunks);
+            }
+            let worker = self.worker.as_ref().expect("write_some runs with a worker");
+            let flight = &self.inflight[self.sent_chunks];
+            let (prefix, frame) = flight.wire();
+            let mut slices = Vec::with_capacity(4);
+            if self.sent_bytes < prefix.len() {
+                slices.push(IoSlice::new(&prefix[self.sent_bytes..]));
+                slices.push(IoSlice::new(frame));
             } else {
-                let mut slices = vec![IoSlice::new(pending)];
+                slices.push(IoSlice::new(&frame[self.sent_bytes - prefix.len()..]));
+            }
+            let mut fds = Vec::new();
+            if self.sent_bytes == 0 {
+                // Descriptors ride on the first byte: the regions the prefix announces, then
+                // the chunk's own (its frame starts with their `Descriptors` frame).
+                fds.extend_from_slice(&flight.prefix_fds);
+                fds.extend(flight.chunk.fds.iter().map(AsRawFd::as_raw_fd));
+            }
+            if fds.is_empty() {
                 slices.extend(
                     self.inflight
                         .range(self.sent_chunks + 1..)
                         .take(GATHER - 1)
-                        .take_while(|next| next.chunk.fds.is_empty())
+                        .take_while(|next| next.plain())
                         .map(|next| IoSlice::new(&next.chunk.frame)),
                 );
-                sendmsg::<()>(fd, &slices, &[], flags, None)
-            };
-            match written {
+            }
+            let control = [ControlMessage::ScmRights(&fds)];
+            let control: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &control };
+            match sendmsg::<()>(worker.conn.as_raw_fd(), &slices, control, flags, None) {
                 Ok(mut n) => {
                     while n > 0 {
-                        let frame_len = self.inflight[self.sent_chunks].chunk.frame.len();
-                        let left = frame_len - self.sent_bytes;
+                        let left = self.inflight[self.sent_chunks].wire_len() - self.sent_bytes;
                         if n >= left {
                             n -= left;
                             self.sent_chunks += 1;
@@ -525,40 +595,166 @@ impl Slot {
         Ok(())
     }
 
-    /// Handles every complete frame buffered. True when at least one chunk completed.
-    fn drain_frames(&mut self) -> Result<bool, Error> {
-        let mut progress = false;
-        while let Some(range) = self.reader.next_frame()? {
-            let (header, payload) = protocol::parse_body(self.reader.body(range))?;
-            let Header::Results { seq, first, count } = header else {
-                return Err(protocol_error(format!(
-                    "unexpected frame from a worker: {header:?}"
-                )));
-            };
-            let front = self
-                .inflight
-                .front_mut()
-                .filter(|front| front.chunk.seq == seq && front.done == first)
-                .filter(|front| count > 0 && count <= front.chunk.count - front.done)
-                .ok_or_else(|| protocol_error(format!("results for an unexpected chunk {seq}")))?;
-            front
-                .chunk
-                .call
-                .deliver(front.chunk.first + first as usize, count, payload);
-            front.done += count;
-            if front.done == front.chunk.count {
-                self.items_run += u64::from(front.chunk.count);
-                let call = front.chunk.call.id();
-                self.inflight.pop_front();
-                self.sent_chunks -= 1;
-                progress = true;
-                let now = monotonic_ns();
-                let took = Duration::from_nanos(now.saturating_sub(self.front_since));
-                self.last_chunk = Some((call, took));
-                self.front_since = now;
+    /// Decides what goes on the socket for `inflight[at]`, whose sending starts: a large
+    /// frame goes into the requests region when the worker is done with the last one there
+    /// (a larger region is made when needed), and a replies region is made or enlarged when
+    /// large replies call for one and none can be outstanding (nothing at the worker). Shared
+    /// memory is an optimisation: when a region cannot be made, the frame takes the socket.
+    fn prepare(&mut self, at: usize) {
+        let worker = self.worker.as_ref().expect("prepare runs with a worker");
+        let flight = &self.inflight[at];
+        if flight.prepared {
+            return;
+        }
+        let len = flight.chunk.frame.len();
+        let large = len >= SHARED_MIN && flight.chunk.fds.is_empty();
+        if large {
+            self.want_replies = self.want_replies.max(len);
+        }
+        let mut prefix = Vec::new();
+        let mut fds = Vec::new();
+        if at == 0
+            && self.want_replies >= SHARED_MIN
+            && self
+                .replies
+                .as_ref()
+                .is_none_or(|region| region.len() < self.want_replies)
+            && let Ok(region) = Region::create(Region::size_for(self.want_replies))
+        {
+            announce(&mut prefix, &mut fds, &region, false);
+            self.replies = Some(region);
+        }
+        let mut shared = false;
+        if large && worker.status.taken(true) == self.requests_sent {
+            if self
+                .requests
+                .as_ref()
+                .is_none_or(|region| region.len() < len)
+                && let Ok(region) = Region::create(Region::size_for(len))
+            {
+                announce(&mut prefix, &mut fds, &region, true);
+                self.requests = Some(region);
+            }
+            if let Some(region) = self.requests.as_mut().filter(|region| region.len() >= len) {
+                region.fill(&flight.chunk.frame);
+                self.requests_sent += 1;
+                let header = Header::Shared {
+                    n: self.requests_sent,
+                    len: len as u64,
+                };
+                prefix.extend_from_slice(&protocol::control_frame(&header));
+                shared = true;
             }
         }
+        let flight = &mut self.inflight[at];
+        flight.prepared = true;
+        flight.prefix = prefix;
+        flight.prefix_fds = fds;
+        flight.shared = shared;
+    }
+
+    /// Handles every complete frame buffered. True when at least one chunk completed.
+    fn drain_frames(&mut self) -> Result<bool, Error> {
+        // Out of `self` while its frames are handled, which borrow it.
+        let mut reader = std::mem::replace(&mut self.reader, FrameReader::new(0));
+        let mut drained = Ok(false);
+        loop {
+            match reader.next_frame() {
+                Ok(Some(range)) => match self.on_frame(reader.body(range), true) {
+                    Ok(completed) => {
+                        drained = drained.map(|progress| progress | completed);
+                    }
+                    Err(err) => {
+                        drained = Err(err);
+                        break;
+                    }
+                },
+                Ok(None) => break,
+                Err(err) => {
+                    drained = Err(err);
+                    break;
+                }
+            }
+        }
+        self.reader = reader;
+        drained
+    }
+
+    /// Handles one frame from the worker, read from the socket (`socket`) or from the
+    /// replies region. True when it completed a chunk.
+    fn on_frame(&mut self, body: &[u8], socket: bool) -> Result<bool, Error> {
+        let (header, payload) = protocol::parse_body(body)?;
+        match header {
+            Header::Results { seq, first, count } => {
+                if socket && body.len() >= SHARED_MIN {
+                    self.want_replies = self.want_replies.max(body.len() + 64);
+                }
+                self.on_results(seq, first, count, payload)
+            }
+            Header::Shared { n, len } if socket => {
+                let region = self.replies.take().ok_or_else(|| {
+                    protocol_error("a shared frame from a worker that has no region".to_owned())
+                })?;
+                let handled = self.on_shared(&region, len);
+                self.replies = Some(region);
+                let worker = self.worker.as_ref().expect("frames come from a worker");
+                worker.status.took(false, n);
+                handled
+            }
+            other => Err(protocol_error(format!(
+                "unexpected frame from a worker: {other:?}"
+            ))),
+        }
+    }
+
+    /// Handles the frames of a shared frame: `len` bytes at the start of `region`.
+    fn on_shared(&mut self, region: &Region, len: u64) -> Result<bool, Error> {
+        let mut bytes = usize::try_from(len)
+            .ok()
+            .and_then(|len| region.get(len))
+            .ok_or_else(|| {
+                protocol_error(format!("a shared frame of {len} bytes overruns its region"))
+            })?;
+        let mut progress = false;
+        while !bytes.is_empty() {
+            let (body, rest) = protocol::split_frame(bytes, self.config.spawn.max_frame_len)?;
+            progress |= self.on_frame(body, false)?;
+            bytes = rest;
+        }
         Ok(progress)
+    }
+
+    /// Stores the outcomes of a `Results` frame. True when they complete a chunk.
+    fn on_results(
+        &mut self,
+        seq: u64,
+        first: u32,
+        count: u32,
+        payload: &[u8],
+    ) -> Result<bool, Error> {
+        let front = self
+            .inflight
+            .front_mut()
+            .filter(|front| front.chunk.seq == seq && front.done == first)
+            .filter(|front| count > 0 && count <= front.chunk.count - front.done)
+            .ok_or_else(|| protocol_error(format!("results for an unexpected chunk {seq}")))?;
+        front
+            .chunk
+            .call
+            .deliver(front.chunk.first + first as usize, count, payload);
+        front.done += count;
+        if front.done < front.chunk.count {
+            return Ok(false);
+        }
+        self.items_run += u64::from(front.chunk.count);
+        let call = front.chunk.call.id();
+        self.inflight.pop_front();
+        self.sent_chunks -= 1;
+        let now = monotonic_ns();
+        let took = Duration::from_nanos(now.saturating_sub(self.front_since));
+        self.last_chunk = Some((call, took));
+        self.front_since = now;
+        Ok(true)
     }
 
     /// The worker is gone. The status page says what it was doing: the one item it was
@@ -715,6 +911,16 @@ fn lost_error(why: &Lost, pid: u32, status: std::process::ExitStatus, attempts: 
         message
     };
     Error::new(kind, message).with_status(signal, code)
+}
+
+/// Appends a `Region` frame for `region` to `prefix`, and its descriptor to `fds`.
+fn announce(prefix: &mut Vec<u8>, fds: &mut Vec<RawFd>, region: &Region, requests: bool) {
+    let header = Header::Region {
+        requests,
+        len: region.len() as u64,
+    };
+    prefix.extend_from_slice(&protocol::control_frame(&header));
+    fds.push(region.fd().as_raw_fd());
 }
 
 fn protocol_error(message: String) -> Error {

@@ -23,6 +23,10 @@ struct Status {
     _pad: AtomicU32,
     /// `CLOCK_MONOTONIC` nanoseconds when that item started (timed chunks only).
     started_ns: AtomicU64,
+    /// The number of the last shared frame (see `region`) the worker has finished reading.
+    worker_took: AtomicU64,
+    /// The number of the last shared frame the parent has finished reading.
+    parent_took: AtomicU64,
 }
 
 const SIZE: usize = std::mem::size_of::<Status>();
@@ -101,6 +105,28 @@ impl StatusPage {
         }
         status.seq.store(seq, Ordering::Relaxed);
         status.item.store(item, Ordering::Release);
+    }
+
+    /// Records that the worker (`by_worker`) or the parent is done with shared frame `n`.
+    pub(crate) fn took(&self, by_worker: bool, n: u64) {
+        let status = self.status();
+        let counter = if by_worker {
+            &status.worker_took
+        } else {
+            &status.parent_took
+        };
+        counter.store(n, Ordering::Release);
+    }
+
+    /// The last shared frame the worker (`by_worker`) or the parent is done with.
+    pub(crate) fn taken(&self, by_worker: bool) -> u64 {
+        let status = self.status();
+        let counter = if by_worker {
+            &status.worker_took
+        } else {
+            &status.parent_took
+        };
+        counter.load(Ordering::Acquire)
     }
 
     /// Parent: what the worker last published.

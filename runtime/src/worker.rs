@@ -11,6 +11,7 @@ use crate::codec;
 use crate::error::{Error, ErrorKind};
 use crate::outcome;
 use crate::protocol::{self, FrameReader, Header};
+use crate::region::{Region, SHARED_MIN};
 use crate::registry::{ItemHooks, Registry};
 use crate::status::StatusPage;
 use crate::task::Task;
@@ -173,73 +174,26 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     write_all(&mut conn, &protocol::control_frame(&ready))?;
 
     let spin = spin_window();
-    let mut next_fds = Vec::new();
-    // Results not yet sent. Every chunk already buffered runs before they go out in one
-    // write: under a stream of short chunks that is one system call per batch, not per
-    // chunk; a chunk that arrives alone (or a timed one) is answered at once.
-    let mut out = Vec::new();
+    let mut server = Server {
+        spec,
+        registry,
+        status,
+        conn,
+        received,
+        next_fds: Vec::new(),
+        out: Vec::new(),
+        requests: None,
+        replies: None,
+        replies_sent: 0,
+    };
     loop {
         while let Some(range) = reader.next_frame()? {
-            let (header, payload) = protocol::parse_body(reader.body(range))?;
-            match header {
-                Header::Descriptors { count } => {
-                    let count = count as usize;
-                    if received.len() < count {
-                        return Err(Error::new(
-                            ErrorKind::Codec,
-                            format!("{count} descriptors announced, {} received", received.len()),
-                        ));
-                    }
-                    next_fds = received.drain(..count).collect();
-                }
-                Header::Run {
-                    seq,
-                    task,
-                    count,
-                    timed,
-                } => {
-                    let entry = registry.entry(task).ok_or_else(|| {
-                        Error::new(ErrorKind::Codec, format!("unknown task id {task}"))
-                    })?;
-                    let publish = |item| status.publish(seq, item, timed);
-                    let hooks = ItemHooks {
-                        before_item: &publish,
-                    };
-                    let results = Header::Results {
-                        seq,
-                        first: 0,
-                        count,
-                    };
-                    let start = protocol::begin_frame(&mut out, &results);
-                    let fds = std::mem::take(&mut next_fds);
-                    crate::fdpass::supply(fds, || (entry.run())(payload, count, &mut out, &hooks));
-                    status.publish(seq, count, false);
-                    if let Err(err) = protocol::end_frame(&mut out, start, spec.max_frame_len) {
-                        // Too large to send: report that for every item instead.
-                        out.truncate(start);
-                        let start = protocol::begin_frame(&mut out, &results);
-                        let message = err.to_string();
-                        for _ in 0..count {
-                            outcome::encode_failed(&message, &mut out);
-                        }
-                        protocol::end_frame(&mut out, start, u32::MAX)?;
-                    }
-                    if timed {
-                        // Deadlines are tracked chunk by chunk: answer at once.
-                        flush(&mut conn, &mut out)?;
-                    }
-                }
-                Header::Shutdown => return flush(&mut conn, &mut out),
-                other => {
-                    return Err(Error::new(
-                        ErrorKind::Codec,
-                        format!("unexpected frame from the parent: {other:?}"),
-                    ));
-                }
+            if let Flow::Exit = server.handle(reader.body(range))? {
+                return Ok(());
             }
         }
-        flush(&mut conn, &mut out)?;
-        match read_spinning(&mut reader, &conn, &mut received, spin) {
+        server.flush()?;
+        match read_spinning(&mut reader, &server.conn, &mut server.received, spin) {
             // End of stream: the parent is gone or closed the channel.
             Ok(0) if reader.buffered() == 0 => return Ok(()),
             Ok(0) => return Err(protocol::truncated(reader.buffered())),
@@ -247,6 +201,173 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(err) => return Err(Error::io("reading from the parent failed", err)),
         }
+    }
+}
+
+/// A worker's state between frames.
+struct Server {
+    spec: WorkerSpec,
+    registry: &'static Registry,
+    status: StatusPage,
+    conn: UnixStream,
+    /// Descriptors received and not yet claimed by a `Descriptors` or `Region` frame.
+    received: VecDeque<OwnedFd>,
+    /// The descriptors of the next `Run`.
+    next_fds: Vec<OwnedFd>,
+    /// Results not yet sent. Every chunk already buffered runs before they go out in one
+    /// write: under a stream of short chunks that is one system call per batch, not per
+    /// chunk; a chunk that arrives alone (or a timed one) is answered at once.
+    out: Vec<u8>,
+    /// The shared regions (see `region`): requests, read here; replies, written here.
+    requests: Option<Region>,
+    replies: Option<Region>,
+    /// The number of the last shared frame written to `replies`.
+    replies_sent: u64,
+}
+
+/// What the worker does after a frame.
+enum Flow {
+    Continue,
+    Exit,
+}
+
+impl Server {
+    /// Handles one frame from the parent.
+    fn handle(&mut self, body: &[u8]) -> Result<Flow, Error> {
+        let (header, payload) = protocol::parse_body(body)?;
+        match header {
+            Header::Descriptors { count } => {
+                let count = count as usize;
+                if self.received.len() < count {
+                    return Err(Error::new(
+                        ErrorKind::Codec,
+                        format!(
+                            "{count} descriptors announced, {} received",
+                            self.received.len()
+                        ),
+                    ));
+                }
+                self.next_fds = self.received.drain(..count).collect();
+            }
+            Header::Region { requests, len } => {
+                let fd = self.received.pop_front().ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Codec,
+                        "a shared region came without its descriptor",
+                    )
+                })?;
+                let region = Some(Region::open(fd, len)?);
+                if requests {
+                    self.requests = region;
+                } else {
+                    self.replies = region;
+                }
+            }
+            Header::Shared { n, len } => {
+                let region = self.requests.take().ok_or_else(|| {
+                    Error::new(ErrorKind::Codec, "a shared frame before any shared region")
+                })?;
+                let flow = self.handle_shared(&region, len);
+                self.requests = Some(region);
+                self.status.took(true, n);
+                return flow;
+            }
+            Header::Run {
+                seq,
+                task,
+                count,
+                timed,
+            } => {
+                let entry = self.registry.entry(task).ok_or_else(|| {
+                    Error::new(ErrorKind::Codec, format!("unknown task id {task}"))
+                })?;
+                let status = &self.status;
+                let publish = |item| status.publish(seq, item, timed);
+                let hooks = ItemHooks {
+                    before_item: &publish,
+                };
+                let results = Header::Results {
+                    seq,
+                    first: 0,
+                    count,
+                };
+                let out = &mut self.out;
+                let start = protocol::begin_frame(out, &results);
+                let fds = std::mem::take(&mut self.next_fds);
+                crate::fdpass::supply(fds, || (entry.run())(payload, count, out, &hooks));
+                status.publish(seq, count, false);
+                if let Err(err) = protocol::end_frame(out, start, self.spec.max_frame_len) {
+                    // Too large to send: report that for every item instead.
+                    out.truncate(start);
+                    let start = protocol::begin_frame(out, &results);
+                    let message = err.to_string();
+                    for _ in 0..count {
+                        outcome::encode_failed(&message, out);
+                    }
+                    protocol::end_frame(out, start, u32::MAX)?;
+                }
+                if timed {
+                    // Deadlines are tracked chunk by chunk: answer at once.
+                    self.flush()?;
+                }
+            }
+            Header::Shutdown => {
+                self.flush()?;
+                return Ok(Flow::Exit);
+            }
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Codec,
+                    format!("unexpected frame from the parent: {other:?}"),
+                ));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Handles the frames of a shared frame: `len` bytes at the start of `region`.
+    fn handle_shared(&mut self, region: &Region, len: u64) -> Result<Flow, Error> {
+        let mut bytes = usize::try_from(len)
+            .ok()
+            .and_then(|len| region.get(len))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Codec,
+                    format!("a shared frame of {len} bytes overruns its region"),
+                )
+            })?;
+        while !bytes.is_empty() {
+            let (body, rest) = protocol::split_frame(bytes, self.spec.max_frame_len)?;
+            if let Flow::Exit = self.handle(body)? {
+                return Ok(Flow::Exit);
+            }
+            bytes = rest;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Sends the results gathered so far: through the replies region when they are large
+    /// and it is free and big enough, else through the socket.
+    fn flush(&mut self) -> Result<(), Error> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let len = self.out.len();
+        let free = self.status.taken(false) == self.replies_sent;
+        match self.replies.as_mut() {
+            Some(region) if len >= SHARED_MIN && free && region.len() >= len => {
+                region.fill(&self.out);
+                self.replies_sent += 1;
+                let shared = Header::Shared {
+                    n: self.replies_sent,
+                    len: len as u64,
+                };
+                write_all(&mut self.conn, &protocol::control_frame(&shared))?;
+            }
+            _ => write_all(&mut self.conn, &self.out)?,
+        }
+        self.out.clear();
+        Ok(())
     }
 }
 
@@ -290,14 +411,6 @@ fn read_spinning(
             other => return other,
         }
     }
-}
-
-fn flush(conn: &mut UnixStream, out: &mut Vec<u8>) -> Result<(), Error> {
-    if !out.is_empty() {
-        write_all(conn, out)?;
-        out.clear();
-    }
-    Ok(())
 }
 
 /// Takes the channel from stdin: moves it to a close-on-exec descriptor, so that a process a
