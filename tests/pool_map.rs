@@ -391,6 +391,16 @@ fn builder_and_default_size() -> TestResult {
     assert_eq!(pool.worker_pids().len(), expected);
     let err = Pool::new(0).expect_err("zero processes");
     assert_eq!(err.kind(), ErrorKind::Spawn);
+    // Without polling before sleeping, and with a long window: the same results.
+    for window in [Duration::ZERO, Duration::from_millis(5)] {
+        let pool = Pool::builder().processes(2).spin(window).build()?;
+        assert_eq!(pool.apply(square, (9,))?, 81);
+        assert_eq!(pool.map(square, 0..1000)?[999], 999 * 999);
+        assert_eq!(
+            pool.imap(square, 0..10).map(Result::unwrap).sum::<u64>(),
+            285
+        );
+    }
     Ok(())
 }
 

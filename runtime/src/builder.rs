@@ -41,6 +41,8 @@ pub struct PoolBuilder {
     prefetch: usize,
     max_tasks_per_child: Option<u64>,
     max_memory_per_child: Option<u64>,
+    /// How long a thread polls before it sleeps; `None`: the default for this machine.
+    spin: Option<Duration>,
     /// The initializer's name and encoded arguments (or why they could not be encoded).
     initializer: Option<(&'static str, Result<Vec<u8>, String>)>,
 }
@@ -59,6 +61,7 @@ impl Default for PoolBuilder {
             prefetch: 8,
             max_tasks_per_child: None,
             max_memory_per_child: None,
+            spin: None,
             initializer: None,
         }
     }
@@ -209,6 +212,31 @@ impl PoolBuilder {
         self
     }
 
+    /// How long a thread that is about to sleep until a message arrives looks for it first,
+    /// without sleeping: a worker that has just answered, waiting for its next request, and a
+    /// caller blocked on a short task's outcome. Default: 50 µs, or zero when this process may
+    /// use one CPU only. Zero: never poll.
+    ///
+    /// Waking a sleeping thread costs more than a whole short round trip on many machines
+    /// (tens of microseconds on a virtual machine whose idle CPUs halt), so polling briefly
+    /// makes back-to-back short tasks several times faster (see `BENCHMARKS.md`). It costs
+    /// at most this much CPU time per idle spell, and the polling thread yields its CPU to
+    /// any other runnable thread between looks. Set zero where every CPU cycle is accounted
+    /// for and latency is not the concern.
+    ///
+    /// ```no_run
+    /// # use multiproc::Pool;
+    /// # use std::time::Duration;
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().spin(Duration::ZERO).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn spin(mut self, window: Duration) -> Self {
+        self.spin = Some(window);
+        self
+    }
+
     /// How long a new worker may take to start and complete its handshake. Default: 30 s.
     ///
     /// ```no_run
@@ -263,12 +291,14 @@ impl PoolBuilder {
             None => None,
             Some((name, args)) => Some(Arc::new(initializer_frame(name, args)?)),
         };
-        let shared = Arc::new(Shared::new(processes)?);
+        let spin = self.spin.unwrap_or_else(worker::spin_window);
+        let shared = Arc::new(Shared::new(processes, spin)?);
         let config = Arc::new(SlotConfig {
             spawn: SpawnOptions {
                 max_frame_len: self.max_frame_len,
                 start_timeout: self.start_timeout,
                 max_memory: self.max_memory_per_child,
+                spin,
                 initializer,
                 stop: Some(Arc::new(shared.stop_read.try_clone().map_err(|err| {
                     Error::io("duplicating the pool's stop pipe failed", err)

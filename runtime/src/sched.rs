@@ -181,7 +181,7 @@ pub(crate) struct Shared {
     /// The pid of each slot's current worker.
     pids: Mutex<Vec<Option<u32>>>,
     /// How long a thread about to sleep for a reply or an outcome polls first
-    /// (`worker::SPIN`; zero on one CPU).
+    /// (`PoolBuilder::spin`).
     pub(crate) spin: Duration,
 }
 
@@ -195,7 +195,7 @@ pub(crate) enum Next {
 }
 
 impl Shared {
-    pub(crate) fn new(slots: usize) -> Result<Shared, Error> {
+    pub(crate) fn new(slots: usize, spin: Duration) -> Result<Shared, Error> {
         // Close-on-exec: a worker holding a copy of the write end would keep the pipe open and
         // make terminate() unable to wake the slots.
         let (stop_read, stop_write) = pipe2(OFlag::O_CLOEXEC)
@@ -213,7 +213,7 @@ impl Shared {
             stop_write: Mutex::new(Some(stop_write)),
             stop_read,
             pids: Mutex::new(vec![None; slots]),
-            spin: crate::worker::spin_window(),
+            spin,
         })
     }
 

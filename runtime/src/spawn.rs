@@ -26,6 +26,8 @@ pub(crate) struct SpawnOptions {
     pub start_timeout: Duration,
     /// The worker's address-space limit (`RLIMIT_AS`), in bytes.
     pub max_memory: Option<u64>,
+    /// How long the worker polls for its next request before it sleeps.
+    pub spin: Duration,
     /// Run once in every worker before its first task.
     pub initializer: Option<Arc<Initializer>>,
     /// The pool's stop pipe (readable once it is terminated): a start-up in progress ends.
@@ -72,6 +74,7 @@ impl WorkerProcess {
             parent: std::process::id(),
             max_frame_len: options.max_frame_len,
             max_memory: options.max_memory.unwrap_or(0),
+            spin_us: u64::try_from(options.spin.as_micros()).unwrap_or(u64::MAX),
         };
         // No `pre_exec`: std then starts the child with `posix_spawn` (a `vfork`-style clone
         // that copies no page tables), not `fork`. The channel goes in as the child's stdin,

@@ -185,6 +185,8 @@ fn supervise(
         max_frame_len: DEFAULT_MAX_FRAME_LEN,
         start_timeout: Duration::from_secs(30),
         max_memory: None,
+        // One task, then `Shutdown`: nothing to poll for.
+        spin: Duration::ZERO,
         initializer: None,
         stop: None,
     };

@@ -41,6 +41,8 @@ pub(crate) struct WorkerSpec {
     pub max_frame_len: u32,
     /// The address-space limit (`RLIMIT_AS`) the worker sets on itself, in bytes; 0: none.
     pub max_memory: u64,
+    /// How long it polls for its next request before it sleeps, in microseconds.
+    pub spin_us: u64,
 }
 
 /// Where the channel arrives in a worker: its stdin.
@@ -49,11 +51,12 @@ const CHANNEL_AT_START: RawFd = 0;
 impl WorkerSpec {
     pub(crate) fn encode(&self) -> String {
         format!(
-            "v{}:{}:{}:{}",
+            "v{}:{}:{}:{}:{}",
             protocol::PROTOCOL_VERSION,
             self.parent,
             self.max_frame_len,
-            self.max_memory
+            self.max_memory,
+            self.spin_us
         )
     }
 
@@ -76,6 +79,7 @@ impl WorkerSpec {
         let parent = u32::try_from(field("parent pid")?).map_err(|e| e.to_string())?;
         let max_frame_len = u32::try_from(field("frame limit")?).map_err(|e| e.to_string())?;
         let max_memory = field("memory limit")?;
+        let spin_us = field("spin window")?;
         if parts.next().is_some() {
             return Err("trailing fields".to_owned());
         }
@@ -83,6 +87,7 @@ impl WorkerSpec {
             parent,
             max_frame_len,
             max_memory,
+            spin_us,
         })
     }
 }
@@ -173,7 +178,7 @@ fn serve(spec: WorkerSpec) -> Result<(), Error> {
     };
     write_all(&mut conn, &protocol::control_frame(&ready))?;
 
-    let spin = spin_window();
+    let spin = std::time::Duration::from_micros(spec.spin_us);
     let mut server = Server {
         spec,
         registry,
@@ -371,8 +376,8 @@ impl Server {
     }
 }
 
-/// How long a worker keeps looking for its next request before it sleeps, and a caller for
-/// its reply (`Slot::run_direct`).
+/// The default of `PoolBuilder::spin`: how long a worker keeps looking for its next request
+/// before it sleeps, and a caller for its reply (`Slot::run_direct`) or outcome.
 ///
 /// Waking a sleeping thread on an idle CPU is the dearest part of a short round trip: on a
 /// virtual machine whose idle CPUs halt, tens of microseconds, against a few for the whole
@@ -682,15 +687,17 @@ mod tests {
             parent: 4242,
             max_frame_len: 1 << 20,
             max_memory: 1 << 30,
+            spin_us: 50,
         };
         assert_eq!(WorkerSpec::decode(&spec.encode().into()), Ok(spec));
     }
 
     #[test]
     fn spec_rejects_other_versions_and_garbage() {
-        assert!(WorkerSpec::decode(&"v999:7:8:1".into()).is_err());
-        assert!(WorkerSpec::decode(&"v2:x:8:1".into()).is_err());
-        assert!(WorkerSpec::decode(&"v2:7:8:1:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v999:7:8:1:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v2:x:8:1:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v2:7:8:1".into()).is_err());
+        assert!(WorkerSpec::decode(&"v2:7:8:1:1:1".into()).is_err());
         assert!(WorkerSpec::decode(&"".into()).is_err());
     }
 
