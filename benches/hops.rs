@@ -1,8 +1,8 @@
 //! What one wake-up costs on this machine: a one-byte round trip to a child process, made
-//! directly (two wake-ups: child, then caller) or relayed through a second thread of the
-//! caller, as a pool's slot thread relays `apply` today (four: relay, child, relay, caller),
-//! with the relay waiting on a condvar or spinning. No multiproc code runs here: it is the
-//! floor under `apply` and W1', for BENCHMARKS.md.
+//! directly (two wake-ups: child, then caller; `apply` on an idle pool does this now) or
+//! relayed through a second thread of the caller, as a pool's slot thread relays chunks
+//! (four: relay, child, relay, caller), with the relay waiting on a condvar or spinning. No
+//! multiproc code runs here: it is the floor under `apply` and W1', for BENCHMARKS.md.
 //!
 //! `cargo bench --bench hops [-- ROUND_TRIPS]`; prints one JSON line per variant.
 

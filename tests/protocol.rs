@@ -42,21 +42,7 @@ fn length(data: Vec<u8>) -> usize {
 /// corrupted or malicious worker would. The channel is the worker's Unix socket.
 #[task]
 fn corrupt_channel(_x: u8) -> u8 {
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    let fd: i32 = std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            std::fs::read_link(entry.path())
-                .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
-        })
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .min()
-        .expect("the worker's channel");
-    // SAFETY: the worker's channel descriptor; ManuallyDrop keeps it open for the worker.
-    let mut channel = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
-    channel.write_all(&[0xff; 16]).expect("write");
+    write_raw_frame(&[0xff; 16]);
     0
 }
 

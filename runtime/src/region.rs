@@ -27,7 +27,7 @@ pub(crate) const SHARED_MIN: usize = 256 * 1024;
 /// Regions grow in steps of this.
 const STEP: usize = 1 << 20;
 
-/// A shared mapping of a memfd.
+/// A shared mapping of a memfd (also the status page's; see `status`).
 pub(crate) struct Region {
     map: NonNull<u8>,
     len: usize,
@@ -44,9 +44,10 @@ impl Region {
         len.saturating_add(len / 4).next_multiple_of(STEP)
     }
 
-    /// A new region of `len` bytes (parent side).
-    pub(crate) fn create(len: usize) -> Result<Region, Error> {
-        let fd = crate::status::anonymous_file(c"multiproc-region")
+    /// A new, zeroed region of `len` bytes (parent side), named `name` for tools that list
+    /// memory files.
+    pub(crate) fn create(name: &std::ffi::CStr, len: usize) -> Result<Region, Error> {
+        let fd = crate::status::anonymous_file(name)
             .map_err(|err| Error::io("creating a shared region failed", err))?;
         let size = i64::try_from(len).map_err(|_| too_large(len))?;
         nix::unistd::ftruncate(&fd, size)
@@ -98,6 +99,11 @@ impl Region {
         self.len
     }
 
+    /// The start of the mapping (page-aligned), for a caller that lays out atomics there.
+    pub(crate) fn as_ptr(&self) -> NonNull<u8> {
+        self.map
+    }
+
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -142,7 +148,7 @@ mod tests {
 
     #[test]
     fn a_region_is_shared_through_its_descriptor() {
-        let mut writer = Region::create(Region::size_for(10)).expect("create");
+        let mut writer = Region::create(c"test", Region::size_for(10)).expect("create");
         assert_eq!(writer.len(), STEP);
         writer.fill(b"0123456789");
         let fd = writer.fd().try_clone_to_owned().expect("dup");
@@ -153,7 +159,7 @@ mod tests {
 
     #[test]
     fn a_length_beyond_the_file_is_refused() {
-        let writer = Region::create(STEP).expect("create");
+        let writer = Region::create(c"test", STEP).expect("create");
         let fd = writer.fd().try_clone_to_owned().expect("dup");
         let err = Region::open(fd, 2 * STEP as u64).err().expect("refused");
         assert_eq!(err.kind(), ErrorKind::Codec);

@@ -619,7 +619,8 @@ impl Slot {
                 .replies
                 .as_ref()
                 .is_none_or(|region| region.len() < self.want_replies)
-            && let Ok(region) = Region::create(Region::size_for(self.want_replies))
+            && let Ok(region) =
+                Region::create(c"multiproc-region", Region::size_for(self.want_replies))
         {
             announce(&mut prefix, &mut fds, &region, false);
             self.replies = Some(region);
@@ -630,7 +631,7 @@ impl Slot {
                 .requests
                 .as_ref()
                 .is_none_or(|region| region.len() < len)
-                && let Ok(region) = Region::create(Region::size_for(len))
+                && let Ok(region) = Region::create(c"multiproc-region", Region::size_for(len))
             {
                 announce(&mut prefix, &mut fds, &region, true);
                 self.requests = Some(region);

@@ -7,10 +7,8 @@
 //! for deadlines, when the running item started.
 
 use crate::error::Error;
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
-use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::ptr::NonNull;
+use crate::region::Region;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -40,60 +38,35 @@ pub(crate) struct Published {
 }
 
 pub(crate) struct StatusPage {
-    map: NonNull<Status>,
-    fd: OwnedFd,
+    region: Region,
 }
 
-// SAFETY: the mapping is only accessed through atomics, and unmapped once, on drop.
-unsafe impl Send for StatusPage {}
-// SAFETY: as above: every access is an atomic operation on shared memory.
+// SAFETY: the mapping is only accessed through atomics (see `status`).
 unsafe impl Sync for StatusPage {}
 
 impl StatusPage {
     /// Creates a zeroed page (parent side). Its descriptor is close-on-exec; the spawner
     /// passes it to one worker explicitly.
     pub(crate) fn create() -> Result<StatusPage, Error> {
-        let fd = anonymous_file(c"multiproc-status")
-            .map_err(|err| Error::io("creating a worker status page failed", err))?;
-        nix::unistd::ftruncate(&fd, i64::try_from(SIZE).expect("a small struct"))
-            .map_err(|err| Error::io("sizing a worker status page failed", err.into()))?;
-        StatusPage::map(fd)
+        let region = Region::create(c"multiproc-status", SIZE)?;
+        Ok(StatusPage { region })
     }
 
-    /// Maps a page created by the parent (worker side).
+    /// Maps a page created by the parent (worker side); its size is checked.
     pub(crate) fn open(fd: OwnedFd) -> Result<StatusPage, Error> {
-        StatusPage::map(fd)
-    }
-
-    fn map(fd: OwnedFd) -> Result<StatusPage, Error> {
-        let len = NonZeroUsize::new(SIZE).expect("Status is not zero-sized");
-        // SAFETY: a fresh shared mapping of a file we own, of the size we gave it; no
-        // existing memory is affected.
-        let map = unsafe {
-            mmap(
-                None,
-                len,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(|err| Error::io("mapping a worker status page failed", err.into()))?;
-        Ok(StatusPage {
-            map: map.cast(),
-            fd,
-        })
+        let region = Region::open(fd, SIZE as u64)?;
+        Ok(StatusPage { region })
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.region.fd()
     }
 
     fn status(&self) -> &Status {
-        // SAFETY: the mapping is valid and aligned (page-aligned) for our lifetime, and Status
-        // holds only atomics, valid for any bit pattern.
-        unsafe { self.map.as_ref() }
+        // SAFETY: the mapping is at least SIZE bytes (created so, or checked), page-aligned
+        // and valid for our lifetime, and Status holds only atomics, valid for any bit
+        // pattern and for access from both processes.
+        unsafe { self.region.as_ptr().cast::<Status>().as_ref() }
     }
 
     /// Worker: item `item` of chunk `seq` starts now.
@@ -141,13 +114,6 @@ impl StatusPage {
     }
 }
 
-impl Drop for StatusPage {
-    fn drop(&mut self) {
-        // SAFETY: `map` came from mmap with this length and is unmapped only here.
-        let _ = unsafe { munmap(self.map.cast(), SIZE) };
-    }
-}
-
 /// `CLOCK_MONOTONIC` now, in nanoseconds: one clock for every process of the machine.
 pub(crate) fn monotonic_ns() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -156,8 +122,8 @@ pub(crate) fn monotonic_ns() -> u64 {
 }
 
 /// A close-on-exec file in memory that has no name on any file system: a memfd where the
-/// system has them. Shared by the status page and channel messages too large to travel
-/// inline.
+/// system has them. Shared by the status page, the regions for large frames and channel
+/// messages too large to travel inline.
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
 pub(crate) fn anonymous_file(name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
     use nix::sys::memfd::{MFdFlags, memfd_create};
