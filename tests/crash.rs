@@ -391,6 +391,27 @@ fn an_argument_too_large_for_the_memory_cap_fails_instead_of_looping() -> TestRe
     Ok(())
 }
 
+#[task]
+fn bytes_len(data: serde_bytes::ByteBuf) -> usize {
+    data.len()
+}
+
+/// Shared-memory regions for large frames must not eat into `max_memory_per_child`: an
+/// argument well within the cap (the worker holds it twice: as received and decoded) runs,
+/// its frame taking the socket rather than regions of a worker's address space.
+fn a_large_argument_within_the_memory_cap_runs() -> TestResult {
+    let pool = Pool::builder()
+        .processes(1)
+        .max_memory_per_child(512 << 20)
+        .build()?;
+    let data = serde_bytes::ByteBuf::from(vec![1u8; 160 << 20]);
+    let len = support::within(Duration::from_mins(2), "a large argument", move || {
+        pool.apply(bytes_len, (data,))
+    })??;
+    assert_eq!(len, 160 << 20);
+    Ok(())
+}
+
 fn a_hanging_initializer_is_bounded_by_the_start_timeout() -> TestResult {
     let built = support::within(
         Duration::from_mins(1),
@@ -526,6 +547,7 @@ fn main() {
         a_timed_call_behind_short_chunks_still_times_out,
         a_task_done_in_time_is_not_killed_while_its_result_arrives,
         an_argument_too_large_for_the_memory_cap_fails_instead_of_looping,
+        a_large_argument_within_the_memory_cap_runs,
         a_hanging_initializer_is_bounded_by_the_start_timeout,
         work_put_back_after_close_fails_when_no_worker_is_left,
     ]);

@@ -21,6 +21,12 @@ fn worker_pid(_x: u64) -> u32 {
     std::process::id()
 }
 
+#[task]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
 /// Passes the gate, then never returns.
 #[task]
 fn gate_then_hang(gate: String) -> u64 {
@@ -84,6 +90,52 @@ fn terminate_ends_an_apply_in_progress_with_closed() -> TestResult {
     within(Duration::from_secs(30), "join after terminate", move || {
         pool.join();
     })?;
+    Ok(())
+}
+
+/// A long polling window (`PoolBuilder::spin`) never postpones a deadline, a bounded wait or
+/// a terminate: each ends far sooner than the window.
+fn polling_gives_way_to_deadlines_waits_and_terminate() -> TestResult {
+    let pool = Arc::new(
+        Pool::builder()
+            .processes(2)
+            .spin(Duration::from_mins(1))
+            .build()?,
+    );
+    let timed = {
+        let pool = Arc::clone(&pool);
+        within(Duration::from_secs(20), "a timed apply", move || {
+            pool.with_timeout(Duration::from_millis(50))
+                .apply(sleep_ms, (60_000,))
+        })?
+    };
+    let err = timed.expect_err("past its deadline");
+    ensure(err.kind() == ErrorKind::Timeout, format!("{err}"))?;
+    // Occupies one worker for good.
+    let first = Gate::new();
+    let pending = pool.apply_async(gate_then_hang, (first.path(),));
+    let (ready, pending) = within(Duration::from_secs(20), "wait_timeout", move || {
+        (pending.wait_timeout(Duration::from_millis(10)), pending)
+    })?;
+    ensure(!ready, "the task waits at its gate")?;
+    first.open();
+    // The other worker runs this one from the caller's thread, which polls for its reply.
+    let second = Gate::new();
+    let caller = {
+        let pool = Arc::clone(&pool);
+        let path = second.path();
+        std::thread::spawn(move || pool.apply(gate_then_hang, (path,)))
+    };
+    second.open();
+    pool.terminate();
+    let result = within(
+        Duration::from_secs(20),
+        "an apply ended by terminate",
+        move || caller.join().expect("the caller thread"),
+    )?;
+    let err = result.expect_err("terminated");
+    ensure(err.kind() == ErrorKind::Closed, format!("{err}"))?;
+    drop(pending);
     Ok(())
 }
 
@@ -162,6 +214,7 @@ fn main() {
     support::run(tests![
         apply_past_its_deadline_is_killed_and_the_pool_goes_on,
         terminate_ends_an_apply_in_progress_with_closed,
+        polling_gives_way_to_deadlines_waits_and_terminate,
         a_panic_while_decoding_a_result_is_that_items_error,
         recycling_after_each_task_works_for_apply,
         many_threads_applying_at_once_get_their_own_results,

@@ -85,6 +85,37 @@ fn return_a_sender() -> Sender<u8> {
     pipe::<u8>().expect("pipe").0
 }
 
+#[task]
+fn big_reply(len: usize) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(vec![3; len])
+}
+
+#[task]
+fn count_senders(senders: Vec<Sender<u8>>) -> usize {
+    senders.len()
+}
+
+/// As many channel handles as one message carries (253), in the chunk after a large reply,
+/// the one that would also announce a shared region to the worker: the worker must get them
+/// all, and not be lost over one descriptor too many.
+fn the_most_handles_a_chunk_carries_after_a_large_reply() -> TestResult {
+    let pool = Pool::new(1)?;
+    assert_eq!(pool.apply(big_reply, (1 << 20,))?.len(), 1 << 20);
+    let before = pool.worker_pids();
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..253 {
+        let (tx, rx) = pipe::<u8>()?;
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    assert_eq!(pool.apply(count_senders, (senders,))?, 253);
+    ensure(pool.worker_pids() == before, "the worker was not replaced")?;
+    // The region the previous chunk could not announce comes with the next one.
+    assert_eq!(pool.apply(big_reply, (1 << 20,))?.len(), 1 << 20);
+    Ok(())
+}
+
 fn every_method_in_one_process() -> TestResult {
     let (tx, rx) = pipe::<String>()?;
     assert_eq!(rx.try_recv()?, None);
@@ -324,5 +355,6 @@ fn main() {
         handles_travel_inside_messages,
         a_handle_as_output_is_a_clear_error,
         large_messages_from_several_producers_at_once,
+        the_most_handles_a_chunk_carries_after_a_large_reply,
     ]);
 }

@@ -107,6 +107,56 @@ fn forge_shared_frame(len_varint: Vec<u8>) -> u8 {
     0
 }
 
+#[task]
+fn own_pid() -> u32 {
+    std::process::id()
+}
+
+/// Sizes of the shared regions (memfds named `multiproc-region`) mapped by process `pid`.
+fn region_mappings(pid: u32) -> Vec<usize> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("multiproc-region"))
+        .filter_map(|line| {
+            let (from, to) = line.split_whitespace().next()?.split_once('-')?;
+            let from = usize::from_str_radix(from, 16).ok()?;
+            let to = usize::from_str_radix(to, 16).ok()?;
+            Some(to - from)
+        })
+        .collect()
+}
+
+/// One large call must not pin its regions in every worker for the life of the pool:
+/// regions over 32 MiB are given up, by both sides, once the worker is idle; smaller ones
+/// stay for the next call.
+fn large_regions_are_given_up_when_the_worker_is_idle() -> TestResult {
+    let pool = Pool::new(1)?;
+    let pid = pool.apply(own_pid, ())?;
+    let small = ByteBuf::from(patterned(4 << 20, 5));
+    for _ in 0..2 {
+        assert_eq!(pool.apply(reversed, (small.clone(),))?.len(), small.len());
+    }
+    // A later call is answered after the worker has read everything sent before it.
+    assert_eq!(pool.apply(own_pid, ())?, pid);
+    let kept = region_mappings(pid);
+    ensure(
+        !kept.is_empty() && kept.iter().all(|&len| len <= 32 << 20),
+        format!("small regions stay mapped: {kept:?}"),
+    )?;
+    let big = ByteBuf::from(patterned(40 << 20, 6));
+    for _ in 0..2 {
+        assert_eq!(pool.apply(reversed, (big.clone(),))?.len(), big.len());
+    }
+    assert_eq!(pool.apply(own_pid, ())?, pid);
+    let worker = region_mappings(pid);
+    let parent = region_mappings(std::process::id());
+    ensure(
+        worker.iter().chain(&parent).all(|&len| len <= 32 << 20),
+        format!("regions over 32 MiB mapped: worker {worker:?}, parent {parent:?}"),
+    )
+}
+
 fn undecodable_result_is_a_codec_error() -> TestResult {
     let pool = Pool::new(1)?;
     let err = pool
@@ -274,5 +324,6 @@ fn main() {
         large_frames_through_shared_memory_keep_every_byte,
         a_shared_request_runs_again_after_its_worker_dies,
         a_forged_shared_frame_is_an_error,
+        large_regions_are_given_up_when_the_worker_is_idle,
     ]);
 }

@@ -64,7 +64,8 @@ pub(crate) enum Header {
     Descriptors { count: u32 },
     /// Parent → worker: a shared region of `len` bytes (see `region`), whose memfd travels
     /// with this frame's first byte: from now on the requests region (`requests`) or the
-    /// replies region, replacing the previous one.
+    /// replies region, replacing the previous one. Length 0, without a descriptor: that
+    /// region is given up.
     Region { requests: bool, len: u64 },
     /// Either way: shared frame number `n`, `len` bytes of whole frames at the start of the
     /// sender's region, to be read there instead of from the socket.

@@ -46,12 +46,16 @@ impl Region {
 
     /// A new, zeroed region of `len` bytes (parent side), named `name` for tools that list
     /// memory files.
+    ///
+    /// Its size is sealed: a task in the worker that shrank the file would otherwise make
+    /// the parent's next access to the mapping fault (`SIGBUS`) and take the whole pool down.
     pub(crate) fn create(name: &std::ffi::CStr, len: usize) -> Result<Region, Error> {
-        let fd = crate::status::anonymous_file(name)
-            .map_err(|err| Error::io("creating a shared region failed", err))?;
+        let fd =
+            sealable_file(name).map_err(|err| Error::io("creating a shared region failed", err))?;
         let size = i64::try_from(len).map_err(|_| too_large(len))?;
         nix::unistd::ftruncate(&fd, size)
             .map_err(|err| Error::io("sizing a shared region failed", err.into()))?;
+        seal_size(&fd).map_err(|err| Error::io("sealing a shared region failed", err))?;
         Region::map(fd, len)
     }
 
@@ -135,6 +139,34 @@ impl Drop for Region {
     }
 }
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn sealable_file(name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    Ok(memfd_create(
+        name,
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn seal_size(fd: &OwnedFd) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    fcntl(fd, FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(())
+}
+
+// Elsewhere: an unlinked temporary file, unsealed (the pool is supported on Linux only).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn sealable_file(name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+    crate::status::anonymous_file(name)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn seal_size(_fd: &OwnedFd) -> std::io::Result<()> {
+    Ok(())
+}
+
 fn too_large(len: usize) -> Error {
     Error::new(
         ErrorKind::Codec,
@@ -155,6 +187,21 @@ mod tests {
         let reader = Region::open(fd, writer.len() as u64).expect("open");
         assert_eq!(reader.get(10), Some(&b"0123456789"[..]));
         assert_eq!(reader.get(STEP + 1), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_peer_cannot_resize_a_region() {
+        let writer = Region::create(c"test", STEP).expect("create");
+        let fd = writer.fd().try_clone_to_owned().expect("dup");
+        assert!(
+            nix::unistd::ftruncate(&fd, 0).is_err(),
+            "shrinking is sealed"
+        );
+        assert!(
+            nix::unistd::ftruncate(&fd, 4 << 20).is_err(),
+            "growing is sealed"
+        );
     }
 
     #[test]

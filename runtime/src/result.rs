@@ -165,7 +165,9 @@ impl<O: Payload> CallState<O> {
         let mut inbox = self.lock();
         if !ready(&inbox) && !self.spin.is_zero() {
             // Polls a counter of deliveries, not the lock, so as not to slow the deliveries.
-            let until = Instant::now() + self.spin;
+            // Never past the caller's deadline.
+            let window = Instant::now() + self.spin;
+            let until = deadline.map_or(window, |deadline| deadline.min(window));
             while !ready(&inbox) && Instant::now() < until {
                 let seen = self.stores.load(Ordering::Acquire);
                 drop(inbox);

@@ -9,7 +9,7 @@ use nix::fcntl::OFlag;
 use nix::unistd::pipe2;
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -148,8 +148,13 @@ impl Parking {
 }
 
 impl State {
-    fn idle(&self) -> usize {
-        self.slots.iter().filter(|slot| slot.idle()).count()
+    /// Slots waiting with their slot at hand, woken already or not: a busy slot leaves this
+    /// many queued chunks to them before it takes one ahead.
+    fn waiting(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| slot.waiting && slot.parked.is_some())
+            .count()
     }
 
     /// Wakes up to `chunks` idle slots, one per chunk queued.
@@ -183,6 +188,8 @@ pub(crate) struct Shared {
     /// How long a thread about to sleep for a reply or an outcome polls first
     /// (`PoolBuilder::spin`).
     pub(crate) spin: Duration,
+    /// Set by `terminate()`, for threads that poll.
+    stopping: AtomicBool,
 }
 
 /// What a slot should do next.
@@ -214,6 +221,7 @@ impl Shared {
             stop_read,
             pids: Mutex::new(vec![None; slots]),
             spin,
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -368,7 +376,7 @@ impl Shared {
     /// and shares its deadline policy.
     pub(crate) fn try_prefetch(&self, call: u64) -> Option<Chunk> {
         let mut state = self.lock();
-        if state.phase == Phase::Terminated || state.queue.len() <= state.idle() {
+        if state.phase == Phase::Terminated || state.queue.len() <= state.waiting() {
             return None;
         }
         while state
@@ -416,6 +424,11 @@ impl Shared {
             .collect()
     }
 
+    /// `terminate()` was called: a cheap check for a thread that polls.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     pub(crate) fn is_terminated(&self) -> bool {
         self.lock().phase == Phase::Terminated
     }
@@ -434,6 +447,7 @@ impl Shared {
     pub(crate) fn terminate(&self) {
         let mut state = self.lock();
         state.phase = Phase::Terminated;
+        self.stopping.store(true, Ordering::Release);
         let queued: Vec<Chunk> = state.queue.drain(..).collect();
         drop(state);
         self.wake_all();

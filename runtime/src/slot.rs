@@ -44,6 +44,9 @@ const RECHECK: Duration = Duration::from_millis(20);
 /// Unblamed worker deaths a chunk may see while first in line before its items fail.
 const MAX_UNBLAMED_DEATHS: u32 = 3;
 
+/// Regions up to this size are kept while a worker is idle; larger ones are given up.
+const RETAIN_REGION: usize = 32 << 20;
+
 /// Chunks shorter than this are worth queueing ahead of time in a busy worker.
 const PREFETCH_BELOW: Duration = Duration::from_millis(2);
 
@@ -131,6 +134,14 @@ enum Check {
     },
     /// Look at the status page again at `at`.
     Recheck { at: u64 },
+}
+
+impl Check {
+    fn at(&self) -> u64 {
+        match self {
+            Check::Kill { at, .. } | Check::Recheck { at } => *at,
+        }
+    }
 }
 
 fn nanos(duration: Duration) -> u64 {
@@ -246,6 +257,7 @@ impl Slot {
                 // A worker killed while idle is found out when this chunk meets the end of
                 // its stream; the status page then shows the chunk never started, and it goes
                 // back to the queue unblamed.
+                slot.trim_regions();
                 let shared = Arc::clone(&slot.shared);
                 let (next, back) = shared.wait_next(slot);
                 slot = back;
@@ -289,6 +301,7 @@ impl Slot {
                 }
             }
         }
+        self.trim_regions();
     }
 
     /// The call whose chunks are worth queueing behind the running one: the front chunk's,
@@ -440,7 +453,11 @@ impl Slot {
     /// While only replies are awaited, polls without sleeping for up to `spin` first (see
     /// `worker::SPIN`).
     fn pump(&mut self, spin: Duration) -> Pumped {
-        let spin_until = monotonic_ns().saturating_add(nanos(spin));
+        let mut spin_until = monotonic_ns().saturating_add(nanos(spin));
+        // Polling never delays a deadline check or a terminate.
+        if let Some(check) = self.next_check() {
+            spin_until = spin_until.min(check.at());
+        }
         loop {
             match self.drain_frames() {
                 Ok(true) => return Pumped::Progress,
@@ -450,7 +467,10 @@ impl Slot {
             if let Err(lost) = self.write_some() {
                 return Pumped::Lost(lost);
             }
-            if self.sent_chunks == self.inflight.len() && monotonic_ns() < spin_until {
+            if self.sent_chunks == self.inflight.len()
+                && monotonic_ns() < spin_until
+                && !self.shared.stopping()
+            {
                 match self.receive() {
                     Ok(true) => {}
                     Ok(false) => std::thread::yield_now(),
@@ -595,6 +615,53 @@ impl Slot {
         Ok(())
     }
 
+    /// The largest region this slot makes: with `max_memory_per_child`, an eighth of it, so
+    /// that the two regions a worker maps never take much of its address space.
+    fn region_cap(&self) -> usize {
+        self.config.spawn.max_memory.map_or(usize::MAX, |cap| {
+            usize::try_from(cap / 8).unwrap_or(usize::MAX)
+        })
+    }
+
+    /// With nothing in flight: gives up regions larger than [`RETAIN_REGION`], here and in the
+    /// worker (a `Region` frame of length 0), so that one large call does not pin its
+    /// memory in every worker for the life of the pool. If the frame cannot be written at
+    /// once, the regions stay.
+    fn trim_regions(&mut self) {
+        let Some(worker) = self.worker.as_mut() else {
+            return;
+        };
+        if !self.inflight.is_empty() {
+            return;
+        }
+        let mut frames = Vec::new();
+        let large =
+            |region: &Option<Region>| region.as_ref().is_some_and(|r| r.len() > RETAIN_REGION);
+        let (requests, replies) = (large(&self.requests), large(&self.replies));
+        for (requests, drop) in [(true, requests), (false, replies)] {
+            if drop {
+                frames.extend_from_slice(&protocol::control_frame(&Header::Region {
+                    requests,
+                    len: 0,
+                }));
+            }
+        }
+        if frames.is_empty() {
+            return;
+        }
+        let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+        if matches!(nix::sys::socket::send(worker.conn.as_raw_fd(), &frames, flags), Ok(n) if n == frames.len())
+        {
+            if requests {
+                self.requests = None;
+            }
+            if replies {
+                self.replies = None;
+                self.want_replies = 0;
+            }
+        }
+    }
+
     /// Decides what goes on the socket for `inflight[at]`, whose sending starts: a large
     /// frame goes into the requests region when the worker is done with the last one there
     /// (a larger region is made when needed), and a replies region is made or enlarged when
@@ -607,14 +674,16 @@ impl Slot {
             return;
         }
         let len = flight.chunk.frame.len();
+        let cap = self.region_cap();
         let large = len >= SHARED_MIN && flight.chunk.fds.is_empty();
-        if large {
-            self.want_replies = self.want_replies.max(len);
-        }
         let mut prefix = Vec::new();
         let mut fds = Vec::new();
+        // Not with a chunk that carries descriptors: its own may already be as many as one
+        // message can carry.
         if at == 0
+            && flight.chunk.fds.is_empty()
             && self.want_replies >= SHARED_MIN
+            && Region::size_for(self.want_replies) <= cap
             && self
                 .replies
                 .as_ref()
@@ -631,6 +700,7 @@ impl Slot {
                 .requests
                 .as_ref()
                 .is_none_or(|region| region.len() < len)
+                && Region::size_for(len) <= cap
                 && let Ok(region) = Region::create(c"multiproc-region", Region::size_for(len))
             {
                 announce(&mut prefix, &mut fds, &region, true);

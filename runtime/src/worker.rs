@@ -254,6 +254,14 @@ impl Server {
                 }
                 self.next_fds = self.received.drain(..count).collect();
             }
+            // Length 0: the parent gave that region up.
+            Header::Region { requests, len: 0 } => {
+                if requests {
+                    self.requests = None;
+                } else {
+                    self.replies = None;
+                }
+            }
             Header::Region { requests, len } => {
                 let fd = self.received.pop_front().ok_or_else(|| {
                     Error::new(
