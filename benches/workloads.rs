@@ -12,6 +12,8 @@
 //! workloads start [runs=20] [workers=2]   W4's parts in-process: Pool::new, first apply, drop
 //! ```
 //!
+//! Every pool workload also takes `spin_us=N` (`PoolBuilder::spin`; default: the pool's).
+//!
 //! Run without a workload (as `cargo bench --bench workloads` does), it runs each in-process
 //! workload once at a small size and prints the lines: a smoke run, not a measurement (its
 //! peak RSS, for one, includes the workloads before it).
@@ -68,7 +70,12 @@ fn finish(pool: &Pool, fields: Fields) -> Fields {
 }
 
 fn pool(args: &Args) -> Pool {
-    let pool = Pool::new(args.num("workers", 2)).expect("starting the pool");
+    let mut builder = Pool::builder().processes(args.num("workers", 2));
+    if let Some(us) = args.values.get("spin_us") {
+        let us = us.parse().expect("spin_us: a number of microseconds");
+        builder = builder.spin(Duration::from_micros(us));
+    }
+    let pool = builder.build().expect("starting the pool");
     // Warm-up: every worker has started, run a chunk and sized its buffers.
     let warm = pool.map(square, 0..1000).expect("warm-up map");
     assert_eq!(warm[999], 999 * 999);
