@@ -180,8 +180,9 @@ pub(crate) struct Slot {
     replies: Option<Region>,
     /// The number of the last shared frame written to `requests`.
     requests_sent: u64,
-    /// How large a replies region the worker's replies call for: the largest request sent
-    /// through shared memory (replies are often as large) or reply seen on the socket.
+    /// How large a replies region the worker's replies call for: the largest reply seen on
+    /// the socket that a region could have carried. (Not sized from requests: a large
+    /// argument often has a small result, and regions count against `max_memory_per_child`.)
     want_replies: usize,
 }
 
