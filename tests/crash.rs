@@ -122,6 +122,19 @@ fn hang_forever() {
     }
 }
 
+/// The first worker to run it goes on; every other one waits at the gate first.
+#[task]
+fn first_through(marker: String, gate: String) {
+    let first = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&marker)
+        .is_ok();
+    if !first {
+        support::pass_gate(&gate);
+    }
+}
+
 /// Panics when the marker file exists: an initializer that starts failing on command.
 #[task]
 fn init_unless_marker(marker: String) {
@@ -320,6 +333,33 @@ fn initializer_runs_in_every_worker() -> TestResult {
     for (i, line) in out.iter().enumerate() {
         assert_eq!(line, &format!("model tiny on {i}"));
     }
+    Ok(())
+}
+
+/// `build` returns once one worker is ready; the others finish starting in the background
+/// (here: one is held in its initializer), and `worker_pids` waits for them.
+fn a_pool_runs_as_soon_as_its_first_worker_is_ready() -> TestResult {
+    let marker = temp_path("first-through");
+    let _ = std::fs::remove_file(&marker);
+    let gate = support::Gate::new();
+    let path = gate.path();
+    let claimed = marker.clone();
+    let (pool, out) = support::within(Duration::from_mins(1), "build and a task", move || {
+        let pool = Pool::builder()
+            .processes(2)
+            .initializer(first_through, (claimed, path))
+            .build()?;
+        let out = pool.apply(square, (6,))?;
+        Ok::<_, multiproc::Error>((pool, out))
+    })??;
+    assert_eq!(out, 36);
+    // Let the second worker finish its initializer: then both are listed.
+    gate.open();
+    let pids = support::within(Duration::from_mins(1), "worker_pids", move || {
+        pool.worker_pids()
+    })?;
+    let _ = std::fs::remove_file(&marker);
+    assert_eq!(pids.len(), 2, "{pids:?}");
     Ok(())
 }
 
@@ -547,6 +587,7 @@ fn main() {
         a_timed_call_behind_short_chunks_still_times_out,
         a_task_done_in_time_is_not_killed_while_its_result_arrives,
         an_argument_too_large_for_the_memory_cap_fails_instead_of_looping,
+        a_pool_runs_as_soon_as_its_first_worker_is_ready,
         a_large_argument_within_the_memory_cap_runs,
         a_hanging_initializer_is_bounded_by_the_start_timeout,
         work_put_back_after_close_fails_when_no_worker_is_left,

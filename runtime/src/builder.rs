@@ -252,7 +252,11 @@ impl PoolBuilder {
         self
     }
 
-    /// Starts the workers and waits for each to complete its handshake.
+    /// Starts the workers and returns as soon as one has completed its handshake (and run the
+    /// [`initializer`](Self::initializer)); the others finish starting in the background,
+    /// so a program's first task does not wait for its last worker. A worker that then
+    /// cannot start is retried as a replacement would be; if it still cannot, the pool
+    /// carries on with fewer workers ([`Pool::worker_pids`] lists those running).
     ///
     /// # Errors
     ///
@@ -333,14 +337,15 @@ impl PoolBuilder {
             defaults: self.defaults,
             slots: Mutex::new(handles),
         };
-        for _ in 0..processes {
-            match ready_rx.recv() {
-                Ok(Ok(_pid)) => {}
-                Ok(Err(err)) => return Err(err), // dropping `pool` terminates the others
-                Err(_) => return Err(Error::new(ErrorKind::Spawn, "a pool thread stopped")),
-            }
+        // The first worker to be ready is enough to run tasks: the others finish starting
+        // while the program goes on (and `worker_pids` waits for them). A failure reported
+        // before that fails the pool: it is most likely every worker's (a missing
+        // `#[multiproc::main]`, a failing initializer).
+        match ready_rx.recv() {
+            Ok(Ok(_pid)) => Ok(pool),
+            Ok(Err(err)) => Err(err), // dropping `pool` terminates the others
+            Err(_) => Err(Error::new(ErrorKind::Spawn, "a pool thread stopped")),
         }
-        Ok(pool)
     }
 }
 

@@ -96,7 +96,9 @@ impl Pool {
         self.processes
     }
 
-    /// The process ids of the workers running now (a replaced worker has a new pid).
+    /// The process ids of the workers running now (a replaced worker has a new pid). Right
+    /// after [`Pool::new`], which returns once the first worker is ready, this first waits
+    /// for the others to finish starting.
     ///
     /// ```no_run
     /// # use multiproc::Pool;

@@ -183,13 +183,20 @@ pub(crate) struct Shared {
     /// blocked on a worker's socket.
     stop_write: Mutex<Option<OwnedFd>>,
     pub(crate) stop_read: OwnedFd,
-    /// The pid of each slot's current worker.
-    pids: Mutex<Vec<Option<u32>>>,
+    /// The pid of each slot's current worker, and how many slots have yet to finish their
+    /// first start (`worker_pids` waits for them; see [`Shared::first_start_done`]).
+    pids: Mutex<Pids>,
+    first_starts: Condvar,
     /// How long a thread about to sleep for a reply or an outcome polls first
     /// (`PoolBuilder::spin`).
     pub(crate) spin: Duration,
     /// Set by `terminate()`, for threads that poll.
     stopping: AtomicBool,
+}
+
+struct Pids {
+    pids: Vec<Option<u32>>,
+    starting: usize,
 }
 
 /// What a slot should do next.
@@ -219,7 +226,11 @@ impl Shared {
             next_seq: AtomicU64::new(1),
             stop_write: Mutex::new(Some(stop_write)),
             stop_read,
-            pids: Mutex::new(vec![None; slots]),
+            pids: Mutex::new(Pids {
+                pids: vec![None; slots],
+                starting: slots,
+            }),
+            first_starts: Condvar::new(),
             spin,
             stopping: AtomicBool::new(false),
         })
@@ -407,21 +418,46 @@ impl Shared {
         }
     }
 
-    pub(crate) fn set_pid(&self, slot: usize, pid: Option<u32>) {
-        self.pids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)[slot] = pid;
-    }
-
-    /// The pids of the workers running now.
-    pub(crate) fn pids(&self) -> Vec<u32> {
+    fn lock_pids(&self) -> MutexGuard<'_, Pids> {
         self.pids
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .flatten()
-            .copied()
-            .collect()
+    }
+
+    pub(crate) fn set_pid(&self, slot: usize, pid: Option<u32>) {
+        self.lock_pids().pids[slot] = pid;
+    }
+
+    /// A slot has finished its first start, with a worker or without.
+    pub(crate) fn first_start_done(&self) {
+        let mut pids = self.lock_pids();
+        pids.starting = pids.starting.saturating_sub(1);
+        if pids.starting == 0 {
+            self.first_starts.notify_all();
+        }
+    }
+
+    /// The pids of the workers running now, once every slot has finished its first start
+    /// (a pool returns from `build` when its first worker is ready).
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        let mut pids = self.lock_pids();
+        while pids.starting > 0 {
+            pids = self
+                .first_starts
+                .wait(pids)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        pids.pids.iter().flatten().copied().collect()
+    }
+
+    /// Waits up to `timeout` for `terminate()`; true if it came.
+    pub(crate) fn wait_stopped(&self, timeout: Duration) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.stop_read.as_fd(), PollFlags::POLLIN)];
+        let wait = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut fds, wait);
+        self.is_terminated()
     }
 
     /// `terminate()` was called: a cheap check for a thread that polls.

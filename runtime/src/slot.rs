@@ -208,20 +208,37 @@ impl Slot {
         }
     }
 
-    /// The slot thread's body. Reports the first worker's start on `ready`.
+    /// The slot thread's body. Reports the first worker's start on `ready` while `build` is
+    /// listening: it returns once one worker is ready, or fails with the first failure. A
+    /// worker that fails to start after that (`build` has returned) is retried as a
+    /// replacement would be; if it still cannot start, the pool goes on without this slot.
     pub(crate) fn run(self, ready: Sender<Result<u32, Error>>) {
         let mut slot = Box::new(self);
-        match slot.start_worker(1) {
+        let started = match slot.start_worker(1) {
             Ok(pid) => {
                 let _ = ready.send(Ok(pid));
+                Ok(())
             }
             Err(err) => {
-                slot.shared.slot_exited(Some(&err));
+                // If no worker was ready before, `build` fails with this and terminates the
+                // pool; else nobody reads it, and the slot retries as a replacement would,
+                // after a back-off that a terminate ends.
                 let _ = ready.send(Err(err));
-                return;
+                if slot.shared.wait_stopped(Duration::from_millis(100)) {
+                    Err(None)
+                } else {
+                    slot.start_worker(slot.config.restart_attempts)
+                        .map(drop)
+                        .map_err(Some)
+                }
             }
-        }
+        };
         drop(ready);
+        slot.shared.first_start_done();
+        if let Err(err) = started {
+            slot.shared.slot_exited(err.as_ref());
+            return;
+        }
         let (mut slot, gave_up) = Slot::serve(slot);
         slot.finish();
         slot.shared.slot_exited(gave_up.as_ref());
@@ -379,7 +396,15 @@ impl Slot {
                     return Ok(pid);
                 }
                 Err(err) if attempt >= attempts || self.shared.is_terminated() => return Err(err),
-                Err(_) => std::thread::sleep(Duration::from_millis(50 << attempt.min(6))),
+                Err(err) => {
+                    // A terminate ends the back-off at once.
+                    if self
+                        .shared
+                        .wait_stopped(Duration::from_millis(50 << attempt.min(6)))
+                    {
+                        return Err(err);
+                    }
+                }
             }
         }
     }
