@@ -363,6 +363,32 @@ fn a_pool_runs_as_soon_as_its_first_worker_is_ready() -> TestResult {
     Ok(())
 }
 
+/// A worker that never finishes starting (held in its initializer past the start-up
+/// timeout) does not outlive a `close`: `join` ends, and new work is refused as `Closed`,
+/// not as a start-up failure of the pool.
+fn a_closed_pool_with_a_worker_that_never_started_refuses_work_as_closed() -> TestResult {
+    let marker = temp_path("never-started");
+    let _ = std::fs::remove_file(&marker);
+    let gate = support::Gate::new(); // never opened
+    let path = gate.path();
+    let claimed = marker.clone();
+    let err = support::within(Duration::from_mins(1), "close and join", move || {
+        let pool = Pool::builder()
+            .processes(2)
+            .start_timeout(Duration::from_secs(1))
+            .initializer(first_through, (claimed, path))
+            .build()?;
+        assert_eq!(pool.apply(square, (3,))?, 9);
+        pool.close();
+        pool.join();
+        Ok::<_, multiproc::Error>(pool.apply(square, (3,)).expect_err("closed"))
+    })??;
+    let _ = std::fs::remove_file(&marker);
+    drop(gate);
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    Ok(())
+}
+
 fn failing_initializer_is_a_clear_error() -> TestResult {
     let err = Pool::builder()
         .processes(2)
@@ -588,6 +614,7 @@ fn main() {
         a_task_done_in_time_is_not_killed_while_its_result_arrives,
         an_argument_too_large_for_the_memory_cap_fails_instead_of_looping,
         a_pool_runs_as_soon_as_its_first_worker_is_ready,
+        a_closed_pool_with_a_worker_that_never_started_refuses_work_as_closed,
         a_large_argument_within_the_memory_cap_runs,
         a_hanging_initializer_is_bounded_by_the_start_timeout,
         work_put_back_after_close_fails_when_no_worker_is_left,

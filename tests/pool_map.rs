@@ -391,8 +391,9 @@ fn builder_and_default_size() -> TestResult {
     assert_eq!(pool.worker_pids().len(), expected);
     let err = Pool::new(0).expect_err("zero processes");
     assert_eq!(err.kind(), ErrorKind::Spawn);
-    // Without polling before sleeping, and with a long window: the same results.
-    for window in [Duration::ZERO, Duration::from_millis(5)] {
+    // Without polling before sleeping, with a long window, and with one too long to add to
+    // a clock reading (it polls until done): the same results, and no overflow.
+    for window in [Duration::ZERO, Duration::from_millis(5), Duration::MAX] {
         let pool = Pool::builder().processes(2).spin(window).build()?;
         assert_eq!(pool.apply(square, (9,))?, 81);
         assert_eq!(pool.map(square, 0..1000)?[999], 999 * 999);
@@ -401,6 +402,14 @@ fn builder_and_default_size() -> TestResult {
             285
         );
     }
+    // Durations too long to add to a clock reading mean "no limit", never a panic.
+    let pool = Pool::builder()
+        .processes(1)
+        .start_timeout(Duration::MAX)
+        .build()?;
+    let pending = pool.apply_async(square, (4,));
+    assert!(pending.wait_timeout(Duration::MAX));
+    assert_eq!(pending.get_timeout(Duration::MAX)?, 16);
     Ok(())
 }
 

@@ -98,7 +98,7 @@ impl Pool {
 
     /// The process ids of the workers running now (a replaced worker has a new pid). Right
     /// after [`Pool::new`], which returns once the first worker is ready, this first waits
-    /// for the others to finish starting.
+    /// for the others' first start attempts.
     ///
     /// ```no_run
     /// # use multiproc::Pool;
@@ -425,7 +425,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("processes", &self.processes)
-            .field("worker_pids", &self.worker_pids())
+            .field("worker_pids", &self.shared.pids_now())
             .finish_non_exhaustive()
     }
 }

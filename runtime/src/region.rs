@@ -50,12 +50,27 @@ impl Region {
     /// Its size is sealed: a task in the worker that shrank the file would otherwise make
     /// the parent's next access to the mapping fault (`SIGBUS`) and take the whole pool down.
     pub(crate) fn create(name: &std::ffi::CStr, len: usize) -> Result<Region, Error> {
-        let fd =
-            sealable_file(name).map_err(|err| Error::io("creating a shared region failed", err))?;
+        Region::make(name, len, true)
+    }
+
+    /// [`create`](Self::create) without the seal, for a system that refuses seals.
+    pub(crate) fn create_unsealed(name: &std::ffi::CStr, len: usize) -> Result<Region, Error> {
+        Region::make(name, len, false)
+    }
+
+    fn make(name: &std::ffi::CStr, len: usize, seal: bool) -> Result<Region, Error> {
+        let fd = if seal {
+            sealable_file(name)
+        } else {
+            crate::status::anonymous_file(name)
+        }
+        .map_err(|err| Error::io("creating a shared region failed", err))?;
         let size = i64::try_from(len).map_err(|_| too_large(len))?;
         nix::unistd::ftruncate(&fd, size)
             .map_err(|err| Error::io("sizing a shared region failed", err.into()))?;
-        seal_size(&fd).map_err(|err| Error::io("sealing a shared region failed", err))?;
+        if seal {
+            seal_size(&fd).map_err(|err| Error::io("sealing a shared region failed", err))?;
+        }
         Region::map(fd, len)
     }
 

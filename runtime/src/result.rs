@@ -165,13 +165,16 @@ impl<O: Payload> CallState<O> {
         let mut inbox = self.lock();
         if !ready(&inbox) && !self.spin.is_zero() {
             // Polls a counter of deliveries, not the lock, so as not to slow the deliveries.
-            // Never past the caller's deadline.
-            let window = Instant::now() + self.spin;
-            let until = deadline.map_or(window, |deadline| deadline.min(window));
-            while !ready(&inbox) && Instant::now() < until {
+            // Never past the caller's deadline; `None`: no end (a window too long to add).
+            let until = match (deadline, Instant::now().checked_add(self.spin)) {
+                (Some(deadline), Some(window)) => Some(deadline.min(window)),
+                (deadline, window) => deadline.or(window),
+            };
+            let polling = || until.is_none_or(|until| Instant::now() < until);
+            while !ready(&inbox) && polling() {
                 let seen = self.stores.load(Ordering::Acquire);
                 drop(inbox);
-                while self.stores.load(Ordering::Acquire) == seen && Instant::now() < until {
+                while self.stores.load(Ordering::Acquire) == seen && polling() {
                     std::thread::yield_now();
                 }
                 inbox = self.lock();
@@ -467,7 +470,7 @@ impl<T> AsyncResult<T> {
     /// # }
     /// ```
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        self.state.wait(Some(Instant::now() + timeout))
+        self.state.wait(Instant::now().checked_add(timeout))
     }
 
     /// Waits for the work and returns its outcome.
@@ -525,7 +528,7 @@ impl<T> AsyncResult<T> {
     /// # }
     /// ```
     pub fn get_timeout(mut self, timeout: Duration) -> Result<T, Error> {
-        if self.state.wait(Some(Instant::now() + timeout)) {
+        if self.state.wait(Instant::now().checked_add(timeout)) {
             self.take()
         } else {
             Err(Error::wait_timeout(timeout))

@@ -269,11 +269,11 @@ impl Shared {
     }
 
     fn refusal(state: &State) -> Option<Error> {
-        if let Some(message) = &state.fatal {
-            return Some(Error::new(ErrorKind::Spawn, message.clone()));
-        }
         match state.phase {
-            Phase::Running => None,
+            Phase::Running => state
+                .fatal
+                .as_ref()
+                .map(|message| Error::new(ErrorKind::Spawn, message.clone())),
             Phase::Closing | Phase::Terminated => Some(Error::closed(
                 "the pool is closed: it accepts no new work after close() or terminate()",
             )),
@@ -347,9 +347,26 @@ impl Shared {
                 }
             }
             state.slots[index].woken = false;
-            state = self.wakers[index]
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let trim = state.slots[index]
+                .parked
+                .as_ref()
+                .is_some_and(|slot| slot.holds_large_regions());
+            if trim {
+                // Large shared regions are given up after an idle spell.
+                let (guard, waited) = self.wakers[index]
+                    .wait_timeout(state, crate::slot::TRIM_AFTER)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                state = guard;
+                if waited.timed_out()
+                    && let Some(slot) = state.slots[index].parked.as_mut()
+                {
+                    slot.trim_regions();
+                }
+            } else {
+                state = self.wakers[index]
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
         }
     }
 
@@ -373,7 +390,11 @@ impl Shared {
     pub(crate) fn give_back(&self, slot: Box<Slot>) {
         let index = slot.index();
         let mut state = self.lock();
-        let wake = state.phase != Phase::Running || !state.queue.is_empty() || slot.needs_thread();
+        // Its thread also times the idle spell after which large regions are given up.
+        let wake = state.phase != Phase::Running
+            || !state.queue.is_empty()
+            || slot.needs_thread()
+            || slot.holds_large_regions();
         state.slots[index].parked = Some(slot);
         if wake {
             state.slots[index].woken = true;
@@ -435,6 +456,18 @@ impl Shared {
         if pids.starting == 0 {
             self.first_starts.notify_all();
         }
+    }
+
+    /// The pids of the workers running now, without waiting for any to start.
+    pub(crate) fn pids_now(&self) -> Vec<u32> {
+        self.lock_pids().pids.iter().flatten().copied().collect()
+    }
+
+    /// `close()` was called and nothing is queued: a worker that failed to start need not
+    /// be tried again.
+    pub(crate) fn closing_idle(&self) -> bool {
+        let state = self.lock();
+        state.phase != Phase::Running && state.queue.is_empty()
     }
 
     /// The pids of the workers running now, once every slot has finished its first start
@@ -508,7 +541,10 @@ impl Shared {
         if state.live_slots > 0 {
             return;
         }
-        if let Some(error) = error {
+        // A start that fails while the pool closes is not the pool's failure.
+        if let Some(error) = error
+            && state.phase == Phase::Running
+        {
             state.fatal = Some(format!("no worker process could be started: {error}"));
         }
         let fatal = state.fatal.clone();

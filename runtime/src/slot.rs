@@ -44,8 +44,12 @@ const RECHECK: Duration = Duration::from_millis(20);
 /// Unblamed worker deaths a chunk may see while first in line before its items fail.
 const MAX_UNBLAMED_DEATHS: u32 = 3;
 
-/// Regions up to this size are kept while a worker is idle; larger ones are given up.
+/// Regions up to this size are kept while a worker is idle; larger ones are given up once it
+/// has been idle for [`TRIM_AFTER`].
 const RETAIN_REGION: usize = 32 << 20;
+
+/// See [`RETAIN_REGION`].
+pub(crate) const TRIM_AFTER: Duration = Duration::from_secs(1);
 
 /// Chunks shorter than this are worth queueing ahead of time in a busy worker.
 const PREFETCH_BELOW: Duration = Duration::from_millis(2);
@@ -214,17 +218,25 @@ impl Slot {
     /// replacement would be; if it still cannot start, the pool goes on without this slot.
     pub(crate) fn run(self, ready: Sender<Result<u32, Error>>) {
         let mut slot = Box::new(self);
+        // Counts this slot's first start as done however it ends, a panic included: callers
+        // of `worker_pids` wait for it.
+        let first_start = FirstStart(Arc::clone(&slot.shared));
         let started = match slot.start_worker(1) {
             Ok(pid) => {
                 let _ = ready.send(Ok(pid));
+                drop(first_start);
                 Ok(())
             }
             Err(err) => {
                 // If no worker was ready before, `build` fails with this and terminates the
                 // pool; else nobody reads it, and the slot retries as a replacement would,
-                // after a back-off that a terminate ends.
+                // after a back-off that a terminate ends (and not at all once the pool is
+                // closing with nothing queued).
                 let _ = ready.send(Err(err));
-                if slot.shared.wait_stopped(Duration::from_millis(100)) {
+                drop(first_start);
+                if slot.shared.wait_stopped(Duration::from_millis(100))
+                    || slot.shared.closing_idle()
+                {
                     Err(None)
                 } else {
                     slot.start_worker(slot.config.restart_attempts)
@@ -234,7 +246,6 @@ impl Slot {
             }
         };
         drop(ready);
-        slot.shared.first_start_done();
         if let Err(err) = started {
             slot.shared.slot_exited(err.as_ref());
             return;
@@ -275,7 +286,6 @@ impl Slot {
                 // A worker killed while idle is found out when this chunk meets the end of
                 // its stream; the status page then shows the chunk never started, and it goes
                 // back to the queue unblamed.
-                slot.trim_regions();
                 let shared = Arc::clone(&slot.shared);
                 let (next, back) = shared.wait_next(slot);
                 slot = back;
@@ -319,7 +329,6 @@ impl Slot {
                 }
             }
         }
-        self.trim_regions();
     }
 
     /// The call whose chunks are worth queueing behind the running one: the front chunk's,
@@ -397,10 +406,12 @@ impl Slot {
                 }
                 Err(err) if attempt >= attempts || self.shared.is_terminated() => return Err(err),
                 Err(err) => {
-                    // A terminate ends the back-off at once.
+                    // A terminate ends the back-off at once; a closing pool with nothing
+                    // queued needs no worker.
                     if self
                         .shared
                         .wait_stopped(Duration::from_millis(50 << attempt.min(6)))
+                        || self.shared.closing_idle()
                     {
                         return Err(err);
                     }
@@ -649,11 +660,20 @@ impl Slot {
         })
     }
 
+    /// True when the slot holds a region that an idle spell should give up.
+    pub(crate) fn holds_large_regions(&self) -> bool {
+        [&self.requests, &self.replies]
+            .into_iter()
+            .flatten()
+            .any(|region| region.len() > RETAIN_REGION)
+    }
+
     /// With nothing in flight: gives up regions larger than [`RETAIN_REGION`], here and in the
     /// worker (a `Region` frame of length 0), so that one large call does not pin its
-    /// memory in every worker for the life of the pool. If the frame cannot be written at
-    /// once, the regions stay.
-    fn trim_regions(&mut self) {
+    /// memory in every worker for the life of the pool. Called once the slot has been idle
+    /// for [`TRIM_AFTER`] (`Shared::wait_next`): calls that follow each other keep their
+    /// regions. If the frame cannot be written at once, the regions stay.
+    pub(crate) fn trim_regions(&mut self) {
         let Some(worker) = self.worker.as_mut() else {
             return;
         };
@@ -982,6 +1002,15 @@ impl Slot {
                     .with_index(index)
                 });
         }
+    }
+}
+
+/// Counts a slot's first start as done when dropped (see `Slot::run`).
+struct FirstStart(Arc<Shared>);
+
+impl Drop for FirstStart {
+    fn drop(&mut self) {
+        self.0.first_start_done();
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
 use crate::registry::Registry;
-use crate::status::StatusPage;
+use crate::status::{StatusPage, deadline_after};
 use crate::stderr::StderrTail;
 use crate::worker::{ENV, WorkerSpec};
 use nix::sys::signal::{self, Signal};
@@ -106,7 +106,9 @@ impl WorkerProcess {
             .send_status_page()
             .and_then(|()| worker.handshake(registry.digest(), options))
             .and_then(|()| match &options.initializer {
-                Some(init) => worker.initialize(init, options, started_at + options.start_timeout),
+                Some(init) => {
+                    worker.initialize(init, options, later(started_at, options.start_timeout))
+                }
                 None => Ok(()),
             });
         match started {
@@ -200,7 +202,7 @@ impl WorkerProcess {
     }
 
     fn handshake(&mut self, digest: u64, options: &SpawnOptions) -> Result<(), Error> {
-        let deadline = Instant::now() + options.start_timeout;
+        let deadline = deadline_after(options.start_timeout);
         let mut reader = FrameReader::new(1024);
         let range = match self.read_start_frame(&mut reader, deadline, options.stop.as_deref()) {
             Ok(range) => range,
@@ -348,7 +350,7 @@ impl WorkerProcess {
     /// delay the caller by more than `grace`.
     pub(crate) fn shutdown(&mut self, grace: Duration) {
         use std::io::{Read, Write};
-        let deadline = Instant::now() + grace;
+        let deadline = deadline_after(grace);
         let _ = self.conn.set_nonblocking(false);
         let _ = self.conn.set_write_timeout(Some(grace));
         let frame = protocol::control_frame(&Header::Shutdown);
@@ -392,6 +394,13 @@ pub(crate) fn describe_status(status: ExitStatus) -> String {
         (None, Some(code)) => format!("exit code {code}"),
         (None, None) => status.to_string(),
     }
+}
+
+/// `after` past `start`, or as far as an `Instant` goes.
+fn later(start: Instant, after: Duration) -> Instant {
+    start
+        .checked_add(after)
+        .unwrap_or_else(|| deadline_after(after))
 }
 
 fn stopped() -> Error {

@@ -47,8 +47,11 @@ unsafe impl Sync for StatusPage {}
 impl StatusPage {
     /// Creates a zeroed page (parent side). Its descriptor is close-on-exec; the spawner
     /// passes it to one worker explicitly.
+    /// Sealed against resizing where the system allows it (a large-frame region that
+    /// cannot be sealed is not made; the status page cannot do without).
     pub(crate) fn create() -> Result<StatusPage, Error> {
-        let region = Region::create(c"multiproc-status", SIZE)?;
+        let region = Region::create(c"multiproc-status", SIZE)
+            .or_else(|_| Region::create_unsealed(c"multiproc-status", SIZE))?;
         Ok(StatusPage { region })
     }
 
@@ -112,6 +115,13 @@ impl StatusPage {
             started_ns: status.started_ns.load(Ordering::Relaxed),
         }
     }
+}
+
+/// `timeout` from now, or as far as an `Instant` goes (`Duration::MAX` means never).
+pub(crate) fn deadline_after(timeout: Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(1 << 32))
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: one clock for every process of the machine.

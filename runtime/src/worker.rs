@@ -269,12 +269,14 @@ impl Server {
                         "a shared region came without its descriptor",
                     )
                 })?;
-                let region = Some(Region::open(fd, len)?);
-                if requests {
-                    self.requests = region;
+                // The old one goes first: under a memory cap both may not fit at once.
+                let slot = if requests {
+                    &mut self.requests
                 } else {
-                    self.replies = region;
-                }
+                    &mut self.replies
+                };
+                *slot = None;
+                *slot = Some(Region::open(fd, len)?);
             }
             Header::Shared { n, len } => {
                 let region = self.requests.take().ok_or_else(|| {
@@ -412,12 +414,14 @@ fn read_spinning(
     received: &mut VecDeque<OwnedFd>,
     spin: std::time::Duration,
 ) -> std::io::Result<usize> {
-    let until = std::time::Instant::now() + spin;
+    // `None`: a window too long to add to now, that is, no end.
+    let until = std::time::Instant::now().checked_add(spin);
     loop {
         let mut source = FdStream {
             conn,
             received,
-            dontwait: !spin.is_zero() && std::time::Instant::now() < until,
+            dontwait: !spin.is_zero()
+                && until.is_none_or(|until| std::time::Instant::now() < until),
         };
         match reader.read_from(&mut source) {
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
