@@ -1,6 +1,7 @@
 //! The work queue shared by the callers (who submit chunks) and the slots (one thread per
 //! worker process, which pull chunks when their worker has room: idle workers pull, nobody
-//! pushes round-robin).
+//! pushes round-robin). An idle slot waits parked here, where a caller about to block on one
+//! chunk may borrow it and do the round trip itself (`Shared::submit_and_wait`).
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Header};
