@@ -122,6 +122,37 @@ fn arm_exit_marker(path: String) -> u32 {
 }
 
 const PLAIN_MAIN: &str = "MULTIPROC_TEST_PLAIN_MAIN";
+/// Run as a program that prints the executable its pool's workers run.
+const PRINT_WORKER_EXE: &str = "MULTIPROC_TEST_PRINT_WORKER_EXE";
+
+#[task]
+fn own_executable() -> String {
+    std::fs::read_link("/proc/self/exe")
+        .expect("/proc/self/exe")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `MULTIPROC_WORKER_EXE` (for profilers that cannot run `/proc/self/exe`) makes workers
+/// start from the named copy of the program.
+fn workers_start_from_the_executable_named_by_the_environment() -> TestResult {
+    let copy = std::env::temp_dir().join(format!("multiproc-worker-exe-{}", std::process::id()));
+    std::fs::copy(std::env::current_exe()?, &copy)?;
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .env(PRINT_WORKER_EXE, "1")
+        .env("MULTIPROC_WORKER_EXE", &copy)
+        .output()?;
+    let _ = std::fs::remove_file(&copy);
+    let printed = String::from_utf8_lossy(&output.stdout);
+    ensure(
+        output.status.success() && printed.trim() == copy.to_string_lossy(),
+        format!(
+            "workers ran {printed:?}, expected {}; stderr: {}",
+            copy.display(),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
 
 /// Starts this very program again, as a task may start any program built with multiproc.
 #[task]
@@ -431,9 +462,15 @@ fn main() {
         println!("plain main ran");
         return;
     }
+    if std::env::var_os(PRINT_WORKER_EXE).is_some() {
+        let pool = Pool::new(1).expect("a pool");
+        println!("{}", pool.apply(own_executable, ()).expect("a task"));
+        return;
+    }
     support::run(tests![
         a_task_can_start_another_multiproc_program,
         a_task_reads_an_empty_stdin_and_ignores_sigint,
+        workers_start_from_the_executable_named_by_the_environment,
         seed_example,
         map_100_000_items,
         empty_input,

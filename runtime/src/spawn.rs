@@ -415,9 +415,17 @@ fn spawn_kind(err: Error) -> Error {
     }
 }
 
+/// Names another executable to start workers from, for profilers that cannot run
+/// `/proc/self/exe` (under valgrind it is valgrind itself). It must be a copy of this very
+/// program: the handshake refuses a worker whose task registry differs.
+pub(crate) const EXECUTABLE_ENV: &str = "MULTIPROC_WORKER_EXE";
+
 /// The executable to re-run. On Linux, `/proc/self/exe` is this very binary even if the file
-/// on disk was replaced since (a rebuild while a program runs).
+/// on disk was replaced since (a rebuild while a program runs); [`EXECUTABLE_ENV`] overrides it.
 fn executable() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(EXECUTABLE_ENV).filter(|path| !path.is_empty()) {
+        return path.into();
+    }
     if cfg!(any(target_os = "linux", target_os = "android")) {
         "/proc/self/exe".into()
     } else {
