@@ -63,48 +63,43 @@ fn u64_decode(bencher: Bencher) {
     });
 }
 
-#[divan::bench]
-fn vec_u8_encode(bencher: Bencher) {
-    let data = bytes();
+/// Encodes `data` (8 MiB of some byte container) into a reused buffer.
+fn bench_encode<T: serde::Serialize>(bencher: Bencher, data: &T) {
     let mut out = Vec::with_capacity(LEN + 16);
     bencher.counter(BytesCount::new(LEN)).bench_local(|| {
         out.clear();
-        encode(&data, &mut out);
+        encode(data, &mut out);
         out.len()
     });
+}
+
+/// Decodes `data`'s encoding as a `T`.
+fn bench_decode<T: serde::Serialize + serde::de::DeserializeOwned>(bencher: Bencher, data: &T) {
+    let mut frame = Vec::new();
+    encode(data, &mut frame);
+    bencher
+        .counter(BytesCount::new(LEN))
+        .bench_local(|| postcard::take_from_bytes::<T>(&frame).expect("decodes").0);
+}
+
+#[divan::bench]
+fn vec_u8_encode(bencher: Bencher) {
+    bench_encode(bencher, &bytes());
 }
 
 #[divan::bench]
 fn vec_u8_decode(bencher: Bencher) {
-    let mut frame = Vec::new();
-    encode(&bytes(), &mut frame);
-    bencher.counter(BytesCount::new(LEN)).bench_local(|| {
-        postcard::take_from_bytes::<Vec<u8>>(&frame)
-            .expect("decodes")
-            .0
-    });
+    bench_decode(bencher, &bytes());
 }
 
 #[divan::bench]
 fn byte_buf_encode(bencher: Bencher) {
-    let data = ByteBuf::from(bytes());
-    let mut out = Vec::with_capacity(LEN + 16);
-    bencher.counter(BytesCount::new(LEN)).bench_local(|| {
-        out.clear();
-        encode(&data, &mut out);
-        out.len()
-    });
+    bench_encode(bencher, &ByteBuf::from(bytes()));
 }
 
 #[divan::bench]
 fn byte_buf_decode(bencher: Bencher) {
-    let mut frame = Vec::new();
-    encode(&ByteBuf::from(bytes()), &mut frame);
-    bencher.counter(BytesCount::new(LEN)).bench_local(|| {
-        postcard::take_from_bytes::<ByteBuf>(&frame)
-            .expect("decodes")
-            .0
-    });
+    bench_decode(bencher, &ByteBuf::from(bytes()));
 }
 
 /// The floor: copying the bytes into a fresh vector.

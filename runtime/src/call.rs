@@ -163,13 +163,9 @@ impl Call<'_> {
     /// # Ok(())
     /// # }
     /// ```
-    // The `expect` cannot fire: a successful call of one item has exactly one output.
-    #[allow(clippy::missing_panics_doc)]
     pub fn apply<T: Task>(self, task: T, args: T::Args) -> Result<T::Output, Error> {
         let _ = task;
-        self.submit_all::<T, T::Args>([args], true)
-            .get()
-            .map(|mut values| values.pop().expect("apply has exactly one output"))
+        self.submit_one::<T>(args, true).get()
     }
 
     /// [`Pool::map_async`] with these options.
@@ -223,10 +219,15 @@ impl Call<'_> {
     /// # Ok(())
     /// # }
     /// ```
-    // The `expect` cannot fire: a successful call of one item has exactly one output.
-    #[allow(clippy::missing_panics_doc)]
     pub fn apply_async<T: Task>(self, task: T, args: T::Args) -> AsyncResult<T::Output> {
-        self.starmap_async(task, [args])
+        let _ = task;
+        self.submit_one::<T>(args, false)
+    }
+
+    /// One item, for `apply` (`blocking`) and `apply_async`. The `expect` cannot fire: a
+    /// successful call of one item has exactly one output.
+    fn submit_one<T: Task>(self, args: T::Args, blocking: bool) -> AsyncResult<T::Output> {
+        self.submit_all::<T, T::Args>([args], blocking)
             .map_output(|mut values| values.pop().expect("apply has exactly one output"))
     }
 

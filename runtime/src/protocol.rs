@@ -110,9 +110,21 @@ pub(crate) fn descriptors_frame(buf: &mut Vec<u8>, count: usize) {
     }
 }
 
-/// The first frame in `bytes` (a run of whole frames, as in a shared region): its body and
-/// what follows it. `Err` for a length over `max_len` or past the end.
-pub(crate) fn split_frame(bytes: &[u8], max_len: u32) -> Result<(&[u8], &[u8]), Error> {
+/// The bodies of the frames in `bytes`, a run of whole frames (a shared frame's bytes); an
+/// `Err` for a length over `max_len` or past the end ends it.
+pub(crate) fn frames(bytes: &[u8], max_len: u32) -> impl Iterator<Item = Result<&[u8], Error>> {
+    let mut rest = Some(bytes);
+    std::iter::from_fn(move || {
+        let bytes = rest.filter(|bytes| !bytes.is_empty())?;
+        let split = split_frame(bytes, max_len);
+        rest = split.as_ref().ok().map(|&(_, tail)| tail);
+        Some(split.map(|(body, _)| body))
+    })
+}
+
+/// The first frame in `bytes`: its body and what follows it. `Err` for a length over
+/// `max_len` or past the end.
+fn split_frame(bytes: &[u8], max_len: u32) -> Result<(&[u8], &[u8]), Error> {
     let prefix: [u8; PREFIX] = bytes
         .get(..PREFIX)
         .and_then(|prefix| prefix.try_into().ok())

@@ -136,6 +136,20 @@ impl Region {
         (len <= self.len).then(|| unsafe { std::slice::from_raw_parts(self.map.as_ptr(), len) })
     }
 
+    /// The `len` bytes of a shared frame at the start of the region, as announced by the
+    /// peer: `Err` if that overruns the region.
+    pub(crate) fn shared_frame(&self, len: u64) -> Result<&[u8], Error> {
+        usize::try_from(len)
+            .ok()
+            .and_then(|len| self.get(len))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Codec,
+                    format!("a shared frame of {len} bytes overruns its region"),
+                )
+            })
+    }
+
     /// Copies `bytes` to the start of the region, which must be long enough.
     pub(crate) fn fill(&mut self, bytes: &[u8]) {
         assert!(bytes.len() <= self.len, "a region too small for its frame");

@@ -527,7 +527,7 @@ impl Slot {
                     } if now >= at => {
                         return Pumped::Lost(Lost::TimedOut { chunk, item, after });
                     }
-                    Check::Kill { at, .. } | Check::Recheck { at } => at,
+                    check => check.at(),
                 };
                 // Round up so that we wake at or after the time, not just before it.
                 let ms = at.saturating_sub(now).div_ceil(1_000_000);
@@ -662,10 +662,7 @@ impl Slot {
 
     /// True when the slot holds a region that an idle spell should give up.
     pub(crate) fn holds_large_regions(&self) -> bool {
-        [&self.requests, &self.replies]
-            .into_iter()
-            .flatten()
-            .any(|region| region.len() > RETAIN_REGION)
+        large(self.requests.as_ref()) || large(self.replies.as_ref())
     }
 
     /// With nothing in flight: gives up regions larger than [`RETAIN_REGION`], here and in the
@@ -680,16 +677,15 @@ impl Slot {
         if !self.inflight.is_empty() {
             return;
         }
+        let (requests, replies) = (large(self.requests.as_ref()), large(self.replies.as_ref()));
         let mut frames = Vec::new();
-        let large =
-            |region: &Option<Region>| region.as_ref().is_some_and(|r| r.len() > RETAIN_REGION);
-        let (requests, replies) = (large(&self.requests), large(&self.replies));
-        for (requests, drop) in [(true, requests), (false, replies)] {
-            if drop {
-                frames.extend_from_slice(&protocol::control_frame(&Header::Region {
-                    requests,
+        for (which, given_up) in [(true, requests), (false, replies)] {
+            if given_up {
+                let header = Header::Region {
+                    requests: which,
                     len: 0,
-                }));
+                };
+                frames.extend_from_slice(&protocol::control_frame(&header));
             }
         }
         if frames.is_empty() {
@@ -774,27 +770,17 @@ impl Slot {
     fn drain_frames(&mut self) -> Result<bool, Error> {
         // Out of `self` while its frames are handled, which borrow it.
         let mut reader = std::mem::replace(&mut self.reader, FrameReader::new(0));
-        let mut drained = Ok(false);
-        loop {
-            match reader.next_frame() {
-                Ok(Some(range)) => match self.on_frame(reader.body(range), true) {
-                    Ok(completed) => {
-                        drained = drained.map(|progress| progress | completed);
-                    }
-                    Err(err) => {
-                        drained = Err(err);
-                        break;
-                    }
-                },
-                Ok(None) => break,
-                Err(err) => {
-                    drained = Err(err);
-                    break;
-                }
-            }
-        }
+        let drained = self.drain_from(&mut reader);
         self.reader = reader;
         drained
+    }
+
+    fn drain_from(&mut self, reader: &mut FrameReader) -> Result<bool, Error> {
+        let mut progress = false;
+        while let Some(range) = reader.next_frame()? {
+            progress |= self.on_frame(reader.body(range), true)?;
+        }
+        Ok(progress)
     }
 
     /// Handles one frame from the worker, read from the socket (`socket`) or from the
@@ -826,17 +812,9 @@ impl Slot {
 
     /// Handles the frames of a shared frame: `len` bytes at the start of `region`.
     fn on_shared(&mut self, region: &Region, len: u64) -> Result<bool, Error> {
-        let mut bytes = usize::try_from(len)
-            .ok()
-            .and_then(|len| region.get(len))
-            .ok_or_else(|| {
-                protocol_error(format!("a shared frame of {len} bytes overruns its region"))
-            })?;
         let mut progress = false;
-        while !bytes.is_empty() {
-            let (body, rest) = protocol::split_frame(bytes, self.config.spawn.max_frame_len)?;
-            progress |= self.on_frame(body, false)?;
-            bytes = rest;
+        for body in protocol::frames(region.shared_frame(len)?, self.config.spawn.max_frame_len) {
+            progress |= self.on_frame(body?, false)?;
         }
         Ok(progress)
     }
@@ -1037,6 +1015,11 @@ fn lost_error(why: &Lost, pid: u32, status: std::process::ExitStatus, attempts: 
         message
     };
     Error::new(kind, message).with_status(signal, code)
+}
+
+/// A region larger than an idle worker keeps (see [`RETAIN_REGION`]).
+fn large(region: Option<&Region>) -> bool {
+    region.is_some_and(|region| region.len() > RETAIN_REGION)
 }
 
 /// Appends a `Region` frame for `region` to `prefix`, and its descriptor to `fds`.

@@ -85,24 +85,21 @@ impl StatusPage {
 
     /// Records that the worker (`by_worker`) or the parent is done with shared frame `n`.
     pub(crate) fn took(&self, by_worker: bool, n: u64) {
-        let status = self.status();
-        let counter = if by_worker {
-            &status.worker_took
-        } else {
-            &status.parent_took
-        };
-        counter.store(n, Ordering::Release);
+        self.took_counter(by_worker).store(n, Ordering::Release);
     }
 
     /// The last shared frame the worker (`by_worker`) or the parent is done with.
     pub(crate) fn taken(&self, by_worker: bool) -> u64 {
+        self.took_counter(by_worker).load(Ordering::Acquire)
+    }
+
+    fn took_counter(&self, by_worker: bool) -> &AtomicU64 {
         let status = self.status();
-        let counter = if by_worker {
+        if by_worker {
             &status.worker_took
         } else {
             &status.parent_took
-        };
-        counter.load(Ordering::Acquire)
+        }
     }
 
     /// Parent: what the worker last published.

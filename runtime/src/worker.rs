@@ -342,21 +342,10 @@ impl Server {
 
     /// Handles the frames of a shared frame: `len` bytes at the start of `region`.
     fn handle_shared(&mut self, region: &Region, len: u64) -> Result<Flow, Error> {
-        let mut bytes = usize::try_from(len)
-            .ok()
-            .and_then(|len| region.get(len))
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Codec,
-                    format!("a shared frame of {len} bytes overruns its region"),
-                )
-            })?;
-        while !bytes.is_empty() {
-            let (body, rest) = protocol::split_frame(bytes, self.spec.max_frame_len)?;
-            if let Flow::Exit = self.handle(body)? {
+        for body in protocol::frames(region.shared_frame(len)?, self.spec.max_frame_len) {
+            if let Flow::Exit = self.handle(body?)? {
                 return Ok(Flow::Exit);
             }
-            bytes = rest;
         }
         Ok(Flow::Continue)
     }
