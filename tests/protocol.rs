@@ -3,7 +3,7 @@
 
 mod support;
 
-use multiproc::{ErrorKind, Pool, task};
+use multiproc::{Chunking, ErrorKind, Pool, task};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_bytes::ByteBuf;
 use std::time::Duration;
@@ -232,6 +232,33 @@ fn oversized_results_and_arguments_are_item_errors() -> TestResult {
     Ok(())
 }
 
+/// `Chunking::Auto` sizes chunks by bytes as well as by count: 32 items of 1.5 MiB on two
+/// workers would be chunks of four items (6 MiB frames) by count alone, over a 4 MiB frame
+/// limit; sized by bytes, each item travels alone and fits. `Fixed(4)` shows the limit bites.
+fn auto_chunks_of_large_items_stay_small() -> TestResult {
+    let pool = Pool::builder()
+        .processes(2)
+        .max_frame_len(4 << 20)
+        .build()?;
+    let inputs = || (0..32u8).map(|salt| ByteBuf::from(patterned(3 << 19, salt)));
+    let out = pool.map(reversed, inputs())?;
+    for (salt, data) in (0..32u8).zip(&out) {
+        let mut expected = patterned(3 << 19, salt);
+        expected.reverse();
+        ensure(data.as_slice() == expected, format!("item {salt}"))?;
+    }
+    // `imap` adapts its chunks to the time per item, within the same byte budget.
+    for (salt, data) in (0..32u8).zip(pool.imap(reversed, inputs())) {
+        ensure(data?.len() == 3 << 19, format!("imap item {salt}"))?;
+    }
+    let err = pool
+        .with_chunking(Chunking::Fixed(4))
+        .map(reversed, inputs())
+        .expect_err("chunks of four items exceed the frame limit");
+    assert_eq!(err.kind(), ErrorKind::Codec);
+    Ok(())
+}
+
 fn large_payloads_round_trip() -> TestResult {
     let pool = Pool::new(2)?;
     let sizes = [0usize, 1, 65_535, 65_536, 1 << 20, 8 << 20];
@@ -336,6 +363,7 @@ fn main() {
         undecodable_result_is_a_codec_error,
         corrupt_frame_from_a_worker_fails_its_item_and_the_pool_goes_on,
         oversized_results_and_arguments_are_item_errors,
+        auto_chunks_of_large_items_stay_small,
         large_payloads_round_trip,
         large_frames_through_shared_memory_keep_every_byte,
         a_shared_request_runs_again_after_its_worker_dies,

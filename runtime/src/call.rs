@@ -1,7 +1,7 @@
 //! [`Call`]: one call's options, and how a call's input becomes queued chunks.
 
 use crate::builder::Policy;
-use crate::chunk::{ChunkSpec, Chunking, encode_chunk, skip_args};
+use crate::chunk::{ChunkSpec, Chunking, byte_cap, encode_chunk, skip_args};
 use crate::error::Error;
 use crate::imap::IMap;
 use crate::pool::Pool;
@@ -334,7 +334,10 @@ impl Call<'_> {
             collect_in_order(state, len)
         });
         let task = Self::registered::<T>();
-        let size = self.policy.chunking.for_len(len, self.pool.processes);
+        let by_len = self.policy.chunking.for_len(len, self.pool.processes);
+        // `Auto` sends one item first and sizes the chunks after it by bytes as well.
+        let auto = self.policy.chunking == Chunking::Auto;
+        let mut size = if auto { 1 } else { by_len };
         let shared = self.pool.shared();
         let mut first = 0;
         let mut refused = false;
@@ -356,6 +359,9 @@ impl Call<'_> {
                 ),
                 Err(err) => Err((sink, count, clone_error(err, T::NAME, first))),
             };
+            if let (true, Ok(chunk)) = (auto, &encoded) {
+                size = by_len.min(byte_cap(chunk.item_bytes()));
+            }
             match encoded {
                 // Once refused (a closed pool), the rest fails without being offered.
                 Ok(chunk) if !refused => {

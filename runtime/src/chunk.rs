@@ -26,6 +26,12 @@ pub enum Chunking {
     /// `ceil(len / (4 × workers))`, Python's rule, so each worker gets about four chunks and
     /// the last ones balance the load. For a stream (`imap`): starts at one item and adapts
     /// to the measured time per item, aiming at chunks of a few milliseconds.
+    ///
+    /// In both cases a chunk also stops at about 1 MiB of encoded arguments, measured on the
+    /// chunks already sent (a `map` sends its first item alone to measure it): batching
+    /// saves a fixed cost per message, which large items dwarf, while a large chunk delays
+    /// its first result and needs as much memory again to travel. Items of 1 MiB or more go
+    /// one per chunk.
     #[default]
     Auto,
     /// Exactly this many items per chunk (the last one may hold fewer). `Fixed(0)` acts as 1.
@@ -33,7 +39,8 @@ pub enum Chunking {
 }
 
 impl Chunking {
-    /// The chunk size for an input of `len` items on `workers` workers.
+    /// The chunk size for an input of `len` items on `workers` workers, before any item has
+    /// been measured.
     pub(crate) fn for_len(self, len: usize, workers: usize) -> usize {
         match self {
             Chunking::Fixed(size) => size.max(1),
@@ -42,7 +49,14 @@ impl Chunking {
     }
 }
 
-/// Encodes `items` (the input positions `first..`) as one chunk of `call`.
+/// Under [`Chunking::Auto`], the encoded arguments a chunk aims not to exceed (see there).
+pub(crate) const CHUNK_BYTES: usize = 1 << 20;
+
+/// The most items of `item_bytes` encoded bytes each that fit [`CHUNK_BYTES`]; at least one.
+pub(crate) fn byte_cap(item_bytes: usize) -> usize {
+    (CHUNK_BYTES / item_bytes.max(1)).max(1)
+}
+
 /// How a call encodes its chunks.
 #[derive(Clone, Copy)]
 pub(crate) struct ChunkSpec {
@@ -62,6 +76,7 @@ pub(crate) fn skip_args<A: DeserializeOwned>(payload: &[u8], n: u32) -> Option<u
     Some(payload.len() - rest.len())
 }
 
+/// Encodes `items` (the input positions `first..`) as one chunk of `call`.
 pub(crate) fn encode_chunk<A: Serialize>(
     shared: &Shared,
     call: Arc<dyn CallSink>,

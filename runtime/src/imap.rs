@@ -5,7 +5,7 @@
 //! (an infinite iterator included), unlike Python's `imap`, which reads its input ahead.
 
 use crate::call::clone_error;
-use crate::chunk::{ChunkSpec, Chunking, encode_chunk};
+use crate::chunk::{ChunkSpec, Chunking, byte_cap, encode_chunk};
 use crate::error::Error;
 use crate::pool::Pool;
 use crate::result::{CallState, Outcomes, OutcomesIter};
@@ -64,8 +64,10 @@ pub struct IMap<T: Task, I> {
     /// their first index.
     next_index: usize,
     early: BTreeMap<usize, Outcomes<T::Output>>,
-    /// Adaptive chunking: size of the last chunk, and when the stream started.
+    /// Adaptive chunking: size of the last chunk, its encoded arguments per item, and when
+    /// the stream started.
     last_chunk: usize,
+    item_bytes: usize,
     started: Instant,
 }
 
@@ -95,6 +97,7 @@ where
             next_index: 0,
             early: BTreeMap::new(),
             last_chunk: 0,
+            item_bytes: 0,
             started: Instant::now(),
         }
     }
@@ -123,6 +126,7 @@ where
                 ideal
                     .clamp(1, MAX_AUTO_CHUNK)
                     .min(self.last_chunk.max(1) * 2)
+                    .min(byte_cap(self.item_bytes))
             }
         }
     }
@@ -163,6 +167,7 @@ where
             };
             match encode_chunk(&self.shared, sink, spec, first, items.into_iter()) {
                 Ok(chunk) => {
+                    self.item_bytes = chunk.item_bytes();
                     if self.shared.submit([chunk]).is_err() {
                         // The pool is gone: the refused items come out as errors; stop there.
                         self.input = None;

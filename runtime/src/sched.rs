@@ -60,6 +60,11 @@ pub(crate) struct Chunk {
 }
 
 impl Chunk {
+    /// The encoded arguments per item, on average, for sizing later chunks by bytes.
+    pub(crate) fn item_bytes(&self) -> usize {
+        (self.frame.len() - self.payload_at) / (self.count.max(1) as usize)
+    }
+
     /// A new chunk of items `from..to` of this one (positions within the chunk), for work
     /// that must run again after its worker died. `None` if the range is empty or the
     /// arguments cannot be re-split (which cannot happen for frames we encoded).
