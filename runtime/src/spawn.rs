@@ -134,6 +134,10 @@ impl WorkerProcess {
         );
         match sent {
             Ok(n) if n == frame.len() => Ok(()),
+            // The worker is gone already (a program without the worker entry reports that
+            // and exits at once): the handshake reads what it said before it left, or its
+            // exit, and says why.
+            Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => Ok(()),
             Ok(_) => Err(Self::start_failure(
                 "the status page was sent in part".to_owned(),
             )),
