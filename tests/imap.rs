@@ -4,6 +4,9 @@
 mod support;
 
 use multiproc::{Chunking, ErrorKind, Pool, task};
+use serde_bytes::ByteBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use support::{Gate, TestResult, ensure, within};
 
@@ -32,6 +35,57 @@ fn first_waits(gate: String, x: u64) -> u64 {
         support::pass_gate(&gate);
     }
     x
+}
+
+#[task]
+fn length_of(data: ByteBuf) -> usize {
+    data.len()
+}
+
+#[task]
+fn mebibyte(x: u8) -> ByteBuf {
+    ByteBuf::from(vec![x; 1 << 20])
+}
+
+/// Small items get a deep window (hundreds in flight), large ones do not: with arguments or
+/// results of 1 MiB, one-item chunks keep to ten per worker, so the input is never read far
+/// ahead of what the caller has consumed, whatever size the results turn out to be.
+fn large_items_are_not_read_far_ahead() -> TestResult {
+    let pool = Pool::new(2)?;
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counted = |pulled: &Arc<AtomicUsize>| {
+        let pulled = Arc::clone(pulled);
+        (0..200u8).inspect(move |_| {
+            pulled.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    let large_in = counted(&pulled).map(|i| ByteBuf::from(vec![i; 1 << 20]));
+    let mut stream = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap(length_of, large_in);
+    for _ in 0..5 {
+        assert_eq!(stream.next().expect("an item")?, 1 << 20);
+    }
+    let ahead = pulled.load(Ordering::SeqCst) - 5;
+    ensure(
+        ahead <= 32,
+        format!("large arguments: {ahead} items read ahead"),
+    )?;
+    drop(stream);
+
+    pulled.store(0, Ordering::SeqCst);
+    let mut stream = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap(mebibyte, counted(&pulled));
+    for _ in 0..5 {
+        assert_eq!(stream.next().expect("an item")?.len(), 1 << 20);
+    }
+    let ahead = pulled.load(Ordering::SeqCst) - 5;
+    ensure(
+        ahead <= 32,
+        format!("large results: {ahead} items read ahead"),
+    )?;
+    Ok(())
 }
 
 fn imap_keeps_input_order() -> TestResult {
@@ -240,6 +294,7 @@ fn main() {
         a_new_call_is_not_queued_behind_one_busy_worker,
         imap_over_an_infinite_input_with_take,
         imap_memory_stays_flat_over_a_long_stream,
+        large_items_are_not_read_far_ahead,
         a_panic_mid_stream_is_an_error_in_place,
         dropping_a_stream_early_then_using_the_pool,
         chunk_sizes_do_not_change_results,

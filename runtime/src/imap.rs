@@ -20,6 +20,14 @@ use std::time::{Duration, Instant};
 const TARGET_CHUNK_TIME: Duration = Duration::from_millis(2);
 /// Upper bound of an adaptive chunk.
 const MAX_AUTO_CHUNK: usize = 1 << 14;
+/// Items kept in flight per worker, at least, while they are small: enough for each slot to
+/// keep a deep queue of short chunks in its worker (`slot::MAX_PREFETCH`) and for results to
+/// come back in large batches. One item per message costs a fraction as much per item with
+/// this depth as with ten chunks per worker (see BENCHMARKS.md, W1').
+const WINDOW_ITEMS: usize = 256;
+/// ... unless their encoded arguments or results would take more than this: large items
+/// keep to ten chunks per worker (and at least two).
+const WINDOW_BYTES: usize = 16 << 20;
 
 /// The iterator returned by [`Pool::imap`] (outputs in input order) and
 /// [`Pool::imap_unordered`] (outputs in completion order). Each item is the task's output for
@@ -103,9 +111,26 @@ where
     }
 
     /// Items that may be outstanding: enough chunks per worker that each has one running and
-    /// several queued (short chunks are sent ahead in batches), while the caller consumes.
+    /// several queued (short chunks are sent ahead in batches), while the caller consumes;
+    /// for small items, at least [`WINDOW_ITEMS`] per worker within [`WINDOW_BYTES`].
     fn window(&self, chunk: usize) -> usize {
-        chunk * self.workers * 10
+        let by_chunks = chunk * self.workers * 10;
+        // Not before results have come back, which says how large they are (and times the
+        // items for automatic chunks, which start at one item: a deep window now would fill
+        // with one-item chunks).
+        let Some(result_bytes) = self.state.result_bytes_per_item() else {
+            return by_chunks;
+        };
+        if self.measuring() {
+            return by_chunks;
+        }
+        let item_bytes = self.item_bytes.max(result_bytes).max(1);
+        by_chunks.max((WINDOW_ITEMS * self.workers).min(WINDOW_BYTES / item_bytes))
+    }
+
+    /// Automatic chunking, before enough results have arrived to time the items.
+    fn measuring(&self) -> bool {
+        self.chunking == Chunking::Auto && self.arrived < self.workers * 2
     }
 
     // Float arithmetic on counts far below 2^52, and a positive, clamped result.
@@ -114,10 +139,10 @@ where
         match self.chunking {
             Chunking::Fixed(size) => size.max(1),
             Chunking::Auto => {
-                let done = self.arrived;
-                if done < self.workers * 2 {
+                if self.measuring() {
                     return 1;
                 }
+                let done = self.arrived;
                 // Wall time per item per worker, so far; the next chunk aims at the target
                 // duration and grows at most twofold per step.
                 let per_item =

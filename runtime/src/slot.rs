@@ -4,9 +4,10 @@
 //! reads results and hands them to each call's sink. Its socket is non-blocking and driven by
 //! `poll`, so a large request and a large reply can never block each other.
 //!
-//! Prefetch: while chunks are short (under [`PREFETCH_BELOW`]), the slot keeps up to
-//! `prefetch - 1` more chunks queued in the worker's socket behind the running one, so the
-//! worker never waits a round trip for its next chunk. Long chunks are never queued behind a
+//! Prefetch: while chunks are short (under [`PREFETCH_BELOW`]), the slot keeps more chunks
+//! queued in the worker's socket behind the running one, so the worker never waits a round
+//! trip for its next chunk: seven, or as many as make [`PREFETCH_BELOW`] of work when chunks
+//! are shorter than that, up to [`MAX_PREFETCH`] in flight (`Slot::prefetch_depth`). Long chunks are never queued behind a
 //! busy worker: a round trip is negligible next to them, and a queued chunk could wait there
 //! while another worker sits idle.
 //!
@@ -50,6 +51,10 @@ const RETAIN_REGION: usize = 32 << 20;
 
 /// See [`RETAIN_REGION`].
 pub(crate) const TRIM_AFTER: Duration = Duration::from_secs(1);
+
+/// The most chunks in flight to one worker: deep enough that chunks of a microsecond go
+/// out, and come back, in batches of dozens per system call.
+const MAX_PREFETCH: usize = 32;
 
 /// Chunks shorter than this are worth queueing ahead of time in a busy worker.
 const PREFETCH_BELOW: Duration = Duration::from_millis(2);
@@ -295,8 +300,8 @@ impl Slot {
                     Next::Exit => return (slot, None),
                 }
             }
-            while slot.inflight.len() < slot.config.prefetch
-                && let Some(call) = slot.prefetch_call()
+            while let Some(call) = slot.prefetch_call()
+                && slot.inflight.len() < slot.prefetch_depth()
                 && slot
                     .budget_left()
                     .is_none_or(|left| left > slot.items_in_flight())
@@ -337,6 +342,20 @@ impl Slot {
         let call = self.inflight.front()?.chunk.call.id();
         let (measured, took) = self.last_chunk?;
         (measured == call && took < PREFETCH_BELOW).then_some(call)
+    }
+
+    /// How many chunks to keep in flight while they are short: `config.prefetch`, or as many
+    /// as make [`PREFETCH_BELOW`] of work when they are shorter than that allows (at most
+    /// [`MAX_PREFETCH`]). Work queued in one worker stays under the larger of the two, so
+    /// another worker is never left idle behind much more than today's queue.
+    fn prefetch_depth(&self) -> usize {
+        let Some((_, took)) = self.last_chunk else {
+            return self.config.prefetch;
+        };
+        let fit = PREFETCH_BELOW.as_nanos() / took.as_nanos().max(1);
+        usize::try_from(fit)
+            .unwrap_or(usize::MAX)
+            .clamp(self.config.prefetch, MAX_PREFETCH.max(self.config.prefetch))
     }
 
     /// Items the current worker may still start under `max_tasks_per_child`.
