@@ -302,7 +302,7 @@ impl Call<'_> {
     /// encodings are identical), queues the chunks, and returns the handle. `blocking`: the
     /// caller waits for the outcomes as soon as this returns, so the last chunk may run from
     /// its thread (see `Shared::submit_and_wait`).
-    fn submit_all<T: Task, A: Serialize>(
+    fn submit_all<T: Task, A: Serialize + 'static>(
         self,
         items: impl IntoIterator<Item = A>,
         blocking: bool,
@@ -323,7 +323,7 @@ impl Call<'_> {
     /// Encodes and queues the input chunk by chunk, so workers start on the first chunk while
     /// the rest is being encoded. `len` sizes the chunks; the input is read to its end
     /// whatever it is.
-    fn submit_stream<T: Task, A: Serialize>(
+    fn submit_stream<T: Task, A: Serialize + 'static>(
         self,
         mut items: impl Iterator<Item = A>,
         len: usize,

@@ -95,9 +95,9 @@ impl Endpoint {
     /// Sends `value` as one message, blocking while the socket buffer is full.
     ///
     /// `Disconnected` when no descriptor of the other end is open any more, in any process.
-    pub(crate) fn send<T: Serialize>(&self, value: &T) -> Result<(), Error> {
+    pub(crate) fn send<T: Serialize + 'static>(&self, value: &T) -> Result<(), Error> {
         let mut datagram = vec![INLINE];
-        let (encoded, handles) = fdpass::collect(|| codec::encode_into(value, &mut datagram));
+        let (encoded, handles) = fdpass::collect(|| codec::encode_value(value, &mut datagram));
         encoded.map_err(|err| {
             fdpass::encode_error(
                 format!(
@@ -153,7 +153,7 @@ impl Endpoint {
     ///
     /// `Disconnected` when no descriptor of the other end is open any more, in any process,
     /// and every message sent before has been received.
-    pub(crate) fn recv<T: DeserializeOwned>(&self) -> Result<T, Error> {
+    pub(crate) fn recv<T: DeserializeOwned + 'static>(&self) -> Result<T, Error> {
         loop {
             if let Some(value) = self.recv_now(MsgFlags::empty())? {
                 return Ok(value);
@@ -165,7 +165,7 @@ impl Endpoint {
 
     /// Receives one message, waiting until `deadline` at the latest: `Ok(None)` when it
     /// passed first. A deadline already past receives a waiting message without blocking.
-    pub(crate) fn recv_until<T: DeserializeOwned>(
+    pub(crate) fn recv_until<T: DeserializeOwned + 'static>(
         &self,
         deadline: Instant,
     ) -> Result<Option<T>, Error> {
@@ -182,7 +182,7 @@ impl Endpoint {
     }
 
     /// [`recv_until`](Self::recv_until) `timeout` from now (however large).
-    pub(crate) fn recv_within<T: DeserializeOwned>(
+    pub(crate) fn recv_within<T: DeserializeOwned + 'static>(
         &self,
         timeout: Duration,
     ) -> Result<Option<T>, Error> {
@@ -211,7 +211,7 @@ impl Endpoint {
 
     /// One `recvmsg`, blocking unless `flags` has `MSG_DONTWAIT`; `Ok(None)` when it would
     /// block.
-    fn recv_now<T: DeserializeOwned>(&self, flags: MsgFlags) -> Result<Option<T>, Error> {
+    fn recv_now<T: DeserializeOwned + 'static>(&self, flags: MsgFlags) -> Result<Option<T>, Error> {
         let mut buf = ReceiveBuffer::take();
         let received = loop {
             match fdpass::recv_with(self.fd.as_fd(), buf.bytes(), flags) {
@@ -259,8 +259,8 @@ impl Endpoint {
 }
 
 /// Decodes a value, handing it the descriptors of the handles it contains.
-fn decode<T: DeserializeOwned>(payload: &[u8], fds: Vec<OwnedFd>) -> Result<T, Error> {
-    fdpass::supply(fds, || codec::decode_front::<T>(payload))
+fn decode<T: DeserializeOwned + 'static>(payload: &[u8], fds: Vec<OwnedFd>) -> Result<T, Error> {
+    fdpass::supply(fds, || codec::decode_value::<T>(payload))
         .map(|(value, _)| value)
         .map_err(|err| {
             Error::codec(

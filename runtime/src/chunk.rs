@@ -68,16 +68,16 @@ pub(crate) struct ChunkSpec {
 }
 
 /// [`SkipArgs`] for argument tuples of type `A`.
-pub(crate) fn skip_args<A: DeserializeOwned>(payload: &[u8], n: u32) -> Option<usize> {
+pub(crate) fn skip_args<A: DeserializeOwned + 'static>(payload: &[u8], n: u32) -> Option<usize> {
     let mut rest = payload;
     for _ in 0..n {
-        rest = codec::decode_front::<A>(rest).ok()?.1;
+        rest = codec::decode_value::<A>(rest).ok()?.1;
     }
     Some(payload.len() - rest.len())
 }
 
 /// Encodes `items` (the input positions `first..`) as one chunk of `call`.
-pub(crate) fn encode_chunk<A: Serialize>(
+pub(crate) fn encode_chunk<A: Serialize + 'static>(
     shared: &Shared,
     call: Arc<dyn CallSink>,
     spec: ChunkSpec,
@@ -108,7 +108,7 @@ pub(crate) fn encode_chunk<A: Serialize>(
     let mut payload_at = frame.len();
     let (encoded, fds) = crate::fdpass::collect(|| {
         for (offset, item) in items.enumerate() {
-            codec::encode_into(&item, &mut frame).map_err(|err| (first + offset, err))?;
+            codec::encode_value(&item, &mut frame).map_err(|err| (first + offset, err))?;
         }
         Ok(())
     });

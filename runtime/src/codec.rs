@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::any::{Any, TypeId};
 
 /// Appends the postcard encoding of `value` to `out`.
 #[inline]
@@ -16,6 +17,89 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(
 #[inline]
 pub(crate) fn decode_front<T: DeserializeOwned>(input: &[u8]) -> postcard::Result<(T, &[u8])> {
     postcard::take_from_bytes(input)
+}
+
+/// Appends the postcard encoding of a task's or a channel's value: as [`encode_into`], with a
+/// `Vec<u8>` (or a one-element tuple of it: the arguments of `fn f(data: Vec<u8>)`) written as
+/// one block.
+///
+/// serde's `Serialize` for `Vec<T>` hands the bytes of a `Vec<u8>` to the codec one at a time:
+/// several times slower than a copy on large buffers (BENCHMARKS.md, W3). Postcard writes a
+/// sequence of `u8` as its length (a varint) followed by the bytes, exactly as it writes a
+/// byte string, so a `Vec<u8>` found at the top of a value is written as a byte string: the
+/// same bytes, one copy. Inside other types, `serde_bytes` does the same (see `Payload`).
+#[inline]
+pub(crate) fn encode_value<T: Serialize + 'static>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> postcard::Result<()> {
+    match byte_vec(value) {
+        Some(bytes) => encode_into(&AsBytes(bytes), out),
+        None => encode_into(value, out),
+    }
+}
+
+/// Decodes one value from the front of `input`, as [`decode_front`]: the reverse of
+/// [`encode_value`], reading a top-level `Vec<u8>` (or one-element tuple of it) as one block.
+#[inline]
+pub(crate) fn decode_value<T: DeserializeOwned + 'static>(
+    input: &[u8],
+) -> postcard::Result<(T, &[u8])> {
+    let is = |id: TypeId| TypeId::of::<T>() == id;
+    if is(TypeId::of::<Vec<u8>>()) || is(TypeId::of::<(Vec<u8>,)>()) {
+        let (ByteVec(bytes), rest) = decode_front::<ByteVec>(input)?;
+        // Moved into the caller's type through `Any`: `T` is one of the two types checked.
+        let mut value: Option<T> = None;
+        let slot = &mut value as &mut dyn Any;
+        if let Some(slot) = slot.downcast_mut::<Option<Vec<u8>>>() {
+            *slot = Some(bytes);
+        } else if let Some(slot) = slot.downcast_mut::<Option<(Vec<u8>,)>>() {
+            *slot = Some((bytes,));
+        }
+        let value = value.ok_or(postcard::Error::DeserializeBadEncoding)?;
+        return Ok((value, rest));
+    }
+    decode_front(input)
+}
+
+/// The bytes of a `Vec<u8>` or of a `(Vec<u8>,)`, for [`encode_value`].
+fn byte_vec<T: 'static>(value: &T) -> Option<&[u8]> {
+    let value = value as &dyn Any;
+    value
+        .downcast_ref::<Vec<u8>>()
+        .or_else(|| value.downcast_ref::<(Vec<u8>,)>().map(|(bytes,)| bytes))
+        .map(Vec::as_slice)
+}
+
+/// Serializes a slice as a byte string.
+struct AsBytes<'a>(&'a [u8]);
+
+impl Serialize for AsBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+/// Deserializes a byte string into a `Vec<u8>`.
+struct ByteVec(Vec<u8>);
+
+impl<'de> serde::Deserialize<'de> for ByteVec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteVec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<ByteVec, E> {
+                Ok(ByteVec(bytes.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<ByteVec, E> {
+                Ok(ByteVec(bytes))
+            }
+        }
+        deserializer.deserialize_byte_buf(Visitor)
+    }
 }
 
 /// A postcard output that appends to a borrowed vector. The small slices postcard writes
@@ -65,6 +149,36 @@ mod tests {
         let (back, rest): ((String, u64), _) = decode_front(&a).unwrap();
         assert_eq!(back, ("x".to_string(), 5));
         assert!(rest.is_empty());
+    }
+
+    /// A top-level `Vec<u8>` goes as a byte string, in the bytes serde's element-by-element
+    /// encoding gives: either side can read what the other wrote.
+    #[test]
+    fn byte_vectors_are_one_block_in_the_same_bytes() {
+        for len in [0usize, 1, 127, 128, 300, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut fast = Vec::new();
+            let mut slow = Vec::new();
+            encode_value(&data, &mut fast).unwrap();
+            encode_into(&data, &mut slow).unwrap();
+            assert_eq!(fast, slow, "len {len}");
+            let mut tuple = Vec::new();
+            encode_value(&(data.clone(),), &mut tuple).unwrap();
+            assert_eq!(tuple, slow, "len {len}, as a tuple");
+
+            slow.push(9);
+            let (back, rest): (Vec<u8>, _) = decode_value(&slow).unwrap();
+            assert_eq!((back.as_slice(), rest), (data.as_slice(), &[9][..]));
+            let ((back,), rest): ((Vec<u8>,), _) = decode_value(&slow).unwrap();
+            assert_eq!((back.as_slice(), rest), (data.as_slice(), &[9][..]));
+        }
+        // Other types take the general path, and a truncated block is an error.
+        let mut out = Vec::new();
+        encode_value(&vec![1u16, 2], &mut out).unwrap();
+        assert_eq!(decode_value::<Vec<u16>>(&out).unwrap().0, vec![1, 2]);
+        let mut out = Vec::new();
+        encode_value(&vec![5u8; 10], &mut out).unwrap();
+        assert!(decode_value::<Vec<u8>>(&out[..5]).is_err());
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub struct IMap<T: Task, I> {
 
 impl<T: Task, I: Iterator> IMap<T, I>
 where
-    I::Item: Serialize,
+    I::Item: Serialize + 'static,
 {
     pub(crate) fn new(
         pool: &Pool,
@@ -211,7 +211,7 @@ where
 
 impl<T: Task, I: Iterator> Iterator for IMap<T, I>
 where
-    I::Item: Serialize,
+    I::Item: Serialize + 'static,
 {
     type Item = Result<T::Output, Error>;
 

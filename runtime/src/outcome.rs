@@ -47,9 +47,12 @@ impl<T> Outcome<T> {
 
 /// Appends a successful outcome. On error, `out` may hold a partial encoding: truncate it.
 #[inline]
-pub(crate) fn encode_ok<T: Serialize>(value: &T, out: &mut Vec<u8>) -> postcard::Result<()> {
+pub(crate) fn encode_ok<T: Serialize + 'static>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> postcard::Result<()> {
     out.push(OK);
-    codec::encode_into(value, out)
+    codec::encode_value(value, out)
 }
 
 pub(crate) fn encode_panicked(
@@ -69,12 +72,14 @@ pub(crate) fn encode_failed(message: &str, out: &mut Vec<u8>) {
 
 /// Decodes one outcome from the front of `input`.
 #[inline]
-pub(crate) fn decode<T: DeserializeOwned>(input: &[u8]) -> postcard::Result<(Outcome<T>, &[u8])> {
+pub(crate) fn decode<T: DeserializeOwned + 'static>(
+    input: &[u8],
+) -> postcard::Result<(Outcome<T>, &[u8])> {
     let (&tag, rest) = input
         .split_first()
         .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
     match tag {
-        OK => codec::decode_front::<T>(rest).map(|(value, rest)| (Outcome::Ok(value), rest)),
+        OK => codec::decode_value::<T>(rest).map(|(value, rest)| (Outcome::Ok(value), rest)),
         PANICKED => {
             let ((message, location, backtrace), rest) =
                 codec::decode_front::<(String, Option<String>, Option<String>)>(rest)?;

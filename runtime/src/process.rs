@@ -379,7 +379,7 @@ impl<T: Task> fmt::Debug for Process<T> {
 /// handles, and those handles' descriptors.
 fn run_frame<T: Task>(task: u32, args: &T::Args) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
     let mut payload = Vec::new();
-    let (encoded, fds) = fdpass::collect(|| codec::encode_into(args, &mut payload));
+    let (encoded, fds) = fdpass::collect(|| codec::encode_value(args, &mut payload));
     encoded.map_err(|err| {
         fdpass::encode_error("the arguments could not be encoded".to_owned(), err)
             .with_task(T::NAME)

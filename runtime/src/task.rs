@@ -7,10 +7,11 @@ use serde::de::DeserializeOwned;
 /// DeserializeOwned + Send + 'static`. Implemented automatically; derive serde's traits for
 /// your own types.
 ///
-/// Binary data: serde encodes a `Vec<u8>` element by element. For large byte buffers, use
-/// `serde_bytes::ByteBuf` (or `#[serde(with = "serde_bytes")]` on a field), which is written
-/// and read as one block: measured three to four times faster on 8 MiB payloads
-/// (BENCHMARKS.md, W3).
+/// Binary data: a `Vec<u8>` that is a whole argument, result or channel message is carried as
+/// one block. Inside other types (a struct field, a tuple of several arguments, a
+/// `Vec<Vec<u8>>`) serde encodes it element by element, three to four times slower on
+/// 8 MiB payloads (BENCHMARKS.md, W3): use `serde_bytes::ByteBuf` there, or
+/// `#[serde(with = "serde_bytes")]` on the field, which are written and read as one block.
 ///
 /// # Examples
 ///

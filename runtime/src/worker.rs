@@ -585,7 +585,7 @@ pub(crate) fn run_chunk<T: Task>(
     let mut rest = input;
     for index in 0..count {
         (hooks.before_item)(index);
-        let args = match codec::decode_front::<T::Args>(rest) {
+        let args = match codec::decode_value::<T::Args>(rest) {
             Ok((args, tail)) => {
                 rest = tail;
                 args
