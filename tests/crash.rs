@@ -539,6 +539,40 @@ fn work_put_back_after_close_fails_when_no_worker_is_left() -> TestResult {
     Ok(())
 }
 
+/// Items 1 000 to 1 003 abort their worker; the others return at once.
+#[task]
+fn abort_in_a_row(x: u64) -> u64 {
+    if (1000..1004).contains(&x) {
+        std::process::abort();
+    }
+    x
+}
+
+/// A worker runs the short chunks it has queued before it answers, so when an item crashes,
+/// chunks ahead of it in the same batch have finished but their outcomes are lost: they run
+/// again, and must not be charged with the death, however many workers die in a row (the
+/// culprit is known each time). Four crashes in a row, without and with retries (sixteen
+/// deaths), fail only the items that crashed.
+fn crashes_in_a_row_fail_no_innocent_item() -> TestResult {
+    let pool = Pool::new(1)?;
+    for retries in [0, 3] {
+        let out = pool
+            .with_chunking(Chunking::Fixed(1))
+            .with_retries(retries)
+            .imap(abort_in_a_row, 0..1100);
+        for (i, item) in (0u64..).zip(out) {
+            match item {
+                Ok(value) => ensure(value == i, format!("item {i}: {value}"))?,
+                Err(err) => ensure(
+                    (1000..1004).contains(&i) && err.kind() == ErrorKind::Crashed,
+                    format!("retries {retries}, item {i} failed: {err}"),
+                )?,
+            }
+        }
+    }
+    Ok(())
+}
+
 fn random_kills_lose_and_duplicate_nothing() -> TestResult {
     const ITEMS: u64 = 10_000;
     const KILLS: usize = 50;
@@ -600,6 +634,7 @@ fn random_kills_lose_and_duplicate_nothing() -> TestResult {
 #[multiproc::main]
 fn main() {
     support::run(tests![
+        crashes_in_a_row_fail_no_innocent_item,
         abort_segfault_exit_are_crashes_of_one_item,
         timeout_kills_the_task_and_what_it_started,
         per_call_timeout,

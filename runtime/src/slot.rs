@@ -930,8 +930,12 @@ impl Slot {
                 }
                 // Not started, or finished with its outcomes lost: run it (again), unblamed;
                 // but a chunk first in line when worker after worker dies fails in the end.
+                // Only when no item is to blame: a worker runs every chunk it has before it
+                // answers, so the front chunk of a batch may have finished, its outcomes lost
+                // with a worker that a later chunk's item crashed.
                 _ => {
-                    let first_in_line = position == 0 && matches!(why, Lost::Died);
+                    let first_in_line =
+                        position == 0 && matches!(why, Lost::Died) && culprit.is_none();
                     let deaths = chunk.unblamed_deaths + u32::from(first_in_line);
                     if deaths > MAX_UNBLAMED_DEATHS {
                         let (signal, code) = status_parts(status);
