@@ -47,45 +47,102 @@ fn mebibyte(x: u8) -> ByteBuf {
     ByteBuf::from(vec![x; 1 << 20])
 }
 
-/// Small items get a deep window (hundreds in flight), large ones do not: with arguments or
-/// results of 1 MiB, one-item chunks keep to ten per worker, so the input is never read far
-/// ahead of what the caller has consumed, whatever size the results turn out to be.
+/// Results small at first, then 256 KiB each.
+#[task]
+fn growing(i: u64) -> ByteBuf {
+    ByteBuf::from(vec![1u8; if i < 2000 { 8 } else { 256 << 10 }])
+}
+
+/// Sleeps 20 ms.
+#[task]
+fn slow(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(20));
+    x
+}
+
+/// Small, short items get a deep window (hundreds in flight); large or slow ones do not: with
+/// arguments or results of 1 MiB, results that grow to 256 KiB after small ones, or items of
+/// 20 ms, one-item chunks keep to ten per worker, so the input is never read far ahead of
+/// what the caller has consumed (and other calls' work is not queued behind it).
 fn large_items_are_not_read_far_ahead() -> TestResult {
     let pool = Pool::new(2)?;
-    let pulled = Arc::new(AtomicUsize::new(0));
-    let counted = |pulled: &Arc<AtomicUsize>| {
-        let pulled = Arc::clone(pulled);
-        (0..200u8).inspect(move |_| {
-            pulled.fetch_add(1, Ordering::SeqCst);
-        })
+    // How many items of `input` a stream has pulled, after the caller has taken `taken`.
+    let read_ahead = |chunking, taken: usize, run: &dyn Fn(Chunking, Counted) -> TestResult| {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        run(chunking, Counted(Arc::clone(&pulled), 0))?;
+        Ok::<_, Box<dyn std::error::Error>>(pulled.load(Ordering::SeqCst) - taken)
     };
-    let large_in = counted(&pulled).map(|i| ByteBuf::from(vec![i; 1 << 20]));
-    let mut stream = pool
-        .with_chunking(Chunking::Fixed(1))
-        .imap(length_of, large_in);
-    for _ in 0..5 {
-        assert_eq!(stream.next().expect("an item")?, 1 << 20);
-    }
-    let ahead = pulled.load(Ordering::SeqCst) - 5;
+    let one = Chunking::Fixed(1);
+
+    let ahead = read_ahead(one, 5, &|chunking, input| {
+        let input = input
+            .take(200)
+            .map(|i| ByteBuf::from(vec![i as u8; 1 << 20]));
+        let mut stream = pool.with_chunking(chunking).imap(length_of, input);
+        for _ in 0..5 {
+            ensure(stream.next().expect("an item")? == 1 << 20, "length")?;
+        }
+        Ok(())
+    })?;
     ensure(
         ahead <= 32,
         format!("large arguments: {ahead} items read ahead"),
     )?;
-    drop(stream);
 
-    pulled.store(0, Ordering::SeqCst);
-    let mut stream = pool
-        .with_chunking(Chunking::Fixed(1))
-        .imap(mebibyte, counted(&pulled));
-    for _ in 0..5 {
-        assert_eq!(stream.next().expect("an item")?.len(), 1 << 20);
-    }
-    let ahead = pulled.load(Ordering::SeqCst) - 5;
+    let ahead = read_ahead(one, 5, &|chunking, input| {
+        let input = input.take(200).map(|i| i as u8);
+        let mut stream = pool.with_chunking(chunking).imap(mebibyte, input);
+        for _ in 0..5 {
+            ensure(stream.next().expect("an item")?.len() == 1 << 20, "length")?;
+        }
+        Ok(())
+    })?;
     ensure(
         ahead <= 32,
         format!("large results: {ahead} items read ahead"),
     )?;
+
+    // Items already in flight when the results grow run as they are; then the window
+    // shrinks: 16 MiB of 256 KiB results is 64 items (ten chunks per worker are 20).
+    let ahead = read_ahead(one, 2400, &|chunking, input| {
+        let mut stream = pool.with_chunking(chunking).imap(growing, input);
+        for _ in 0..2400 {
+            stream.next().expect("an item")?;
+        }
+        Ok(())
+    })?;
+    ensure(
+        ahead <= 80,
+        format!("growing results: {ahead} items read ahead"),
+    )?;
+
+    for chunking in [one, Chunking::Auto] {
+        let ahead = read_ahead(chunking, 10, &|chunking, input| {
+            let mut stream = pool.with_chunking(chunking).imap(slow, input);
+            for _ in 0..10 {
+                stream.next().expect("an item")?;
+            }
+            Ok(())
+        })?;
+        ensure(
+            ahead <= 32,
+            format!("{chunking:?}, slow items: {ahead} read ahead"),
+        )?;
+    }
     Ok(())
+}
+
+/// `0, 1, 2, ...`, counting in the shared counter how many have been pulled.
+struct Counted(Arc<AtomicUsize>, u64);
+
+impl Iterator for Counted {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        self.1 += 1;
+        Some(self.1 - 1)
+    }
 }
 
 fn imap_keeps_input_order() -> TestResult {

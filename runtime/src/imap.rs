@@ -20,14 +20,17 @@ use std::time::{Duration, Instant};
 const TARGET_CHUNK_TIME: Duration = Duration::from_millis(2);
 /// Upper bound of an adaptive chunk.
 const MAX_AUTO_CHUNK: usize = 1 << 14;
-/// Items kept in flight per worker, at least, while they are small: enough for each slot to
-/// keep a deep queue of short chunks in its worker (`slot::MAX_PREFETCH`) and for results to
-/// come back in large batches. One item per message costs a fraction as much per item with
-/// this depth as with ten chunks per worker (see BENCHMARKS.md, W1').
-const WINDOW_ITEMS: usize = 256;
-/// ... unless their encoded arguments or results would take more than this: large items
-/// keep to ten chunks per worker (and at least two).
+/// Items kept in flight per worker, at least, while they are small and short: enough for each
+/// slot to keep a deep queue of short chunks in its worker (`slot::MAX_PREFETCH`) and for
+/// results to come back in large batches. One item per message costs a fraction as much per
+/// item with this depth as with ten chunks per worker (see BENCHMARKS.md, W1').
+const WINDOW_ITEMS: usize = 64;
+/// ... unless their encoded arguments or results (the largest seen) would take more than
+/// this: large items keep to ten chunks per worker.
 const WINDOW_BYTES: usize = 16 << 20;
+/// ... or they would take longer than this per worker to run: slow items keep to ten chunks
+/// per worker, so that other calls' work is not queued behind a deep stream of them.
+const WINDOW_TIME: Duration = Duration::from_millis(4);
 
 /// The iterator returned by [`Pool::imap`] (outputs in input order) and
 /// [`Pool::imap_unordered`] (outputs in completion order). Each item is the task's output for
@@ -72,8 +75,8 @@ pub struct IMap<T: Task, I> {
     /// their first index.
     next_index: usize,
     early: BTreeMap<usize, Outcomes<T::Output>>,
-    /// Adaptive chunking: size of the last chunk, its encoded arguments per item, and when
-    /// the stream started.
+    /// Adaptive chunking: size of the last chunk, the largest encoded arguments per item of
+    /// any chunk so far, and when the stream started.
     last_chunk: usize,
     item_bytes: usize,
     started: Instant,
@@ -112,20 +115,29 @@ where
 
     /// Items that may be outstanding: enough chunks per worker that each has one running and
     /// several queued (short chunks are sent ahead in batches), while the caller consumes;
-    /// for small items, at least [`WINDOW_ITEMS`] per worker within [`WINDOW_BYTES`].
+    /// for small, short items, up to [`WINDOW_ITEMS`] per worker within [`WINDOW_BYTES`] and
+    /// [`WINDOW_TIME`].
+    // Float arithmetic on counts far below 2^52, and a positive, clamped result.
+    #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
     fn window(&self, chunk: usize) -> usize {
         let by_chunks = chunk * self.workers * 10;
-        // Not before results have come back, which says how large they are (and times the
-        // items for automatic chunks, which start at one item: a deep window now would fill
-        // with one-item chunks).
-        let Some(result_bytes) = self.state.result_bytes_per_item() else {
+        // Not before results have come back, which says how large they are and times the
+        // items (automatic chunks start at one item: a deep window then would fill with
+        // one-item chunks).
+        let Some(result_bytes) = self.state.largest_result() else {
             return by_chunks;
         };
-        if self.measuring() {
+        if self.measuring() || self.arrived == 0 {
             return by_chunks;
         }
         let item_bytes = self.item_bytes.max(result_bytes).max(1);
-        by_chunks.max((WINDOW_ITEMS * self.workers).min(WINDOW_BYTES / item_bytes))
+        // Wall time per item per worker so far (an overestimate while the caller is slow to
+        // consume, which only makes the window shallower).
+        let per_item =
+            self.started.elapsed().as_secs_f64() * self.workers as f64 / self.arrived as f64;
+        let by_time = (WINDOW_TIME.as_secs_f64() / per_item.max(1e-9)) as usize;
+        let per_worker = WINDOW_ITEMS.min(by_time);
+        by_chunks.max((per_worker * self.workers).min(WINDOW_BYTES / item_bytes))
     }
 
     /// Automatic chunking, before enough results have arrived to time the items.
@@ -192,7 +204,7 @@ where
             };
             match encode_chunk(&self.shared, sink, spec, first, items.into_iter()) {
                 Ok(chunk) => {
-                    self.item_bytes = chunk.item_bytes();
+                    self.item_bytes = self.item_bytes.max(chunk.item_bytes());
                     if self.shared.submit([chunk]).is_err() {
                         // The pool is gone: the refused items come out as errors; stop there.
                         self.input = None;

@@ -28,10 +28,9 @@ pub(crate) struct CallState<O> {
     spin: Duration,
     /// Deliveries so far (batches stored, expectations changed), for a polling waiter.
     stores: AtomicU64,
-    /// Items delivered by workers, and the bytes of their encoded outcomes: the size of the
-    /// results, for `imap` to bound what it keeps in flight.
-    delivered_items: AtomicU64,
-    delivered_bytes: AtomicU64,
+    /// The largest encoded outcome per item of any delivery so far, plus one (0: none yet):
+    /// the size of the results, for `imap` to bound what it keeps in flight.
+    largest_result: AtomicU64,
 }
 
 pub(crate) struct Inbox<O> {
@@ -131,17 +130,15 @@ impl<O: Payload> CallState<O> {
             changed: Condvar::new(),
             spin,
             stores: AtomicU64::new(0),
-            delivered_items: AtomicU64::new(0),
-            delivered_bytes: AtomicU64::new(0),
+            largest_result: AtomicU64::new(0),
         })
     }
 
-    /// The encoded outcome bytes per item delivered so far, on average; `None` before any.
-    pub(crate) fn result_bytes_per_item(&self) -> Option<usize> {
-        let items = self.delivered_items.load(Ordering::Relaxed);
-        let bytes = self.delivered_bytes.load(Ordering::Relaxed);
-        let per_item = bytes.checked_div(items)?;
-        Some(usize::try_from(per_item).unwrap_or(usize::MAX))
+    /// The largest encoded outcome per item (averaged within each delivery) delivered so
+    /// far; `None` before any.
+    pub(crate) fn largest_result(&self) -> Option<usize> {
+        let plus_one = self.largest_result.load(Ordering::Relaxed).checked_sub(1)?;
+        Some(usize::try_from(plus_one).unwrap_or(usize::MAX))
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inbox<O>> {
@@ -301,10 +298,9 @@ impl<O: Payload> CallSink for CallState<O> {
     }
 
     fn deliver(&self, first: usize, count: u32, outcomes: &[u8]) {
-        self.delivered_items
-            .fetch_add(u64::from(count), Ordering::Relaxed);
-        self.delivered_bytes
-            .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+        let per_item = outcomes.len() as u64 / u64::from(count.max(1));
+        self.largest_result
+            .fetch_max(per_item.saturating_add(1), Ordering::Relaxed);
         // A `Deserialize` impl of the user's may panic: that fails these items, and neither
         // the slot thread nor a caller running a chunk itself unwinds through the pool.
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

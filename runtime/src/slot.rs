@@ -181,6 +181,8 @@ pub(crate) struct Slot {
     /// decided per call, from its own measured chunks: a short call must not make the long
     /// one that follows queue its chunks behind one busy worker.
     last_chunk: Option<(u64, Duration)>,
+    /// Chunks completed in the frames being handled, and their call (see `time_completed`).
+    completed: (u64, u32),
     /// Items the current worker has completed.
     items_run: u64,
     /// Shared regions with the current worker (see `region`): requests, written here;
@@ -209,6 +211,7 @@ impl Slot {
             reader,
             front_since: monotonic_ns(),
             last_chunk: None,
+            completed: (0, 0),
             items_run: 0,
             requests: None,
             replies: None,
@@ -791,7 +794,23 @@ impl Slot {
         let mut reader = std::mem::replace(&mut self.reader, FrameReader::new(0));
         let drained = self.drain_from(&mut reader);
         self.reader = reader;
+        self.time_completed();
         drained
+    }
+
+    /// Records how long the chunks completed since the last call ran, each: a worker answers
+    /// the short chunks it has queued in one batch, so the time since the front chunk started
+    /// is shared among them (timing each from the previous one's arrival would measure
+    /// microseconds, however long they ran).
+    fn time_completed(&mut self) {
+        let (call, count) = std::mem::take(&mut self.completed);
+        if count == 0 {
+            return;
+        }
+        let now = monotonic_ns();
+        let took = Duration::from_nanos(now.saturating_sub(self.front_since)) / count;
+        self.last_chunk = Some((call, took));
+        self.front_since = now;
     }
 
     fn drain_from(&mut self, reader: &mut FrameReader) -> Result<bool, Error> {
@@ -864,10 +883,8 @@ impl Slot {
         let call = front.chunk.call.id();
         self.inflight.pop_front();
         self.sent_chunks -= 1;
-        let now = monotonic_ns();
-        let took = Duration::from_nanos(now.saturating_sub(self.front_since));
-        self.last_chunk = Some((call, took));
-        self.front_since = now;
+        // Timed per batch, in `drain_frames`: chunks answered together ran one after another.
+        self.completed = (call, self.completed.1 + 1);
         Ok(true)
     }
 
