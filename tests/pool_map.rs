@@ -154,6 +154,45 @@ fn workers_start_from_the_executable_named_by_the_environment() -> TestResult {
     )
 }
 
+/// Run as a program that starts a pool with a one-second start timeout and prints how the
+/// start ended.
+const BUILD_POOL: &str = "MULTIPROC_TEST_BUILD_POOL";
+
+/// A worker that closes its channel but does not exit (here, a script that reads the first
+/// frame from its stdin, where the channel arrives, closes it and sleeps for two minutes)
+/// fails the start within the start timeout, and is killed: the start does not wait for it
+/// to exit.
+fn a_worker_that_closes_its_channel_and_lingers_fails_within_the_start_timeout() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let script = std::env::temp_dir().join(format!("multiproc-lingering-{}", std::process::id()));
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nhead -c 6 >/dev/null\nexec 0<&-\nexec sleep 120\n",
+    )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let exe = std::env::current_exe()?;
+    let output = within(Duration::from_mins(1), "a start with a lingering worker", {
+        let script = script.clone();
+        move || {
+            std::process::Command::new(exe)
+                .env(BUILD_POOL, "1")
+                .env("MULTIPROC_WORKER_EXE", &script)
+                .output()
+        }
+    })??;
+    let _ = std::fs::remove_file(&script);
+    let printed = String::from_utf8_lossy(&output.stdout);
+    ensure(
+        output.status.success()
+            && printed.contains("start failed: Spawn")
+            && printed.contains("without exiting, and was killed"),
+        format!(
+            "printed {printed:?}; stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
 /// Starts this very program again, as a task may start any program built with multiproc.
 #[task]
 fn run_this_program_again() -> String {
@@ -462,6 +501,17 @@ fn main() {
         println!("plain main ran");
         return;
     }
+    if std::env::var_os(BUILD_POOL).is_some() {
+        let started = Pool::builder()
+            .processes(1)
+            .start_timeout(Duration::from_secs(1))
+            .build();
+        match started {
+            Ok(_) => println!("started"),
+            Err(err) => println!("start failed: {:?}: {err}", err.kind()),
+        }
+        return;
+    }
     if std::env::var_os(PRINT_WORKER_EXE).is_some() {
         let pool = Pool::new(1).expect("a pool");
         println!("{}", pool.apply(own_executable, ()).expect("a task"));
@@ -471,6 +521,7 @@ fn main() {
         a_task_can_start_another_multiproc_program,
         a_task_reads_an_empty_stdin_and_ignores_sigint,
         workers_start_from_the_executable_named_by_the_environment,
+        a_worker_that_closes_its_channel_and_lingers_fails_within_the_start_timeout,
         seed_example,
         map_100_000_items,
         empty_input,

@@ -218,7 +218,17 @@ impl WorkerProcess {
                 )));
             }
             Err(StartEnd::Exited) => {
-                let status = self.wait();
+                // It closed its channel: normally by exiting, but do not wait past the start
+                // deadline for one that keeps running (killed then, as every failed start is).
+                let Some(status) = self.wait_until(deadline) else {
+                    self.kill();
+                    return Err(Self::start_failure(
+                        "the worker process closed its channel during start-up without \
+                         exiting, and was killed: is the executable a program built with \
+                         multiproc, with `fn main` marked #[multiproc::main]?"
+                            .to_owned(),
+                    ));
+                };
                 return Err(Self::start_failure(format!(
                     "the worker process exited during start-up ({}) before reaching the \
                      worker entry: is `fn main` marked #[multiproc::main]?",
@@ -330,6 +340,33 @@ impl WorkerProcess {
             let _ = signal::killpg(group, Signal::SIGKILL);
         }
         self.wait()
+    }
+
+    /// Waits for the worker to exit until `deadline`, and reaps it; `None` if it is still
+    /// running then. Polls, with pauses that grow to 10 ms: only a failed start waits here.
+    fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        let mut pause = Duration::from_micros(100);
+        loop {
+            if let Some(status) = self.reaped {
+                return Some(status);
+            }
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    self.reaped = Some(status);
+                    return Some(status);
+                }
+                Ok(None) => {}
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                // Not our child any more: `wait` reports that.
+                Err(_) => return Some(self.wait()),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
     }
 
     /// Waits for the worker to exit and reaps it.
