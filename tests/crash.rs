@@ -500,6 +500,40 @@ fn a_hanging_initializer_is_bounded_by_the_start_timeout() -> TestResult {
     Ok(())
 }
 
+/// Replaces the worker with `sleep 120`: its channel (close-on-exec) closes, the process
+/// lingers.
+#[task]
+fn exec_sleep() {
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("sleep").arg("120").exec();
+    panic!("exec failed: {err}");
+}
+
+/// An initializer that closes its worker's channel and lingers (here by exec'ing another
+/// program) fails the start at the start timeout, instead of holding it until that
+/// program exits.
+fn an_initializer_that_execs_away_is_bounded_by_the_start_timeout() -> TestResult {
+    let built = support::within(
+        Duration::from_mins(1),
+        "build with an initializer that execs away",
+        || {
+            Pool::builder()
+                .processes(1)
+                .start_timeout(Duration::from_secs(1))
+                .initializer(exec_sleep, ())
+                .build()
+                .map(drop)
+        },
+    )?;
+    let err = built.expect_err("the initializer never answers");
+    assert_eq!(err.kind(), ErrorKind::Spawn);
+    ensure(
+        err.to_string().contains("without the worker exiting"),
+        err.to_string(),
+    )?;
+    Ok(())
+}
+
 fn work_put_back_after_close_fails_when_no_worker_is_left() -> TestResult {
     let marker = temp_path("init-marker");
     let _ = std::fs::remove_file(&marker);
@@ -635,6 +669,7 @@ fn random_kills_lose_and_duplicate_nothing() -> TestResult {
 fn main() {
     support::run(tests![
         crashes_in_a_row_fail_no_innocent_item,
+        an_initializer_that_execs_away_is_bounded_by_the_start_timeout,
         abort_segfault_exit_are_crashes_of_one_item,
         timeout_kills_the_task_and_what_it_started,
         per_call_timeout,

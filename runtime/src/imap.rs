@@ -75,10 +75,12 @@ pub struct IMap<T: Task, I> {
     /// their first index.
     next_index: usize,
     early: BTreeMap<usize, Outcomes<T::Output>>,
-    /// Adaptive chunking: size of the last chunk, the largest encoded arguments per item of
-    /// any chunk so far, and when the stream started.
+    /// Adaptive chunking: size of the last chunk, its encoded arguments per item (which cap
+    /// the next chunk's size), the largest of those so far (which bounds the window), and
+    /// when the stream started.
     last_chunk: usize,
     item_bytes: usize,
+    largest_item_bytes: usize,
     started: Instant,
 }
 
@@ -109,6 +111,7 @@ where
             early: BTreeMap::new(),
             last_chunk: 0,
             item_bytes: 0,
+            largest_item_bytes: 0,
             started: Instant::now(),
         }
     }
@@ -130,7 +133,7 @@ where
         if self.measuring() || self.arrived == 0 {
             return by_chunks;
         }
-        let item_bytes = self.item_bytes.max(result_bytes).max(1);
+        let item_bytes = self.largest_item_bytes.max(result_bytes).max(1);
         // Wall time per item per worker so far (an overestimate while the caller is slow to
         // consume, which only makes the window shallower).
         let per_item =
@@ -204,7 +207,8 @@ where
             };
             match encode_chunk(&self.shared, sink, spec, first, items.into_iter()) {
                 Ok(chunk) => {
-                    self.item_bytes = self.item_bytes.max(chunk.item_bytes());
+                    self.item_bytes = chunk.item_bytes();
+                    self.largest_item_bytes = self.largest_item_bytes.max(self.item_bytes);
                     if self.shared.submit([chunk]).is_err() {
                         // The pool is gone: the refused items come out as errors; stop there.
                         self.input = None;

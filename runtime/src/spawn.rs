@@ -303,11 +303,19 @@ impl WorkerProcess {
             }
             Err(StartEnd::Stopped) => return Err(stopped()),
             Err(StartEnd::Exited | StartEnd::Failed(_)) => {
-                let status = self.wait();
-                return Err(
-                    failed(format!("killed its worker ({})", describe_status(status)))
-                        .with_status(status.signal(), status.code()),
-                );
+                // As in the handshake: a worker that closed its channel but lingers (an
+                // initializer that exec'd another program) is killed at the deadline.
+                let Some(status) = self.wait_until(deadline) else {
+                    self.kill();
+                    return Err(failed(
+                        "closed its worker's channel without the worker exiting; the worker \
+                         was killed"
+                            .to_owned(),
+                    ));
+                };
+                // The status is appended by `with_status`.
+                return Err(failed("killed its worker".to_owned())
+                    .with_status(status.signal(), status.code()));
             }
         };
         let (header, outcome) = protocol::parse_body(reader.body(range))?;
@@ -342,9 +350,12 @@ impl WorkerProcess {
         self.wait()
     }
 
-    /// Waits for the worker to exit until `deadline`, and reaps it; `None` if it is still
-    /// running then. Polls, with pauses that grow to 10 ms: only a failed start waits here.
+    /// Waits for the worker to exit until `deadline` (or for 100 ms, if that is later: a
+    /// process closes its descriptors a little before it can be reaped), and reaps it; `None`
+    /// if it is still running then. Polls, with pauses that grow to 10 ms: only a failed start
+    /// waits here.
     fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        let deadline = deadline.max(deadline_after(Duration::from_millis(100)));
         let mut pause = Duration::from_micros(100);
         loop {
             if let Some(status) = self.reaped {
