@@ -7,9 +7,9 @@
 //! Prefetch: while chunks are short (under [`PREFETCH_BELOW`]), the slot keeps more chunks
 //! queued in the worker's socket behind the running one, so the worker never waits a round
 //! trip for its next chunk: seven, or as many as make [`PREFETCH_BELOW`] of work when chunks
-//! are shorter than that, up to [`MAX_PREFETCH`] in flight (`Slot::prefetch_depth`). Long chunks are never queued behind a
-//! busy worker: a round trip is negligible next to them, and a queued chunk could wait there
-//! while another worker sits idle.
+//! are shorter than that, up to [`MAX_PREFETCH`] in flight (`Slot::prefetch_depth`). Long
+//! chunks are never queued behind a busy worker: a round trip is negligible next to them,
+//! and a queued chunk could wait there while another worker sits idle.
 //!
 //! The slot is also the worker's supervisor. It forwards the worker's stderr, keeping the
 //! last lines for error reports; it wakes at the running item's deadline and kills the worker
