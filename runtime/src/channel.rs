@@ -181,15 +181,23 @@ impl Endpoint {
         }
     }
 
-    /// [`recv_until`](Self::recv_until) `timeout` from now (however large).
-    pub(crate) fn recv_within<T: DeserializeOwned + 'static>(
+    /// Receives one message within `timeout` from now (however large); when none arrived,
+    /// an error of kind `Timeout` that says `nothing` (what did not happen) and how long.
+    pub(crate) fn recv_timeout<T: DeserializeOwned + 'static>(
         &self,
         timeout: Duration,
-    ) -> Result<Option<T>, Error> {
-        match Instant::now().checked_add(timeout) {
-            Some(deadline) => self.recv_until(deadline),
-            None => self.recv().map(Some),
-        }
+        nothing: &str,
+    ) -> Result<T, Error> {
+        let received = match Instant::now().checked_add(timeout) {
+            Some(deadline) => self.recv_until(deadline)?,
+            None => Some(self.recv()?),
+        };
+        received.ok_or_else(|| Error::new(ErrorKind::Timeout, format!("{nothing} {timeout:?}")))
+    }
+
+    /// Receives a message if one is waiting, without blocking: `Ok(None)` when none is.
+    pub(crate) fn try_recv<T: DeserializeOwned + 'static>(&self) -> Result<Option<T>, Error> {
+        self.recv_until(Instant::now())
     }
 
     /// True when a message (or the end of the channel) is ready within `timeout` (`None`:

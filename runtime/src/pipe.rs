@@ -24,7 +24,7 @@ use crate::task::Payload;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::marker::PhantomData;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Creates a one-way pipe for values of type `T`: what the [`Sender`] sends, the
 /// [`Receiver`] receives, in this process or in others that the handles are passed to.
@@ -220,7 +220,7 @@ impl<T: Payload> Receiver<T> {
     /// # Ok::<(), multiproc_runtime::Error>(())
     /// ```
     pub fn recv_timeout(&self, timeout: Duration) -> Result<T, Error> {
-        recv_timeout(&self.end, timeout)
+        self.end.recv_timeout(timeout, "no message arrived within")
     }
 
     /// Receives a message if one is waiting, without blocking: `Ok(None)` when none is.
@@ -239,7 +239,7 @@ impl<T: Payload> Receiver<T> {
     /// # Ok::<(), multiproc_runtime::Error>(())
     /// ```
     pub fn try_recv(&self) -> Result<Option<T>, Error> {
-        self.end.recv_until(Instant::now())
+        self.end.try_recv()
     }
 
     /// Iterates over the messages until the pipe is disconnected: each item is what
@@ -380,7 +380,7 @@ impl<S: Payload, R: Payload> Connection<S, R> {
     /// # Ok::<(), multiproc_runtime::Error>(())
     /// ```
     pub fn recv_timeout(&self, timeout: Duration) -> Result<R, Error> {
-        recv_timeout(&self.end, timeout)
+        self.end.recv_timeout(timeout, "no message arrived within")
     }
 
     /// Receives a message if one is waiting, without blocking: `Ok(None)` when none is.
@@ -399,17 +399,8 @@ impl<S: Payload, R: Payload> Connection<S, R> {
     /// # Ok::<(), multiproc_runtime::Error>(())
     /// ```
     pub fn try_recv(&self) -> Result<Option<R>, Error> {
-        self.end.recv_until(Instant::now())
+        self.end.try_recv()
     }
-}
-
-fn recv_timeout<T: Payload>(end: &Endpoint, timeout: Duration) -> Result<T, Error> {
-    end.recv_within(timeout)?.ok_or_else(|| {
-        Error::new(
-            ErrorKind::Timeout,
-            format!("no message arrived within {timeout:?}"),
-        )
-    })
 }
 
 /// `Clone`, `try_clone`, `Debug` and serde for a handle type made of one endpoint.

@@ -20,12 +20,14 @@
 //! take a producer's messages before (or while) joining it.
 
 use crate::channel::{Endpoint, endpoint_pair};
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
+#[cfg(doc)]
+use crate::error::ErrorKind;
 use crate::task::Payload;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::marker::PhantomData;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A FIFO queue of values of type `T` shared between processes. Clone it, or pass it as a
 /// task argument (to a [`Process`](crate::Process) or a [`Pool`](crate::Pool) task), and
@@ -156,12 +158,8 @@ impl<T: Payload> Queue<T> {
     /// # Ok::<(), multiproc_runtime::Error>(())
     /// ```
     pub fn get_timeout(&self, timeout: Duration) -> Result<T, Error> {
-        self.get_end.recv_within(timeout)?.ok_or_else(|| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!("the queue stayed empty for {timeout:?}"),
-            )
-        })
+        self.get_end
+            .recv_timeout(timeout, "the queue stayed empty for")
     }
 
     /// Takes the message at the front of the queue if there is one, without blocking:
@@ -181,7 +179,7 @@ impl<T: Payload> Queue<T> {
     /// # Ok::<(), multiproc_runtime::Error>(())
     /// ```
     pub fn try_get(&self) -> Result<Option<T>, Error> {
-        self.get_end.recv_until(Instant::now())
+        self.get_end.try_recv()
     }
 }
 

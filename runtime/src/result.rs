@@ -192,29 +192,24 @@ impl<O: Payload> CallState<O> {
             }
         }
         while !ready(&inbox) {
-            match deadline {
-                None => {
-                    inbox.waiters += 1;
-                    inbox = self
-                        .changed
-                        .wait(inbox)
-                        .unwrap_or_else(PoisonError::into_inner);
-                    inbox.waiters -= 1;
-                }
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    inbox.waiters += 1;
-                    inbox = self
-                        .changed
+            let left = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|left| left.is_zero()) {
+                break;
+            }
+            inbox.waiters += 1;
+            inbox = match left {
+                None => self
+                    .changed
+                    .wait(inbox)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(left) => {
+                    self.changed
                         .wait_timeout(inbox, left)
                         .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                    inbox.waiters -= 1;
+                        .0
                 }
-            }
+            };
+            inbox.waiters -= 1;
         }
         inbox
     }

@@ -417,13 +417,7 @@ impl Shared {
         if state.phase == Phase::Terminated || state.queue.len() <= state.waiting() {
             return None;
         }
-        while state
-            .queue
-            .front()
-            .is_some_and(|chunk| chunk.call.abandoned())
-        {
-            state.queue.pop_front();
-        }
+        Self::drop_abandoned(&mut state);
         if state.queue.front()?.call.id() != call {
             return None;
         }
@@ -431,12 +425,19 @@ impl Shared {
     }
 
     fn pop_live(state: &mut State) -> Option<Chunk> {
-        while let Some(chunk) = state.queue.pop_front() {
-            if !chunk.call.abandoned() {
-                return Some(chunk);
-            }
+        Self::drop_abandoned(state);
+        state.queue.pop_front()
+    }
+
+    /// Drops the chunks at the front of the queue whose calls nobody reads any more.
+    fn drop_abandoned(state: &mut State) {
+        while state
+            .queue
+            .front()
+            .is_some_and(|chunk| chunk.call.abandoned())
+        {
+            state.queue.pop_front();
         }
-        None
     }
 
     fn wake_all(&self) {
@@ -469,11 +470,23 @@ impl Shared {
         self.lock_pids().pids.iter().flatten().copied().collect()
     }
 
-    /// `close()` was called and nothing is queued: a worker that failed to start need not
-    /// be tried again.
-    pub(crate) fn closing_idle(&self) -> bool {
+    /// Waits `pause` before a failed worker start is tried again: false when it should not
+    /// be, because the pool was terminated (which ends the pause at once) or is closing with
+    /// nothing queued.
+    pub(crate) fn retry_after(&self, pause: Duration) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.stop_read.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(pause).unwrap_or(PollTimeout::MAX),
+        );
         let state = self.lock();
-        state.phase != Phase::Running && state.queue.is_empty()
+        match state.phase {
+            Phase::Running => true,
+            Phase::Closing => !state.queue.is_empty(),
+            Phase::Terminated => false,
+        }
     }
 
     /// The pids of the workers running now, once every slot has finished its first start
@@ -487,16 +500,6 @@ impl Shared {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         pids.pids.iter().flatten().copied().collect()
-    }
-
-    /// Waits up to `timeout` for `terminate()`; true if it came.
-    pub(crate) fn wait_stopped(&self, timeout: Duration) -> bool {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
-        let mut fds = [PollFd::new(self.stop_read.as_fd(), PollFlags::POLLIN)];
-        let wait = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        let _ = poll(&mut fds, wait);
-        self.is_terminated()
     }
 
     /// `terminate()` was called: a cheap check for a thread that polls.

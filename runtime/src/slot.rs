@@ -242,14 +242,12 @@ impl Slot {
                 // closing with nothing queued).
                 let _ = ready.send(Err(err));
                 drop(first_start);
-                if slot.shared.wait_stopped(Duration::from_millis(100))
-                    || slot.shared.closing_idle()
-                {
-                    Err(None)
-                } else {
+                if slot.shared.retry_after(Duration::from_millis(100)) {
                     slot.start_worker(slot.config.restart_attempts)
                         .map(drop)
                         .map_err(Some)
+                } else {
+                    Err(None)
                 }
             }
         };
@@ -428,12 +426,9 @@ impl Slot {
                 }
                 Err(err) if attempt >= attempts || self.shared.is_terminated() => return Err(err),
                 Err(err) => {
-                    // A terminate ends the back-off at once; a closing pool with nothing
-                    // queued needs no worker.
-                    if self
+                    if !self
                         .shared
-                        .wait_stopped(Duration::from_millis(50 << attempt.min(6)))
-                        || self.shared.closing_idle()
+                        .retry_after(Duration::from_millis(50 << attempt.min(6)))
                     {
                         return Err(err);
                     }
@@ -628,7 +623,7 @@ impl Slot {
             let worker = self.worker.as_ref().expect("write_some runs with a worker");
             let flight = &self.inflight[self.sent_chunks];
             let (prefix, frame) = flight.wire();
-            let mut slices = Vec::with_capacity(4);
+            let mut slices = Vec::with_capacity(GATHER + 1);
             if self.sent_bytes < prefix.len() {
                 slices.push(IoSlice::new(&prefix[self.sent_bytes..]));
                 slices.push(IoSlice::new(frame));

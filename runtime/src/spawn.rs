@@ -220,8 +220,7 @@ impl WorkerProcess {
             Err(StartEnd::Exited) => {
                 // It closed its channel: normally by exiting, but do not wait past the start
                 // deadline for one that keeps running (killed then, as every failed start is).
-                let Some(status) = self.wait_until(deadline) else {
-                    self.kill();
+                let Some(status) = self.reap_or_kill(deadline) else {
                     return Err(Self::start_failure(
                         "the worker process closed its channel during start-up without \
                          exiting, and was killed: is the executable a program built with \
@@ -305,8 +304,7 @@ impl WorkerProcess {
             Err(StartEnd::Exited | StartEnd::Failed(_)) => {
                 // As in the handshake: a worker that closed its channel but lingers (an
                 // initializer that exec'd another program) is killed at the deadline.
-                let Some(status) = self.wait_until(deadline) else {
-                    self.kill();
+                let Some(status) = self.reap_or_kill(deadline) else {
                     return Err(failed(
                         "closed its worker's channel without the worker exiting; the worker \
                          was killed"
@@ -351,10 +349,10 @@ impl WorkerProcess {
     }
 
     /// Waits for the worker to exit until `deadline` (or for 100 ms, if that is later: a
-    /// process closes its descriptors a little before it can be reaped), and reaps it; `None`
-    /// if it is still running then. Polls, with pauses that grow to 10 ms: only a failed start
-    /// waits here.
-    fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+    /// process closes its descriptors a little before it can be reaped), and reaps it; if it
+    /// is still running then, kills it and returns `None`. Polls, with pauses that grow to
+    /// 10 ms: only a failed start waits here.
+    fn reap_or_kill(&mut self, deadline: Instant) -> Option<ExitStatus> {
         let deadline = deadline.max(deadline_after(Duration::from_millis(100)));
         let mut pause = Duration::from_micros(100);
         loop {
@@ -373,6 +371,7 @@ impl WorkerProcess {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                self.kill();
                 return None;
             }
             std::thread::sleep(pause.min(left));
