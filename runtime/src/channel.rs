@@ -107,16 +107,11 @@ impl Endpoint {
                 err,
             )
         })?;
-        if datagram.len() - 1 <= INLINE_MAX {
+        let len = datagram.len() - 1;
+        if len <= INLINE_MAX {
             return self.send_datagram(&datagram, &handles);
         }
-        let file = write_memory_file(&datagram[1..])?;
-        let len = datagram.len() - 1;
-        let padding = (len / PAD_RATIO).min(INLINE_MAX - FILE_HEADER);
-        datagram.clear();
-        datagram.push(IN_FILE);
-        datagram.extend_from_slice(&(len as u64).to_le_bytes());
-        datagram.resize(FILE_HEADER + padding, 0);
+        // Checked before the file is written: the file takes one of the descriptors.
         if handles.len() >= fdpass::MAX_FDS {
             return Err(Error::new(
                 ErrorKind::Codec,
@@ -127,6 +122,12 @@ impl Endpoint {
                 ),
             ));
         }
+        let file = write_memory_file(&datagram[1..])?;
+        let padding = (len / PAD_RATIO).min(INLINE_MAX - FILE_HEADER);
+        datagram.clear();
+        datagram.push(IN_FILE);
+        datagram.extend_from_slice(&(len as u64).to_le_bytes());
+        datagram.resize(FILE_HEADER + padding, 0);
         let mut fds = Vec::with_capacity(1 + handles.len());
         fds.push(file);
         fds.extend(handles);
@@ -134,18 +135,13 @@ impl Endpoint {
     }
 
     fn send_datagram(&self, datagram: &[u8], fds: &[OwnedFd]) -> Result<(), Error> {
-        loop {
-            match fdpass::send_with(self.fd.as_fd(), datagram, fds, MsgFlags::MSG_NOSIGNAL) {
-                Ok(_) => return Ok(()),
-                Err(Errno::EINTR) => {}
-                Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => {
-                    return Err(Error::new(
-                        ErrorKind::Disconnected,
-                        "every receiving end of the channel is closed, in every process",
-                    ));
-                }
-                Err(err) => return Err(Error::io("sending a message failed", err.into())),
-            }
+        match fdpass::send_with(self.fd.as_fd(), datagram, fds, MsgFlags::MSG_NOSIGNAL) {
+            Ok(_) => Ok(()),
+            Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => Err(Error::new(
+                ErrorKind::Disconnected,
+                "every receiving end of the channel is closed, in every process",
+            )),
+            Err(err) => Err(Error::io("sending a message failed", err.into())),
         }
     }
 
@@ -221,14 +217,11 @@ impl Endpoint {
     /// block.
     fn recv_now<T: DeserializeOwned + 'static>(&self, flags: MsgFlags) -> Result<Option<T>, Error> {
         let mut buf = ReceiveBuffer::take();
-        let received = loop {
-            match fdpass::recv_with(self.fd.as_fd(), buf.bytes(), flags) {
-                Ok(received) => break received,
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => return Ok(None),
-                Err(Errno::ECONNRESET | Errno::ENOTCONN) => return Err(disconnected()),
-                Err(err) => return Err(Error::io("receiving a message failed", err.into())),
-            }
+        let received = match fdpass::recv_with(self.fd.as_fd(), buf.bytes(), flags) {
+            Ok(received) => received,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(Errno::ECONNRESET | Errno::ENOTCONN) => return Err(disconnected()),
+            Err(err) => return Err(Error::io("receiving a message failed", err.into())),
         };
         if received.bytes == 0 {
             // Every message is at least its tag byte: an empty read is the end of the channel.

@@ -6,6 +6,7 @@ use crate::protocol::{self, Header};
 use crate::sched::{CallSink, Chunk, Shared, SkipArgs};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +77,48 @@ pub(crate) fn skip_args<A: DeserializeOwned + 'static>(payload: &[u8], n: u32) -
     Some(payload.len() - rest.len())
 }
 
+/// A `Run` frame, its arguments, and the descriptors of the channel handles among them.
+pub(crate) struct RunFrame {
+    pub frame: Vec<u8>,
+    /// Where the arguments start in `frame`.
+    pub payload_at: usize,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Builds a `Run` frame for `header` of at most `max_len` bytes: `encode` writes the
+/// arguments straight into it (an error says what could not be encoded), collecting the
+/// descriptors of any channel handles among them; only then, and only if there are some, a
+/// `Descriptors` frame is put in front (one copy, in that rare case alone).
+pub(crate) fn run_frame(
+    header: &Header,
+    capacity: usize,
+    max_len: u32,
+    encode: impl FnOnce(&mut Vec<u8>) -> Result<(), (String, postcard::Error)>,
+) -> Result<RunFrame, Error> {
+    let mut frame = Vec::with_capacity(capacity);
+    let mut start = protocol::begin_frame(&mut frame, header);
+    let mut payload_at = frame.len();
+    let (encoded, fds) = crate::fdpass::collect(|| encode(&mut frame));
+    if let Err((context, err)) = encoded {
+        return Err(crate::fdpass::encode_error(context, err));
+    }
+    if !fds.is_empty() {
+        let mut with_fds = Vec::with_capacity(16 + frame.len());
+        protocol::descriptors_frame(&mut with_fds, fds.len());
+        let shift = with_fds.len();
+        with_fds.extend_from_slice(&frame);
+        frame = with_fds;
+        start += shift;
+        payload_at += shift;
+    }
+    protocol::end_frame(&mut frame, start, max_len)?;
+    Ok(RunFrame {
+        frame,
+        payload_at,
+        fds,
+    })
+}
+
 /// Encodes `items` (the input positions `first..`) as one chunk of `call`.
 pub(crate) fn encode_chunk<A: Serialize + 'static>(
     shared: &Shared,
@@ -93,44 +136,32 @@ pub(crate) fn encode_chunk<A: Serialize + 'static>(
         );
         return Err((call, count, err));
     };
-    // The arguments are encoded straight into the frame, collecting the descriptors of any
-    // channel handles among them; only then, and only if there are some, a `Descriptors`
-    // frame is put in front (one copy, in that rare case alone).
-    let timed = spec.timeout.is_some();
     let header = Header::Run {
         seq,
         task: spec.task,
         count: count32,
-        timed,
+        timed: spec.timeout.is_some(),
     };
-    let mut frame = Vec::with_capacity(32 + count * 8);
-    let mut start = protocol::begin_frame(&mut frame, &header);
-    let mut payload_at = frame.len();
-    let (encoded, fds) = crate::fdpass::collect(|| {
+    let encoded = run_frame(&header, 32 + count * 8, spec.max_frame_len, |frame| {
         for (offset, item) in items.enumerate() {
-            codec::encode_value(&item, &mut frame).map_err(|err| (first + offset, err))?;
+            codec::encode_value(&item, frame).map_err(|err| {
+                let index = first + offset;
+                (
+                    format!("the arguments of item {index} could not be encoded"),
+                    err,
+                )
+            })?;
         }
         Ok(())
     });
-    if let Err((index, err)) = encoded {
-        let err = crate::fdpass::encode_error(
-            format!("the arguments of item {index} could not be encoded"),
-            err,
-        );
-        return Err((call, count, err));
-    }
-    if !fds.is_empty() {
-        let mut with_fds = Vec::with_capacity(16 + frame.len());
-        protocol::descriptors_frame(&mut with_fds, fds.len());
-        let shift = with_fds.len();
-        with_fds.extend_from_slice(&frame);
-        frame = with_fds;
-        start += shift;
-        payload_at += shift;
-    }
-    if let Err(err) = protocol::end_frame(&mut frame, start, spec.max_frame_len) {
-        return Err((call, count, err));
-    }
+    let RunFrame {
+        frame,
+        payload_at,
+        fds,
+    } = match encoded {
+        Ok(encoded) => encoded,
+        Err(err) => return Err((call, count, err)),
+    };
     Ok(Chunk {
         call,
         seq,

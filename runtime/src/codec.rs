@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::any::{Any, TypeId};
+use std::any::Any;
 
 /// Appends the postcard encoding of `value` to `out`.
 #[inline]
@@ -45,21 +45,21 @@ pub(crate) fn encode_value<T: Serialize + 'static>(
 pub(crate) fn decode_value<T: DeserializeOwned + 'static>(
     input: &[u8],
 ) -> postcard::Result<(T, &[u8])> {
-    let is = |id: TypeId| TypeId::of::<T>() == id;
-    if is(TypeId::of::<Vec<u8>>()) || is(TypeId::of::<(Vec<u8>,)>()) {
+    // Decoded into the caller's type through `Any`, when it is one of the two.
+    let mut value: Option<T> = None;
+    let slot = &mut value as &mut dyn Any;
+    let rest = if let Some(slot) = slot.downcast_mut::<Option<Vec<u8>>>() {
         let (ByteVec(bytes), rest) = decode_front::<ByteVec>(input)?;
-        // Moved into the caller's type through `Any`: `T` is one of the two types checked.
-        let mut value: Option<T> = None;
-        let slot = &mut value as &mut dyn Any;
-        if let Some(slot) = slot.downcast_mut::<Option<Vec<u8>>>() {
-            *slot = Some(bytes);
-        } else if let Some(slot) = slot.downcast_mut::<Option<(Vec<u8>,)>>() {
-            *slot = Some((bytes,));
-        }
-        let value = value.ok_or(postcard::Error::DeserializeBadEncoding)?;
-        return Ok((value, rest));
-    }
-    decode_front(input)
+        *slot = Some(bytes);
+        rest
+    } else if let Some(slot) = slot.downcast_mut::<Option<(Vec<u8>,)>>() {
+        let (ByteVec(bytes), rest) = decode_front::<ByteVec>(input)?;
+        *slot = Some((bytes,));
+        rest
+    } else {
+        return decode_front(input);
+    };
+    Ok((value.expect("set above"), rest))
 }
 
 /// The bytes of a `Vec<u8>` or of a `(Vec<u8>,)`, for [`encode_value`].

@@ -11,7 +11,7 @@
 //! taking is an error that says where handles can travel.
 
 use crate::error::{Error, ErrorKind};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, send, sendmsg};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use std::cell::RefCell;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -25,6 +25,9 @@ thread_local! {
     /// Why the last handle that refused to be encoded refused: postcard keeps no message
     /// for a custom serialization error, so the encoder's caller reads it here.
     static REFUSAL: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Room for the control message of a receive, kept for the next one: a worker receives
+    /// on every read.
+    static CONTROL: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Runs `f` (an encoding) with descriptor collection on; returns what it attached.
@@ -112,25 +115,32 @@ pub(crate) fn take(index: u32) -> Result<OwnedFd, String> {
 
 /// Sends `bytes` on the Unix socket `socket`, with `fds` riding along (`SCM_RIGHTS`) when
 /// there are any. Returns the bytes sent, like `send(2)`; the descriptors travel with the
-/// first byte.
+/// first byte. A call interrupted by a signal is made again.
 pub(crate) fn send_with(
     socket: BorrowedFd<'_>,
     bytes: &[u8],
     fds: &[impl AsRawFd],
     flags: MsgFlags,
 ) -> nix::Result<usize> {
-    if fds.is_empty() {
-        return send(socket.as_raw_fd(), bytes, flags);
-    }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let control = [ControlMessage::ScmRights(&raw)];
-    sendmsg::<()>(
-        socket.as_raw_fd(),
-        &[IoSlice::new(bytes)],
-        &control,
-        flags,
-        None,
-    )
+    send_gathered(socket, &[IoSlice::new(bytes)], &raw, flags)
+}
+
+/// [`send_with`] for bytes gathered from several slices.
+pub(crate) fn send_gathered(
+    socket: BorrowedFd<'_>,
+    slices: &[IoSlice<'_>],
+    fds: &[RawFd],
+    flags: MsgFlags,
+) -> nix::Result<usize> {
+    let control = [ControlMessage::ScmRights(fds)];
+    let control: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &control };
+    loop {
+        match sendmsg::<()>(socket.as_raw_fd(), slices, control, flags, None) {
+            Err(nix::errno::Errno::EINTR) => {}
+            sent => return sent,
+        }
+    }
 }
 
 /// What [`recv_with`] received.
@@ -144,20 +154,44 @@ pub(crate) struct Received {
 }
 
 /// Receives into `buf` from the Unix socket `socket` with `recvmsg`, keeping any descriptors
-/// that arrive with the bytes (`SCM_RIGHTS`, up to [`MAX_FDS`]).
+/// that arrive with the bytes (`SCM_RIGHTS`, up to [`MAX_FDS`]). A call interrupted by a
+/// signal is made again.
 pub(crate) fn recv_with(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
     flags: MsgFlags,
 ) -> nix::Result<Received> {
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut space = CONTROL.take();
+    if space.is_empty() {
+        space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    }
+    let received = receive_into(socket, buf, flags, &mut space);
+    CONTROL.set(space);
+    received
+}
+
+#[allow(
+    clippy::ptr_arg,
+    reason = "nix's `recvmsg` takes the control buffer as a `Vec`"
+)]
+fn receive_into(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+    space: &mut Vec<u8>,
+) -> nix::Result<Received> {
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        flags | MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
+    let msg = loop {
+        match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(space),
+            flags | MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => {}
+            received => break received?,
+        }
+    };
     let mut fds = Vec::new();
     for control in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(received) = control {

@@ -9,11 +9,11 @@
 //! child from its spawn to its reaping. This module is the typed side: it encodes the call,
 //! and decodes the outcome as the task's output or an error.
 
+use crate::chunk;
 use crate::codec;
 use crate::error::{Error, ErrorKind};
-use crate::fdpass;
 use crate::outcome;
-use crate::protocol::{self, DEFAULT_MAX_FRAME_LEN, Header};
+use crate::protocol::{DEFAULT_MAX_FRAME_LEN, Header};
 use crate::registry::Registry;
 use crate::supervisor::Supervised;
 use crate::task::Task;
@@ -217,21 +217,20 @@ impl<T: Task> Process<T> {
     /// ```
     pub fn join_timeout(&mut self, timeout: Duration) -> Result<T::Output, Error> {
         // A timeout too large for the clock waits forever.
-        match Instant::now().checked_add(timeout) {
-            Some(deadline) => self.finish(Some(deadline)),
-            None => self.finish(None),
-        }
-        .map_err(|err| {
-            if err.kind() == ErrorKind::Timeout {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("the process did not finish within {timeout:?}; it goes on running"),
-                )
-                .with_task(T::NAME)
-            } else {
-                err
-            }
-        })
+        self.finish(Instant::now().checked_add(timeout))
+            .map_err(|err| {
+                if err.kind() == ErrorKind::Timeout {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "the process did not finish within {timeout:?}; it goes on running"
+                        ),
+                    )
+                    .with_task(T::NAME)
+                } else {
+                    err
+                }
+            })
     }
 
     fn finish(&mut self, deadline: Option<Instant>) -> Result<T::Output, Error> {
@@ -242,8 +241,7 @@ impl<T: Task> Process<T> {
             )
             .with_task(T::NAME));
         };
-        let reply = child.wait(deadline)?;
-        let bytes = reply?;
+        let bytes = child.wait(deadline)?;
         let decoded = outcome::decode::<T::Output>(&bytes)
             .map_err(|err| Error::codec("the task's output could not be decoded", err))
             .and_then(|(outcome, _)| outcome.into_result());
@@ -378,22 +376,16 @@ impl<T: Task> fmt::Debug for Process<T> {
 /// The `Run` frame of one call, after a `Descriptors` frame when the arguments hold channel
 /// handles, and those handles' descriptors.
 fn run_frame<T: Task>(task: u32, args: &T::Args) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
-    let mut payload = Vec::new();
-    let (encoded, fds) = fdpass::collect(|| codec::encode_value(args, &mut payload));
-    encoded.map_err(|err| {
-        fdpass::encode_error("the arguments could not be encoded".to_owned(), err)
-            .with_task(T::NAME)
-    })?;
     let header = Header::Run {
         seq: 1,
         task,
         count: 1,
         timed: false,
     };
-    let mut frame = Vec::with_capacity(32 + payload.len());
-    protocol::descriptors_frame(&mut frame, fds.len());
-    let start = protocol::begin_frame(&mut frame, &header);
-    frame.extend_from_slice(&payload);
-    protocol::end_frame(&mut frame, start, DEFAULT_MAX_FRAME_LEN)?;
-    Ok((frame, fds))
+    let encoded = chunk::run_frame(&header, 64, DEFAULT_MAX_FRAME_LEN, |frame| {
+        codec::encode_value(args, frame)
+            .map_err(|err| ("the arguments could not be encoded".to_owned(), err))
+    })
+    .map_err(|err| err.with_task(T::NAME))?;
+    Ok((encoded.frame, encoded.fds))
 }

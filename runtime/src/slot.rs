@@ -27,7 +27,7 @@ use crate::spawn::{SpawnOptions, WorkerProcess, describe_status, status_parts};
 use crate::status::{Published, monotonic_ns};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use nix::sys::socket::MsgFlags;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -646,9 +646,7 @@ impl Slot {
                         .map(|next| IoSlice::new(&next.chunk.frame)),
                 );
             }
-            let control = [ControlMessage::ScmRights(&fds)];
-            let control: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &control };
-            match sendmsg::<()>(worker.conn.as_raw_fd(), &slices, control, flags, None) {
+            match crate::fdpass::send_gathered(worker.conn.as_fd(), &slices, &fds, flags) {
                 Ok(mut n) => {
                     while n > 0 {
                         let left = self.inflight[self.sent_chunks].wire_len() - self.sent_bytes;

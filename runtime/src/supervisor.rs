@@ -108,10 +108,7 @@ impl Supervised {
     }
 
     /// Waits until the child is reaped (or `deadline`), then takes its reply.
-    pub(crate) fn wait(
-        &mut self,
-        deadline: Option<Instant>,
-    ) -> Result<Result<Vec<u8>, Error>, Error> {
+    pub(crate) fn wait(&mut self, deadline: Option<Instant>) -> Result<Vec<u8>, Error> {
         let mut state = self.life.lock();
         while state.status.is_none() {
             state = match deadline {
@@ -144,7 +141,7 @@ impl Supervised {
                 ErrorKind::Closed,
                 "the outcome of this process was already returned by an earlier join",
             )
-        })
+        })?
     }
 
     /// Signals the child's process group unless the child is reaped.
@@ -235,13 +232,7 @@ fn supervise(
 
 /// Writes the whole frame, its descriptors riding on the first byte.
 fn write_frame(conn: &UnixStream, frame: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-    let sent = loop {
-        match fdpass::send_with(conn.as_fd(), frame, fds, MsgFlags::MSG_NOSIGNAL) {
-            Ok(sent) => break sent,
-            Err(Errno::EINTR) => {}
-            Err(err) => return Err(err.into()),
-        }
-    };
+    let sent = fdpass::send_with(conn.as_fd(), frame, fds, MsgFlags::MSG_NOSIGNAL)?;
     let mut conn = conn;
     conn.write_all(&frame[sent..])
 }
