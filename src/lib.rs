@@ -80,7 +80,7 @@ pub use multiproc_macros::main;
 
 pub use multiproc_runtime::{
     AsyncResult, Call, Chunking, Connection, Error, ErrorKind, IMap, Messages, Payload, Pool,
-    PoolBuilder, Process, Queue, Receiver, Sender, Task, UnaryTask, duplex, pipe,
+    PoolBuilder, Process, Queue, Receiver, Sender, StartMethod, Task, UnaryTask, duplex, pipe,
 };
 
 /// Used by the code the attributes generate. Not public API.

@@ -1,5 +1,5 @@
 //! No worker outlives its parent: killed with SIGKILL, or stopped by Ctrl-C, the parent
-//! takes every worker with it within a second. The "parent" here is this test binary run
+//! takes every worker, and the fork server, with it within a second. The "parent" here is this test binary run
 //! again as a scenario: it starts a pool, reports its worker pids, and runs a long map.
 
 mod support;
@@ -37,7 +37,7 @@ fn scenario() -> ! {
 }
 
 /// Starts the scenario in its own process group (as a shell starts a job) and returns it
-/// with its worker pids, once they are busy.
+/// with its children's pids (workers and fork server), once the workers are busy.
 fn start_scenario() -> Result<(std::process::Child, Vec<u32>), Box<dyn std::error::Error>> {
     let mut child = Command::new(std::env::current_exe()?)
         .env(SCENARIO, "1")
@@ -51,22 +51,28 @@ fn start_scenario() -> Result<(std::process::Child, Vec<u32>), Box<dyn std::erro
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     assert_eq!(pids.len(), 2, "scenario said {line:?}");
-    Ok((child, pids))
+    // Every child of the scenario: its workers and its fork server.
+    let all = support::children(child.id());
+    assert!(
+        pids.iter().all(|pid| all.contains(pid)) && all.len() == 3,
+        "workers {pids:?} and one fork server expected among the children {all:?}"
+    );
+    Ok((child, all))
 }
 
 /// Stops a busy scenario parent with `stop`, checks it died of `signal`, then that every
-/// worker is gone within one second.
+/// child is gone within one second.
 fn workers_die_with_parent(
     stop: impl FnOnce(Pid) -> nix::Result<()>,
     signal: Signal,
 ) -> TestResult {
-    let (mut parent, workers) = start_scenario()?;
+    let (mut parent, children) = start_scenario()?;
     stop(Pid::from_raw(parent.id().cast_signed()))?;
     assert_eq!(parent.wait()?.signal(), Some(signal as i32));
-    for pid in workers {
+    for pid in children {
         ensure(
             wait_gone(pid, Duration::from_secs(1)),
-            format!("worker {pid} outlived its parent"),
+            format!("child {pid} outlived its parent"),
         )?;
     }
     Ok(())

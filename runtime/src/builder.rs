@@ -45,6 +45,45 @@ pub struct PoolBuilder {
     spin: Option<Duration>,
     /// The initializer's name and encoded arguments (or why they could not be encoded).
     initializer: Option<(&'static str, Result<Vec<u8>, String>)>,
+    start_method: StartMethod,
+}
+
+/// How a pool starts its worker processes; see [`PoolBuilder::start_method`].
+///
+/// Both give a worker that is a fresh copy of the program as it started: it runs no part of
+/// the caller's `main`, shares none of its state, and sees the caller's environment and
+/// working directory as they are when the worker starts.
+///
+/// # Examples
+///
+/// ```no_run
+/// use multiproc::{Pool, StartMethod};
+/// # fn main() -> Result<(), multiproc::Error> {
+/// let pool = Pool::builder().start_method(StartMethod::Spawn).build()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StartMethod {
+    /// Fork each worker from the fork server, a copy of the program that
+    /// `#[multiproc::main]` makes first thing in `main`, while the program is still
+    /// single-threaded. About ten times cheaper than [`Spawn`](StartMethod::Spawn) (a
+    /// fraction of a millisecond against a whole program start; `BENCHMARKS.md`, W4).
+    ///
+    /// Falls back to [`Spawn`](StartMethod::Spawn) where there is no fork server: on
+    /// systems other than Linux, in a program started with the environment variable
+    /// `MULTIPROC_START_METHOD=spawn` (or `MULTIPROC_WORKER_EXE`, for profilers), in a
+    /// worker that starts a pool of its own, and after the server stopped answering.
+    ///
+    /// Unlike a spawned worker, a forked one shares the program's arguments (a spawned
+    /// worker's is the executable alone), and it keeps the signal dispositions and resource
+    /// limits the program started with, not the caller's current ones.
+    #[default]
+    ForkServer,
+    /// Run the program's executable again for each worker (`posix_spawn`), as Python's
+    /// `spawn` start method does: each worker pays a whole program start, about 1.5-2 ms.
+    Spawn,
 }
 
 impl Default for PoolBuilder {
@@ -63,6 +102,7 @@ impl Default for PoolBuilder {
             max_memory_per_child: None,
             spin: None,
             initializer: None,
+            start_method: StartMethod::ForkServer,
         }
     }
 }
@@ -212,6 +252,21 @@ impl PoolBuilder {
         self
     }
 
+    /// How workers start. Default: [`StartMethod::ForkServer`], which falls back to
+    /// [`StartMethod::Spawn`] where there is no fork server.
+    ///
+    /// ```no_run
+    /// use multiproc::{Pool, StartMethod};
+    /// # fn main() -> Result<(), multiproc::Error> {
+    /// let pool = Pool::builder().start_method(StartMethod::Spawn).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.start_method = method;
+        self
+    }
+
     /// How long a thread that is about to sleep until a message arrives looks for it first,
     /// without sleeping: a worker that has just answered, waiting for its next request, and a
     /// caller blocked on a short task's outcome. Default: 50 µs, or zero when this process may
@@ -307,6 +362,7 @@ impl PoolBuilder {
                 stop: Some(Arc::new(shared.stop_read.try_clone().map_err(|err| {
                     Error::io("duplicating the pool's stop pipe failed", err)
                 })?)),
+                fork_server: self.start_method == StartMethod::ForkServer,
             },
             prefetch: self.prefetch.max(1),
             shutdown_grace: Duration::from_secs(5),

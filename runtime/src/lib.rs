@@ -9,6 +9,7 @@ mod chunk;
 mod codec;
 mod error;
 mod fdpass;
+mod forkserver;
 mod imap;
 mod outcome;
 mod pipe;
@@ -28,7 +29,7 @@ mod supervisor;
 mod task;
 mod worker;
 
-pub use builder::PoolBuilder;
+pub use builder::{PoolBuilder, StartMethod};
 pub use call::Call;
 pub use chunk::Chunking;
 pub use error::{Error, ErrorKind};

@@ -1,6 +1,7 @@
-//! Starting a worker process: the current executable, run again with [`ENV`](crate::worker::ENV)
-//! set, connected by a private socket that arrives as its stdin and is moved aside at once:
-//! a task reads an empty stdin, and prints to the parent's stdout and stderr.
+//! Starting a worker process: forked by the fork server (`forkserver`) where the program has
+//! one, else the current executable, run again with [`ENV`](crate::worker::ENV) set. Either
+//! way it is connected by a private socket, and a task reads an empty stdin and prints to
+//! the parent's stdout and stderr.
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
@@ -15,7 +16,7 @@ use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,8 @@ pub(crate) struct SpawnOptions {
     pub initializer: Option<Arc<Initializer>>,
     /// The pool's stop pipe (readable once it is terminated): a start-up in progress ends.
     pub stop: Option<Arc<OwnedFd>>,
+    /// Ask the fork server first (see `forkserver`); else always run the executable again.
+    pub fork_server: bool,
 }
 
 /// How a start-up read ended without its frame.
@@ -51,7 +54,8 @@ pub(crate) struct Initializer {
 
 /// A running worker process and the parent's end of its channel.
 pub(crate) struct WorkerProcess {
-    child: Child,
+    /// Our child, whichever way it started.
+    pid: Pid,
     pub conn: UnixStream,
     /// Where the worker publishes the item it is running.
     pub status: StatusPage,
@@ -76,27 +80,23 @@ impl WorkerProcess {
             max_memory: options.max_memory.unwrap_or(0),
             spin_us: u64::try_from(options.spin.as_micros()).unwrap_or(u64::MAX),
         };
-        // No `pre_exec`: std then starts the child with `posix_spawn` (a `vfork`-style clone
-        // that copies no page tables), not `fork`. The channel goes in as the child's stdin,
-        // the only descriptor such a start can hand over besides stdout and stderr; the
-        // worker moves it out of the way at once (`worker::take_channel`) and sets what a
-        // `pre_exec` would have set (SIGINT ignored, the memory cap) on itself.
-        let mut command = Command::new(executable());
-        command
-            .env(ENV, spec.encode())
-            .stdin(Stdio::from(OwnedFd::from(child_end)))
-            .stderr(Stdio::piped())
-            // Its own process group: a timeout kills the task and everything it started, and
-            // a terminal's Ctrl-C reaches the parent, which stops the pool, not each worker.
-            .process_group(0);
-        let mut child = command
-            .spawn()
-            .map_err(|err| Error::io("starting a worker process failed", err))
-            .map_err(spawn_kind)?;
-        drop(command);
-        let stderr = StderrTail::new(child.stderr.take());
+        let child_end = OwnedFd::from(child_end);
+        let forked = if options.fork_server {
+            fork(&spec, &child_end, later(started_at, options.start_timeout))?
+        } else {
+            None
+        };
+        let (pid, stderr) = match forked {
+            Some(forked) => {
+                // Our copy of the worker's end goes at once: the worker's exit must close
+                // the channel.
+                drop(child_end);
+                forked
+            }
+            None => exec(&spec, child_end)?,
+        };
         let mut worker = WorkerProcess {
-            child,
+            pid,
             conn,
             status,
             stderr,
@@ -335,15 +335,18 @@ impl WorkerProcess {
 
     /// The worker's process id.
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid.as_raw().cast_unsigned()
     }
 
     /// Kills the worker and every process it started (its process group), then reaps it.
     pub(crate) fn kill(&mut self) -> ExitStatus {
         if self.reaped.is_none() {
-            let group = Pid::from_raw(self.child.id().cast_signed());
             // ESRCH (already gone) is fine: we reap below either way.
-            let _ = signal::killpg(group, Signal::SIGKILL);
+            let _ = signal::killpg(self.pid, Signal::SIGKILL);
+            // A worker forked a moment ago may not have made its process group yet (it
+            // does that first thing): the group is then not there, and the worker is
+            // killed alone, before it could start anything.
+            let _ = signal::kill(self.pid, Signal::SIGKILL);
         }
         self.wait()
     }
@@ -359,13 +362,12 @@ impl WorkerProcess {
             if let Some(status) = self.reaped {
                 return Some(status);
             }
-            match self.child.try_wait() {
+            match reap(self.pid, true) {
                 Ok(Some(status)) => {
                     self.reaped = Some(status);
                     return Some(status);
                 }
                 Ok(None) => {}
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 // Not our child any more: `wait` reports that.
                 Err(_) => return Some(self.wait()),
             }
@@ -384,13 +386,10 @@ impl WorkerProcess {
         if let Some(status) = self.reaped {
             return status;
         }
-        let status = loop {
-            match self.child.wait() {
-                Ok(status) => break status,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                // Not our child any more (someone else reaped it): report a kill.
-                Err(_) => break ExitStatus::from_raw(Signal::SIGKILL as i32),
-            }
+        let status = match reap(self.pid, false) {
+            Ok(Some(status)) => status,
+            // Not our child any more (someone else reaped it): report a kill.
+            Ok(None) | Err(_) => ExitStatus::from_raw(Signal::SIGKILL as i32),
         };
         self.reaped = Some(status);
         status
@@ -421,7 +420,7 @@ impl WorkerProcess {
             }
         }
         // Reaps at once when the worker exited; kills it first when it did not.
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Ok(Some(status)) = reap(self.pid, true) {
             self.reaped = Some(status);
         }
         self.kill();
@@ -431,6 +430,64 @@ impl WorkerProcess {
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Starts the worker from the fork server: its pid and stderr, or `None` when the program has
+/// no fork server (any more).
+fn fork(
+    spec: &WorkerSpec,
+    channel: &OwnedFd,
+    deadline: Instant,
+) -> Result<Option<(Pid, StderrTail)>, Error> {
+    let (stderr, stderr_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|err| Error::io("creating a worker's stderr pipe failed", err.into()))
+        .map_err(spawn_kind)?;
+    Ok(
+        crate::forkserver::fork_worker(spec, channel, &stderr_end, deadline)
+            .map(|pid| (pid, StderrTail::new(Some(stderr)))),
+    )
+}
+
+/// Starts the worker by running the executable again: its pid and stderr.
+fn exec(spec: &WorkerSpec, channel: OwnedFd) -> Result<(Pid, StderrTail), Error> {
+    // No `pre_exec`: std then starts the child with `posix_spawn` (a `vfork`-style clone
+    // that copies no page tables), not `fork`. The channel goes in as the child's stdin,
+    // the only descriptor such a start can hand over besides stdout and stderr; the
+    // worker moves it out of the way at once (`worker::take_channel`) and sets what a
+    // `pre_exec` would have set (SIGINT ignored, the memory cap) on itself.
+    let mut child = Command::new(executable())
+        .env(ENV, spec.encode())
+        .stdin(Stdio::from(channel))
+        .stderr(Stdio::piped())
+        // Its own process group: a timeout kills the task and everything it started, and
+        // a terminal's Ctrl-C reaches the parent, which stops the pool, not each worker.
+        .process_group(0)
+        .spawn()
+        .map_err(|err| Error::io("starting a worker process failed", err))
+        .map_err(spawn_kind)?;
+    // `Child` neither kills nor reaps on drop: the worker is ours to reap by pid.
+    let stderr = StderrTail::new(child.stderr.take().map(OwnedFd::from));
+    Ok((Pid::from_raw(child.id().cast_signed()), stderr))
+}
+
+/// Reaps `pid` if it has exited (`nohang`) or once it exits: `Ok(None)` while it runs.
+fn reap(pid: Pid, nohang: bool) -> nix::Result<Option<ExitStatus>> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let flags = nohang.then_some(WaitPidFlag::WNOHANG);
+    loop {
+        // The raw status `ExitStatus` wraps: the code in bits 8-15, or the signal in bits
+        // 0-6 with the core-dump flag in bit 7.
+        return match waitpid(pid, flags) {
+            Ok(WaitStatus::Exited(_, code)) => Ok(Some(ExitStatus::from_raw((code & 0xff) << 8))),
+            Ok(WaitStatus::Signaled(_, signal, core)) => Ok(Some(ExitStatus::from_raw(
+                signal as i32 | if core { 0x80 } else { 0 },
+            ))),
+            Ok(WaitStatus::StillAlive) => Ok(None),
+            // Stopped or continued (only traced children report these): not an exit.
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => Err(err),
+        };
     }
 }
 

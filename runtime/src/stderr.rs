@@ -2,9 +2,9 @@
 //! kept, so an error about a worker that died can quote what it said before dying.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::process::ChildStderr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 /// Bytes of a worker's stderr kept for error reports.
 const KEEP: usize = 8 * 1024;
@@ -12,13 +12,14 @@ const KEEP: usize = 8 * 1024;
 const LINES: usize = 12;
 
 pub(crate) struct StderrTail {
-    pipe: Option<ChildStderr>,
+    pipe: Option<File>,
     tail: VecDeque<u8>,
 }
 
 impl StderrTail {
     /// Takes the read end of a worker's stderr, made non-blocking.
-    pub(crate) fn new(pipe: Option<ChildStderr>) -> StderrTail {
+    pub(crate) fn new(pipe: Option<OwnedFd>) -> StderrTail {
+        let pipe = pipe.map(File::from);
         if let Some(pipe) = &pipe {
             use nix::fcntl::{FcntlArg, OFlag, fcntl};
             let _ = fcntl(pipe.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK));

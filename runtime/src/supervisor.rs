@@ -186,6 +186,7 @@ fn supervise(
         spin: Duration::ZERO,
         initializer: None,
         stop: None,
+        fork_server: true,
     };
     let mut worker = match WorkerProcess::spawn(&options) {
         Ok(worker) => worker,

@@ -99,6 +99,7 @@ impl WorkerSpec {
 #[doc(hidden)]
 pub fn worker_main() {
     let Some(value) = std::env::var_os(ENV) else {
+        crate::forkserver::start();
         return;
     };
     // Not inherited by what a task starts: another program built with #[multiproc::main]
@@ -107,19 +108,37 @@ pub fn worker_main() {
     // other thread reads or writes the environment concurrently.
     unsafe { std::env::remove_var(ENV) };
     ENTERED.store(true, Ordering::SeqCst);
-    let code = match WorkerSpec::decode(&value) {
-        Ok(spec) => match serve(spec) {
-            Ok(()) => 0,
-            Err(err) => {
-                eprintln!("multiproc worker {}: {err}", std::process::id());
-                1
-            }
-        },
+    let served = match WorkerSpec::decode(&value) {
+        Ok(spec) => guard_against_orphaning(spec.parent)
+            // SAFETY: our parent (checked above) made our stdin this worker's channel, and
+            // nothing in this process has used stdin: `worker_main` runs first thing in `main`.
+            .and_then(|()| unsafe { take_channel() })
+            .and_then(|channel| serve(spec, channel)),
         Err(err) => {
             eprintln!("multiproc worker: malformed {ENV}: {err}");
-            1
+            exit(1);
         }
     };
+    exit_after(served)
+}
+
+/// The worker entry of a process forked by the fork server (`forkserver`), which hands over
+/// the channel itself; never returns.
+pub(crate) fn serve_forked(spec: WorkerSpec, channel: OwnedFd) -> ! {
+    ENTERED.store(true, Ordering::SeqCst);
+    exit_after(guard_against_orphaning(spec.parent).and_then(|()| serve(spec, channel)))
+}
+
+/// Exits a worker: status 0 when it served to the end, 1 after saying what went wrong.
+fn exit_after(served: Result<(), Error>) -> ! {
+    if let Err(err) = served {
+        eprintln!("multiproc worker {}: {err}", std::process::id());
+        exit(1);
+    }
+    exit(0)
+}
+
+fn exit(code: i32) -> ! {
     let _ = std::io::stdout().flush();
     std::process::exit(code);
 }
@@ -156,13 +175,10 @@ pub(crate) fn check_may_spawn() -> Result<(), Error> {
     ))
 }
 
-fn serve(spec: WorkerSpec) -> Result<(), Error> {
-    // First: a process whose parent is not the one that wrote ENV must not touch the
-    // descriptor numbers in it.
-    guard_against_orphaning(spec.parent)?;
-    // SAFETY: our parent (checked above) made our stdin this worker's channel, and nothing
-    // in this process has used stdin: `worker_main` runs first thing in `main`.
-    let fd = unsafe { take_channel()? };
+/// Serves tasks on `fd` until the parent says `Shutdown` or goes away. The caller has checked
+/// that the parent is the one that sent the spec: a process whose parent is not the one that
+/// wrote ENV must not touch the descriptor numbers in it.
+fn serve(spec: WorkerSpec, fd: OwnedFd) -> Result<(), Error> {
     limit_self(spec)?;
     install_panic_hook();
     let registry = Registry::get()?;
