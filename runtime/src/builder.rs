@@ -7,7 +7,7 @@ use crate::protocol::DEFAULT_MAX_FRAME_LEN;
 use crate::registry::Registry;
 use crate::sched::Shared;
 use crate::slot::{Slot, SlotConfig};
-use crate::spawn::{Initializer, SpawnOptions};
+use crate::spawn::{Initializer, SpawnOptions, WorkerProcess};
 use crate::task::Task;
 use crate::worker;
 use std::sync::{Arc, Mutex, mpsc};
@@ -374,9 +374,17 @@ impl PoolBuilder {
         for index in 0..processes {
             let slot = Slot::new(index, Arc::clone(&shared), Arc::clone(&config));
             let ready = ready_tx.clone();
+            // A worker the fork server starts may start from this thread, and does: it then
+            // forks while its slot's thread starts, which costs about as much. Any other
+            // start must happen on the slot's thread, which outlives the worker.
+            let launched = if config.spawn.fork_server {
+                WorkerProcess::launch(&config.spawn, false).transpose()
+            } else {
+                None
+            };
             let spawned = std::thread::Builder::new()
                 .name(format!("multiproc-slot-{index}"))
-                .spawn(move || slot.run(ready));
+                .spawn(move || slot.run(ready, launched));
             match spawned {
                 Ok(handle) => handles.push(handle),
                 Err(err) => {

@@ -311,18 +311,26 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec
     }
     let _ = nix::unistd::dup2_stderr(&stderr);
     drop(stderr);
-    // SAFETY: this process is single-threaded (a fresh copy of the server), so nothing reads
-    // the environment while it is replaced.
-    unsafe {
-        for (key, _) in std::env::vars_os() {
-            std::env::remove_var(key);
-        }
-        for (key, value) in request.env {
-            std::env::set_var(OsString::from_vec(key), OsString::from_vec(value));
+    // Most programs change neither before they start a pool: then nothing is written (each
+    // page written is a page copied from the server).
+    let inherited: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
+        .map(|(key, value)| (key.into_vec(), value.into_vec()))
+        .collect();
+    if inherited != request.env {
+        // SAFETY: this process is single-threaded (a fresh copy of the server), so nothing
+        // reads the environment while it is replaced.
+        unsafe {
+            for (key, _) in inherited {
+                std::env::remove_var(OsString::from_vec(key));
+            }
+            for (key, value) in request.env {
+                std::env::set_var(OsString::from_vec(key), OsString::from_vec(value));
+            }
         }
     }
-    if !request.cwd.is_empty() {
-        let _ = std::env::set_current_dir(std::ffi::OsStr::from_bytes(&request.cwd));
+    let cwd = std::ffi::OsStr::from_bytes(&request.cwd);
+    if !cwd.is_empty() && std::env::current_dir().is_ok_and(|dir| dir.as_os_str() != cwd) {
+        let _ = std::env::set_current_dir(cwd);
     }
     worker::serve_forked(spec, channel)
 }

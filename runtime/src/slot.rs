@@ -23,7 +23,7 @@ use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
 use crate::region::{Region, SHARED_MIN};
 use crate::sched::{Chunk, Next, Shared, terminated};
-use crate::spawn::{SpawnOptions, WorkerProcess, describe_status, status_parts};
+use crate::spawn::{Launched, SpawnOptions, WorkerProcess, describe_status, status_parts};
 use crate::status::{Published, monotonic_ns};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -224,12 +224,23 @@ impl Slot {
     /// listening: it returns once one worker is ready, or fails with the first failure. A
     /// worker that fails to start after that (`build` has returned) is retried as a
     /// replacement would be; if it still cannot start, the pool goes on without this slot.
-    pub(crate) fn run(self, ready: Sender<Result<u32, Error>>) {
+    /// `launched`: the first worker, when the thread that built the pool started it (or
+    /// failed to).
+    pub(crate) fn run(
+        self,
+        ready: Sender<Result<u32, Error>>,
+        launched: Option<Result<Launched, Error>>,
+    ) {
         let mut slot = Box::new(self);
         // Counts this slot's first start as done however it ends, a panic included: callers
         // of `worker_pids` wait for it.
         let first_start = FirstStart(Arc::clone(&slot.shared));
-        let started = match slot.start_worker(1) {
+        let first = match launched {
+            Some(Ok(launched)) => slot.start_worker(Some(launched), 1),
+            Some(Err(err)) => Err(err),
+            None => slot.start_worker(None, 1),
+        };
+        let started = match first {
             Ok(pid) => {
                 let _ = ready.send(Ok(pid));
                 drop(first_start);
@@ -243,7 +254,7 @@ impl Slot {
                 let _ = ready.send(Err(err));
                 drop(first_start);
                 if slot.shared.retry_after(Duration::from_millis(100)) {
-                    slot.start_worker(slot.config.restart_attempts)
+                    slot.start_worker(None, slot.config.restart_attempts)
                         .map(drop)
                         .map_err(Some)
                 } else {
@@ -280,7 +291,7 @@ impl Slot {
                 if slot.shared.is_terminated() {
                     return (slot, None);
                 }
-                if let Err(err) = slot.start_worker(slot.config.restart_attempts) {
+                if let Err(err) = slot.start_worker(None, slot.config.restart_attempts) {
                     return (slot, Some(err));
                 }
             }
@@ -407,12 +418,20 @@ impl Slot {
 
     /// Starts a worker, retrying transient failures with a growing back-off: a worker that
     /// cannot start (a failing initializer, say) costs a bounded number of attempts, never an
-    /// endless respawn loop.
-    fn start_worker(&mut self, attempts: u32) -> Result<u32, Error> {
+    /// endless respawn loop. `launched`: a first attempt already under way.
+    fn start_worker(
+        &mut self,
+        mut launched: Option<Launched>,
+        attempts: u32,
+    ) -> Result<u32, Error> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match WorkerProcess::spawn(&self.config.spawn) {
+            let started = match launched.take() {
+                Some(launched) => launched.finish(&self.config.spawn),
+                None => WorkerProcess::spawn(&self.config.spawn),
+            };
+            match started {
                 Ok(worker) => {
                     let pid = worker.pid();
                     worker

@@ -64,12 +64,33 @@ pub(crate) struct WorkerProcess {
     reaped: Option<ExitStatus>,
 }
 
+/// A worker process started, before its handshake ([`Launched::finish`]).
+pub(crate) struct Launched {
+    worker: WorkerProcess,
+    started_at: Instant,
+}
+
 impl WorkerProcess {
     /// Starts a worker and completes the handshake: protocol version and registry digest must
     /// match this process's, or the worker is killed and the error says why.
     pub(crate) fn spawn(options: &SpawnOptions) -> Result<WorkerProcess, Error> {
+        match Self::launch(options, true)? {
+            Some(launched) => launched.finish(options),
+            None => Err(Self::start_failure("no way to start a worker".to_owned())),
+        }
+    }
+
+    /// Starts a worker process, without waiting for it: from the fork server where
+    /// `options` allow it and the program has one, else (with `exec_fallback`) by running the
+    /// executable again. `None`: the fork server could not, and `exec_fallback` is false.
+    ///
+    /// The thread that runs the executable must outlive the worker (its death is the
+    /// parent's death to the kernel); the fork server has no such bound.
+    pub(crate) fn launch(
+        options: &SpawnOptions,
+        exec_fallback: bool,
+    ) -> Result<Option<Launched>, Error> {
         let started_at = Instant::now();
-        let registry = Registry::get()?;
         let (conn, child_end) = UnixStream::pair()
             .map_err(|err| Error::io("creating a worker channel failed", err))
             .map_err(spawn_kind)?;
@@ -93,15 +114,29 @@ impl WorkerProcess {
                 drop(child_end);
                 forked
             }
-            None => exec(&spec, child_end)?,
+            None if exec_fallback => exec(&spec, child_end)?,
+            None => return Ok(None),
         };
-        let mut worker = WorkerProcess {
+        let worker = WorkerProcess {
             pid,
             conn,
             status,
             stderr,
             reaped: None,
         };
+        Ok(Some(Launched { worker, started_at }))
+    }
+}
+
+impl Launched {
+    /// Completes the start: the handshake, then the initializer. On failure the worker is
+    /// killed, and the error quotes its last words on stderr.
+    pub(crate) fn finish(self, options: &SpawnOptions) -> Result<WorkerProcess, Error> {
+        let Launched {
+            mut worker,
+            started_at,
+        } = self;
+        let registry = Registry::get()?;
         let started = worker
             .send_status_page()
             .and_then(|()| worker.handshake(registry.digest(), options))
@@ -120,7 +155,9 @@ impl WorkerProcess {
             }
         }
     }
+}
 
+impl WorkerProcess {
     /// The worker's first frame: its status page, as a descriptor. The socket buffer is
     /// empty, so this small write cannot block.
     fn send_status_page(&mut self) -> Result<(), Error> {

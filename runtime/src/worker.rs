@@ -19,6 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::Write;
+use std::mem::ManuallyDrop;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
@@ -182,11 +183,15 @@ fn serve(spec: WorkerSpec, fd: OwnedFd) -> Result<(), Error> {
     limit_self(spec)?;
     install_panic_hook();
     let registry = Registry::get()?;
-    let mut conn = UnixStream::from(fd);
+    // Never closed here: it closes as the process exits, after its at-exit work (a coverage
+    // runtime writing its profile, say). The parent takes its end of stream for the exit.
+    let mut conn = ManuallyDrop::new(UnixStream::from(fd));
     let mut reader = FrameReader::new(spec.max_frame_len);
     let mut received = VecDeque::new();
     let status = StatusPage::open(first_descriptor(&mut reader, &conn, &mut received)?)?;
-    start_watchdog(&conn)?;
+    if !PARENT_DEATH_SIGNAL {
+        start_watchdog(&conn)?;
+    }
     let ready = Header::Ready {
         version: protocol::PROTOCOL_VERSION,
         digest: registry.digest(),
@@ -230,7 +235,7 @@ struct Server {
     spec: WorkerSpec,
     registry: &'static Registry,
     status: StatusPage,
-    conn: UnixStream,
+    conn: ManuallyDrop<UnixStream>,
     /// Descriptors received and not yet claimed by a `Descriptors` or `Region` frame.
     received: VecDeque<OwnedFd>,
     /// The descriptors of the next `Run`.
@@ -544,9 +549,16 @@ impl std::io::Read for FdStream<'_> {
     }
 }
 
+/// Whether the kernel kills a worker whose parent dies (`guard_against_orphaning`). Where it
+/// does, a worker needs no watchdog: while the parent lives, it kills a worker it no longer
+/// wants (`WorkerProcess::kill`), and when it dies the kernel does. A watchdog would cost a
+/// thread started and stopped with every worker, about a tenth of a millisecond each on the
+/// machine of `BENCHMARKS.md`.
+const PARENT_DEATH_SIGNAL: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
 /// Exits this worker as soon as the parent's end of the channel closes, even in the middle of
-/// a task: the portable half of "no worker outlives its parent" (Linux also has the
-/// parent-death signal). It waits in `poll` for a hang-up, so it costs nothing meanwhile.
+/// a task: "no worker outlives its parent" where the kernel has no parent-death signal
+/// ([`PARENT_DEATH_SIGNAL`]). It waits in `poll` for a hang-up, so it costs nothing meanwhile.
 fn start_watchdog(conn: &UnixStream) -> Result<(), Error> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
