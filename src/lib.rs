@@ -3,7 +3,8 @@
 //! # The pieces, in this crate's API
 //!
 //! - [`task`] registers a function; [`Task`] and [`UnaryTask`] are what it implements.
-//! - [`main`] diverts a re-executed child into the worker loop.
+//! - [`main`] starts the fork server and diverts a re-executed child into the worker loop;
+//!   [`StartMethod`] chooses how a pool starts its workers.
 //! - [`Pool`] (built with [`PoolBuilder`]) runs tasks: [`Pool::map`], [`Pool::starmap`],
 //!   [`Pool::apply`], their `_async` forms returning [`AsyncResult`], and the lazy streams
 //!   [`Pool::imap`] and [`Pool::imap_unordered`] ([`IMap`]). [`Chunking`] sets how many items
@@ -51,10 +52,11 @@
 /// ```
 pub use multiproc_macros::task;
 
-/// Marks `fn main` as the entry a re-executed worker passes through.
+/// Marks `fn main` as the entry where a program's workers come from.
 ///
-/// In the parent, `main`'s body runs unchanged. In a worker (a copy of this executable started
-/// by a pool), the worker serves tasks and exits before the body would run. Every binary that
+/// In the parent it first forks the fork server (see [`StartMethod::ForkServer`]), then
+/// `main`'s body runs unchanged. In a worker started by running the executable again, the
+/// worker serves tasks and exits before the body would run. Every binary that
 /// starts pools needs it on its `main`: programs, examples, and `harness = false` test
 /// targets. Without it, pools fail to start with an error that names this attribute.
 ///

@@ -1,8 +1,9 @@
 //! [`Process`]: one call of a task in a child process of its own. Python's
 //! `multiprocessing.Process`.
 //!
-//! A process is a worker like a pool's: this executable run again, diverted into the worker
-//! loop by `#[multiproc::main]`, which finds the task by its registered name. It gets one
+//! A process is a worker like a pool's (forked by the fork server, or this executable run
+//! again and diverted into the worker loop by `#[multiproc::main]`), which finds the task by
+//! its registered name. It gets one
 //! `Run` frame of one item, answers with its outcome, and is told to exit.
 //!
 //! Each process has a supervisor thread in the parent (see `supervisor`), which owns the

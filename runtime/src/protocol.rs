@@ -55,7 +55,7 @@ pub(crate) enum Header {
         timed: bool,
     },
     /// Worker → parent: outcomes of items `first..first + count` of chunk `seq`; the payload
-    /// holds one encoded [`crate::worker::Outcome`] per item.
+    /// holds one encoded [`crate::outcome::Outcome`] per item.
     Results { seq: u64, first: u32, count: u32 },
     /// Parent → worker: finish and exit with status 0.
     Shutdown,

@@ -1,11 +1,12 @@
-//! The worker side: what a re-executed child does when `#[multiproc::main]` hands it control.
+//! The worker side: what a worker process does once it has its channel.
 //!
-//! A parent starts a worker by running its own executable again with [`ENV`] set to a
-//! [`WorkerSpec`]: the parent's pid, the frame limit and the memory cap; the socket is its
-//! stdin. [`worker_main`] sees the variable, takes the socket and the status page the parent
-//! sends first, says `Ready`, then runs each
-//! `Run` chunk it receives and answers with `Results`, until `Shutdown` or end of stream. It
-//! never returns to the user's `main` body.
+//! A worker gets a [`WorkerSpec`] (the parent's pid, the frame limit, the memory cap) and a
+//! socket. The fork server's copy gets both in memory (`forkserver`, then
+//! [`serve_forked`]); an executable run again gets the spec in [`ENV`] and the socket as its
+//! stdin, and [`worker_main`], first thing in `main`, takes them. Either then takes the
+//! status page the parent sends first, says `Ready`, runs each `Run` chunk it receives and
+//! answers with `Results`, until `Shutdown` or end of stream. It never returns to the user's
+//! `main` body.
 
 use crate::codec;
 use crate::error::{Error, ErrorKind};
