@@ -318,6 +318,39 @@ fn a_handle_as_output_is_a_clear_error() -> TestResult {
     Ok(())
 }
 
+/// A result that never encodes, with a message of its own that postcard does not keep.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct Unencodable(#[serde(serialize_with = "refuse")] u8);
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's `serialize_with` passes a reference"
+)]
+fn refuse<S: serde::Serializer>(_: &u8, _: S) -> Result<S::Ok, S::Error> {
+    Err(serde::ser::Error::custom("refused"))
+}
+
+/// Encodes a handle where handles cannot go (the error is ignored), then returns a result
+/// that fails to encode for a reason of its own.
+#[task]
+fn misuse_a_handle_then_fail(tx: Sender<u32>) -> Unencodable {
+    assert!(postcard::to_allocvec(&tx).is_err());
+    Unencodable(1)
+}
+
+fn a_result_error_does_not_quote_an_old_handle_refusal() -> TestResult {
+    let (tx, _rx) = pipe::<u32>()?;
+    let err = Process::spawn(misuse_a_handle_then_fail, (tx,))?
+        .join()
+        .expect_err("the result cannot be encoded");
+    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    ensure(
+        err.to_string().contains("could not encode the result")
+            && !err.to_string().contains("channel handle"),
+        err.to_string(),
+    )
+}
+
 fn large_messages_from_several_producers_at_once() -> TestResult {
     const SIZE: usize = 8 << 20;
     let (tx, rx) = pipe::<(u32, u32, Vec<u8>)>()?;
@@ -354,6 +387,7 @@ fn main() {
         handles_through_pool_tasks,
         handles_travel_inside_messages,
         a_handle_as_output_is_a_clear_error,
+        a_result_error_does_not_quote_an_old_handle_refusal,
         large_messages_from_several_producers_at_once,
         the_most_handles_a_chunk_carries_after_a_large_reply,
     ]);

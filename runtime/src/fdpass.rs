@@ -90,6 +90,13 @@ pub(crate) fn encode_error(context: String, err: postcard::Error) -> Error {
     }
 }
 
+/// Forgets the reason of an earlier refusal that nobody read (a task that encoded a handle
+/// with a serializer of its own, say): called before an encoding whose failure
+/// [`refusal_or`] explains, so that it cannot quote a stale reason.
+pub(crate) fn forget_refusal() {
+    REFUSAL.take();
+}
+
 /// Why an encoding failed, as text: the reason a channel handle gave when one refused,
 /// else the codec's error.
 pub(crate) fn refusal_or(err: &postcard::Error) -> String {

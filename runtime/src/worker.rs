@@ -630,6 +630,7 @@ pub(crate) fn run_chunk<T: Task>(
         match run_caught(|| T::call(args)) {
             Ok(value) => {
                 let mark = output.len();
+                crate::fdpass::forget_refusal();
                 if let Err(err) = outcome::encode_ok(&value, output) {
                     output.truncate(mark);
                     let reason = crate::fdpass::refusal_or(&err);
