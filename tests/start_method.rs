@@ -40,6 +40,14 @@ fn square(x: u64) -> u64 {
     x * x
 }
 
+/// A pool inside a worker: the worker has no fork server of its own, so its workers run the
+/// executable again.
+#[task]
+fn square_in_a_nested_pool(x: u64) -> u64 {
+    let pool = Pool::new(1).expect("a pool inside a worker");
+    pool.apply(square, (x,)).expect("nested apply")
+}
+
 fn method(name: &str) -> StartMethod {
     match name {
         "spawn" => StartMethod::Spawn,
@@ -174,6 +182,17 @@ fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
     ensure(out.contains("children=1") && out.contains("ok"), out)
 }
 
+fn a_worker_starts_a_pool_of_its_own() -> TestResult {
+    for method in [StartMethod::ForkServer, StartMethod::Spawn] {
+        let pool = Pool::builder().processes(1).start_method(method).build()?;
+        ensure(
+            pool.apply(square_in_a_nested_pool, (7,))? == 49,
+            format!("{method:?}"),
+        )?;
+    }
+    Ok(())
+}
+
 fn a_program_started_with_spawn_has_no_fork_server() -> TestResult {
     let out = Command::new(std::env::current_exe()?)
         .env(SCENARIO, "server-killed:fork")
@@ -199,6 +218,7 @@ fn main() {
         workers_see_the_environment_and_directory_of_the_caller,
         workers_forked_or_spawned_report_a_crash_alike,
         a_pool_starts_when_the_fork_server_is_gone,
+        a_worker_starts_a_pool_of_its_own,
         a_program_started_with_spawn_has_no_fork_server,
     ]);
 }
