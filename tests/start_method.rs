@@ -6,7 +6,7 @@
 
 mod support;
 
-use multiproc::{Pool, StartMethod, task};
+use multiproc::{Pool, PoolBuilder, StartMethod, task};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use support::{TestResult, alive, children, ensure};
@@ -38,6 +38,58 @@ fn abort_with(note: String) -> u8 {
 #[task]
 fn square(x: u64) -> u64 {
     x * x
+}
+
+/// Pins the calling thread to one CPU through glibc (`pthread_self`), then says what the
+/// kernel thinks: this process's CPUs, and whether its robust-mutex list is registered. A
+/// forked worker whose glibc still took it for the fork server would pin the server.
+#[task]
+fn pin_through_glibc() -> (Vec<usize>, Vec<usize>, bool, Vec<String>) {
+    use nix::libc;
+    use nix::sched::{CpuSet, sched_getaffinity};
+    use nix::unistd::Pid;
+    let allowed = |set: CpuSet| -> Vec<usize> {
+        (0..CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .collect()
+    };
+    let before = allowed(sched_getaffinity(Pid::from_raw(0)).expect("affinity"));
+    let first = before[0];
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and pthread_setaffinity_np take it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(first, &mut set);
+        libc::pthread_setaffinity_np(
+            libc::pthread_self(),
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &raw const set,
+        )
+    };
+    assert_eq!(rc, 0, "pthread_setaffinity_np");
+    let after = allowed(sched_getaffinity(Pid::from_raw(0)).expect("affinity"));
+    let mut head: *mut libc::c_void = std::ptr::null_mut();
+    let mut len: libc::size_t = 0;
+    // SAFETY: get_robust_list(0, ...) writes this thread's list head and its length.
+    let got = unsafe { libc::syscall(libc::SYS_get_robust_list, 0, &raw mut head, &raw mut len) };
+    (
+        before,
+        after,
+        got == 0 && !head.is_null(),
+        std::env::args().collect(),
+    )
+}
+
+/// The worker's parent and its umask, as the kernel has them.
+#[task]
+fn parent_and_umask() -> (u32, String) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let umask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Umask:"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    (nix::unistd::getppid().as_raw().cast_unsigned(), umask)
 }
 
 /// A pool inside a worker: the worker has no fork server of its own, so its workers run the
@@ -79,81 +131,150 @@ fn scenario(which: &str) -> ! {
     let (scenario, name) = which.split_once(':').expect("scenario:method");
     let builder = Pool::builder().processes(1).start_method(method(name));
     match scenario {
-        "observe" => {
-            let dir = std::env::temp_dir();
-            // SAFETY: this process is single-threaded here: no pool has started yet.
-            unsafe {
-                std::env::set_var("MULTIPROC_TEST_SET_LATE", "late");
-                std::env::remove_var("MULTIPROC_TEST_REMOVED");
-            }
-            std::env::set_current_dir(&dir).expect("chdir");
-            STATE.store(2, Ordering::SeqCst);
-            let pool = builder.build().expect("pool");
-            let (late, cwd, state, args) = pool
-                .apply(observe, ("MULTIPROC_TEST_SET_LATE".to_owned(),))
-                .expect("observe");
-            let (removed, ..) = pool
-                .apply(observe, ("MULTIPROC_TEST_REMOVED".to_owned(),))
-                .expect("observe");
-            let expected = dir.canonicalize().expect("temp dir");
-            assert_eq!(
-                late.as_deref(),
-                Some("late"),
-                "a variable set before the pool"
-            );
-            assert_eq!(removed, None, "a variable removed before the pool");
-            assert_eq!(
-                std::path::Path::new(&cwd).canonicalize().ok(),
-                Some(expected)
-            );
-            assert_eq!(state, 1, "a worker starts from the program as it started");
-            let own: Vec<String> = std::env::args().collect();
-            // A forked worker is a copy of this program; a spawned one runs the executable
-            // with no arguments. That difference is what shows which way it started.
-            println!("same-args={}", args == own);
-        }
-        "crash" => {
-            let pool = builder.build().expect("pool");
-            let err = pool
-                .apply(abort_with, ("a last word".to_owned(),))
-                .expect_err("aborted");
-            assert_eq!(err.signal(), Some(6), "SIGABRT: {err}");
-            assert!(
-                err.stderr_tail()
-                    .is_some_and(|tail| tail.contains("a last word")),
-                "stderr quoted: {err}"
-            );
-            assert_eq!(
-                pool.map(square, [3, 4]).expect("after a crash"),
-                vec![9, 16]
-            );
-            println!("ok");
-        }
-        "server-killed" => {
-            // Before any pool, this process's only child is the fork server (if it has one).
-            let server = children(std::process::id());
-            println!("children={}", server.len());
-            for &pid in &server {
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid.cast_signed()),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
-                .expect("kill the server");
-            }
-            let pool = builder.processes(2).build().expect("pool without a server");
-            assert_eq!(
-                pool.map(square, 0..10u64).expect("map"),
-                (0..10u64).map(|x| x * x).collect::<Vec<_>>()
-            );
-            for pid in server {
-                assert!(!alive(pid), "the dead server was reaped");
-                assert!(!pool.worker_pids().contains(&pid));
-            }
-            println!("ok");
-        }
+        "observe" => scenario_observe(builder),
+        "crash" => scenario_crash(builder),
+        "umask" => scenario_umask(builder),
+        "forked-child" => scenario_forked_child(builder),
+        "server-stopped" => scenario_server_stopped(builder),
+        "server-killed" => scenario_server_killed(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
+}
+
+fn scenario_observe(builder: PoolBuilder) {
+    let dir = std::env::temp_dir();
+    // SAFETY: this process is single-threaded here: no pool has started yet.
+    unsafe {
+        std::env::set_var("MULTIPROC_TEST_SET_LATE", "late");
+        std::env::remove_var("MULTIPROC_TEST_REMOVED");
+    }
+    std::env::set_current_dir(&dir).expect("chdir");
+    STATE.store(2, Ordering::SeqCst);
+    let pool = builder.build().expect("pool");
+    let (late, cwd, state, args) = pool
+        .apply(observe, ("MULTIPROC_TEST_SET_LATE".to_owned(),))
+        .expect("observe");
+    let (removed, ..) = pool
+        .apply(observe, ("MULTIPROC_TEST_REMOVED".to_owned(),))
+        .expect("observe");
+    let expected = dir.canonicalize().expect("temp dir");
+    assert_eq!(
+        late.as_deref(),
+        Some("late"),
+        "a variable set before the pool"
+    );
+    assert_eq!(removed, None, "a variable removed before the pool");
+    assert_eq!(
+        std::path::Path::new(&cwd).canonicalize().ok(),
+        Some(expected)
+    );
+    assert_eq!(state, 1, "a worker starts from the program as it started");
+    let own: Vec<String> = std::env::args().collect();
+    // A forked worker is a copy of this program; a spawned one runs the executable
+    // with no arguments. That difference is what shows which way it started.
+    println!("same-args={}", args == own);
+}
+
+fn scenario_crash(builder: PoolBuilder) {
+    let pool = builder.build().expect("pool");
+    let err = pool
+        .apply(abort_with, ("a last word".to_owned(),))
+        .expect_err("aborted");
+    assert_eq!(err.signal(), Some(6), "SIGABRT: {err}");
+    assert!(
+        err.stderr_tail()
+            .is_some_and(|tail| tail.contains("a last word")),
+        "stderr quoted: {err}"
+    );
+    assert_eq!(
+        pool.map(square, [3, 4]).expect("after a crash"),
+        vec![9, 16]
+    );
+    println!("ok");
+}
+
+fn scenario_umask(builder: PoolBuilder) {
+    // A forked worker would keep the umask the program started with: the parent's
+    // new one must send it to `exec`.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let pool = builder.build().expect("pool");
+    let (_, umask) = pool.apply(parent_and_umask, ()).expect("umask");
+    assert_eq!(umask, "0077");
+    println!("ok");
+}
+
+fn scenario_forked_child(builder: PoolBuilder) {
+    // A copy of the program made with `fork` has its parent's fork server, whose
+    // workers would not be its children: it starts its own by `exec`.
+    let server = children(std::process::id());
+    // SAFETY: this process is single-threaded here; the child only starts a pool
+    // and exits.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let pool = builder.build().expect("pool in a forked copy");
+            let (parent, _) = pool.apply(parent_and_umask, ()).expect("apply");
+            assert_eq!(parent, std::process::id(), "the worker is ours");
+            drop(pool);
+            std::process::exit(0);
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = nix::sys::wait::waitpid(child, None).expect("wait");
+            assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+        }
+    }
+    assert!(server.iter().all(|&pid| alive(pid)), "the server lives on");
+    let pool = builder.build().expect("pool");
+    assert_eq!(pool.apply(square, (5,)).expect("apply"), 25);
+    println!("ok");
+}
+
+fn scenario_server_stopped(builder: PoolBuilder) {
+    // A stopped server answers nothing: the start gives it up after a bounded wait
+    // and runs the executable instead.
+    let server = children(std::process::id());
+    assert_eq!(server.len(), 1, "the fork server");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server[0].cast_signed()),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("stop the server");
+    let started = std::time::Instant::now();
+    let pool = builder.build().expect("pool past a stopped server");
+    assert_eq!(pool.apply(square, (6,)).expect("apply"), 36);
+    println!("started in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "well within the 30 s start timeout"
+    );
+    assert!(
+        !children(std::process::id()).contains(&server[0]),
+        "the server was given up and reaped"
+    );
+    println!("ok");
+}
+
+fn scenario_server_killed(builder: PoolBuilder) {
+    // Before any pool, this process's only child is the fork server (if it has one).
+    let server = children(std::process::id());
+    println!("children={}", server.len());
+    for &pid in &server {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid.cast_signed()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill the server");
+    }
+    let pool = builder.processes(2).build().expect("pool without a server");
+    assert_eq!(
+        pool.map(square, 0..10u64).expect("map"),
+        (0..10u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    for pid in server {
+        assert!(!alive(pid), "the dead server was reaped");
+        assert!(!pool.worker_pids().contains(&pid));
+    }
+    println!("ok");
 }
 
 fn workers_see_the_environment_and_directory_of_the_caller() -> TestResult {
@@ -180,6 +301,59 @@ fn workers_forked_or_spawned_report_a_crash_alike() -> TestResult {
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
     let out = run_scenario("server-killed", "fork")?;
     ensure(out.contains("children=1") && out.contains("ok"), out)
+}
+
+fn glibc_knows_a_forked_worker_as_itself() -> TestResult {
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .build()?;
+    let (before, after, robust, args) = pool.apply(pin_through_glibc, ())?;
+    ensure(
+        args == std::env::args().collect::<Vec<_>>(),
+        "the worker was forked",
+    )?;
+    ensure(robust, "the robust-mutex list is registered")?;
+    ensure(
+        after == before[..1],
+        format!("pinned itself: {before:?} -> {after:?}"),
+    )
+}
+
+fn a_changed_umask_reaches_the_workers() -> TestResult {
+    for method in ["fork", "spawn"] {
+        let out = run_scenario("umask", method)?;
+        ensure(out.trim() == "ok", format!("{method}: {out}"))?;
+    }
+    Ok(())
+}
+
+fn a_copy_made_by_fork_starts_its_own_workers() -> TestResult {
+    let out = run_scenario("forked-child", "fork")?;
+    ensure(out.trim() == "ok", out)
+}
+
+fn an_environment_set_var_refuses_gets_spawned_workers() -> TestResult {
+    // An entry `=ODD=1`, whose name (`=ODD`) std's `set_var` would refuse in a forked worker.
+    let out = Command::new(std::env::current_exe()?)
+        .env(SCENARIO, "observe:fork")
+        .env("MULTIPROC_TEST_REMOVED", "present")
+        .env("=ODD", "1")
+        .output()?;
+    let stdout = String::from_utf8(out.stdout)?;
+    ensure(
+        out.status.success() && stdout.contains("same-args=false"),
+        format!(
+            "{}: {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn a_stopped_fork_server_does_not_hold_a_start() -> TestResult {
+    let out = run_scenario("server-stopped", "fork")?;
+    ensure(out.contains("ok"), out)
 }
 
 fn a_worker_starts_a_pool_of_its_own() -> TestResult {
@@ -219,6 +393,11 @@ fn main() {
         workers_forked_or_spawned_report_a_crash_alike,
         a_pool_starts_when_the_fork_server_is_gone,
         a_worker_starts_a_pool_of_its_own,
+        glibc_knows_a_forked_worker_as_itself,
+        a_changed_umask_reaches_the_workers,
+        a_copy_made_by_fork_starts_its_own_workers,
+        an_environment_set_var_refuses_gets_spawned_workers,
+        a_stopped_fork_server_does_not_hold_a_start,
         a_program_started_with_spawn_has_no_fork_server,
     ]);
 }

@@ -68,17 +68,29 @@ pub struct PoolBuilder {
 pub enum StartMethod {
     /// Fork each worker from the fork server, a copy of the program that
     /// `#[multiproc::main]` makes first thing in `main`, while the program is still
-    /// single-threaded. About ten times cheaper than [`Spawn`](StartMethod::Spawn) (a
-    /// fraction of a millisecond against a whole program start; `BENCHMARKS.md`, W4).
+    /// single-threaded. A worker is ready in a fraction of a millisecond, against a whole
+    /// program start (`BENCHMARKS.md`, W4). The worker gets the caller's current
+    /// environment, working directory, stdout and stderr.
     ///
-    /// Falls back to [`Spawn`](StartMethod::Spawn) where there is no fork server: on
-    /// systems other than Linux, in a program started with the environment variable
-    /// `MULTIPROC_START_METHOD=spawn` (or `MULTIPROC_WORKER_EXE`, for profilers), in a
-    /// worker that starts a pool of its own, and after the server stopped answering.
+    /// Falls back to [`Spawn`](StartMethod::Spawn), for one start or for good:
+    /// - where there is no fork server: on systems other than Linux; in a program started
+    ///   with `MULTIPROC_START_METHOD=spawn` or `MULTIPROC_WORKER_EXE` (for profilers) in
+    ///   its environment, or with more than one thread before `main`; in a worker that
+    ///   starts a pool of its own; in a copy of the program made with `fork`;
+    /// - while the caller's credentials (user, groups), umask, CPU affinity, control group,
+    ///   `no_new_privs` or seccomp mode differ from the program's at start: a forked worker
+    ///   would keep the old ones (and a parent that dropped privileges could not kill it);
+    /// - while the environment holds a name or value that `std::env::set_var` refuses;
+    /// - once the server has not answered for 2 seconds, or cannot fork workers here.
     ///
-    /// Unlike a spawned worker, a forked one shares the program's arguments (a spawned
-    /// worker's is the executable alone), and it keeps the signal dispositions and resource
-    /// limits the program started with, not the caller's current ones.
+    /// What a forked worker still keeps from the program's start, unlike a spawned one:
+    /// its arguments (a spawned worker's are the executable's path alone), resource
+    /// limits, signal dispositions, scheduling priority and namespaces, and the descriptors
+    /// open when the program started.
+    ///
+    /// The server is a child of the program from the first line of `main` to its exit:
+    /// code that waits for *any* child until none is left (`wait(2)` until `ECHILD`) would
+    /// wait for it too; start such a program with `MULTIPROC_START_METHOD=spawn`.
     #[default]
     ForkServer,
     /// Run the program's executable again for each worker (`posix_spawn`), as Python's

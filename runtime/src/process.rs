@@ -126,7 +126,9 @@ impl<T: Task> Process<T> {
     }
 
     /// Starts the child process and sends it the call; returns once the child is up (its
-    /// start-up handshake done), without waiting for the task. Python's `start()`.
+    /// start-up handshake done), without waiting for the task. Python's `start()`. The child
+    /// starts as a pool's workers do by default ([`StartMethod::ForkServer`](crate::StartMethod),
+    /// with the same fall-backs); `MULTIPROC_START_METHOD=spawn` runs the executable again.
     ///
     /// # Errors
     ///

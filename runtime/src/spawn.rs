@@ -4,6 +4,7 @@
 //! the parent's stdout and stderr.
 
 use crate::error::{Error, ErrorKind};
+use crate::forkserver::Forked;
 use crate::protocol::{self, FrameReader, Header};
 use crate::registry::Registry;
 use crate::status::{StatusPage, deadline_after};
@@ -91,9 +92,7 @@ impl WorkerProcess {
         exec_fallback: bool,
     ) -> Result<Option<Launched>, Error> {
         let started_at = Instant::now();
-        let (conn, child_end) = UnixStream::pair()
-            .map_err(|err| Error::io("creating a worker channel failed", err))
-            .map_err(spawn_kind)?;
+        let (mut conn, mut child_end) = channel()?;
         let status = StatusPage::create().map_err(spawn_kind)?;
         let spec = WorkerSpec {
             parent: std::process::id(),
@@ -101,21 +100,26 @@ impl WorkerProcess {
             max_memory: options.max_memory.unwrap_or(0),
             spin_us: u64::try_from(options.spin.as_micros()).unwrap_or(u64::MAX),
         };
-        let child_end = OwnedFd::from(child_end);
         let forked = if options.fork_server {
             fork(&spec, &child_end, later(started_at, options.start_timeout))?
         } else {
-            None
+            Err(Forked::Unavailable)
         };
         let (pid, stderr) = match forked {
-            Some(forked) => {
+            Ok(forked) => {
                 // Our copy of the worker's end goes at once: the worker's exit must close
                 // the channel.
                 drop(child_end);
                 forked
             }
-            None if exec_fallback => exec(&spec, child_end)?,
-            None => return Ok(None),
+            Err(_) if !exec_fallback => return Ok(None),
+            Err(Forked::Lost) => {
+                // A worker the server forked before it failed may hold that channel: it ends
+                // when we drop our end. This start takes a new one.
+                (conn, child_end) = channel()?;
+                exec(&spec, child_end)?
+            }
+            Err(_) => exec(&spec, child_end)?,
         };
         let worker = WorkerProcess {
             pid,
@@ -279,8 +283,14 @@ impl WorkerProcess {
             Header::Ready {
                 version,
                 digest: theirs,
-                ..
+                pid,
             } => {
+                if pid != self.pid() {
+                    return Err(Self::start_failure(format!(
+                        "process {pid} answered on the channel of worker {}",
+                        self.pid()
+                    )));
+                }
                 if version != protocol::PROTOCOL_VERSION {
                     return Err(Self::start_failure(format!(
                         "the worker speaks protocol version {version}, this process {}",
@@ -376,14 +386,27 @@ impl WorkerProcess {
     }
 
     /// Kills the worker and every process it started (its process group), then reaps it.
+    ///
+    /// A worker this process may no longer signal (EPERM: it gave up the privileges the
+    /// worker runs with) is waited for one second at most, then left: its channel closes
+    /// with this value, so an idle worker exits; the status says SIGKILL.
     pub(crate) fn kill(&mut self) -> ExitStatus {
         if self.reaped.is_none() {
             // ESRCH (already gone) is fine: we reap below either way.
-            let _ = signal::killpg(self.pid, Signal::SIGKILL);
+            let group = signal::killpg(self.pid, Signal::SIGKILL);
             // A worker forked a moment ago may not have made its process group yet (it
             // does that first thing): the group is then not there, and the worker is
             // killed alone, before it could start anything.
-            let _ = signal::kill(self.pid, Signal::SIGKILL);
+            let alone = signal::kill(self.pid, Signal::SIGKILL);
+            let refused = Err(nix::errno::Errno::EPERM);
+            if group == refused && alone == refused {
+                let abandoned = ExitStatus::from_raw(Signal::SIGKILL as i32);
+                let status = self
+                    .reap_until(deadline_after(Duration::from_secs(1)))
+                    .unwrap_or(abandoned);
+                self.reaped = Some(status);
+                return status;
+            }
         }
         self.wait()
     }
@@ -394,6 +417,15 @@ impl WorkerProcess {
     /// 10 ms: only a failed start waits here.
     fn reap_or_kill(&mut self, deadline: Instant) -> Option<ExitStatus> {
         let deadline = deadline.max(deadline_after(Duration::from_millis(100)));
+        let status = self.reap_until(deadline);
+        if status.is_none() {
+            self.kill();
+        }
+        status
+    }
+
+    /// Reaps the worker if it exits by `deadline`; `None` if it still runs then.
+    fn reap_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
         let mut pause = Duration::from_micros(100);
         loop {
             if let Some(status) = self.reaped {
@@ -410,7 +442,6 @@ impl WorkerProcess {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                self.kill();
                 return None;
             }
             std::thread::sleep(pause.min(left));
@@ -470,19 +501,28 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// Starts the worker from the fork server: its pid and stderr, or `None` when the program has
-/// no fork server (any more).
+/// A worker's channel: the parent's end and the worker's.
+fn channel() -> Result<(UnixStream, OwnedFd), Error> {
+    let (conn, child_end) = UnixStream::pair()
+        .map_err(|err| Error::io("creating a worker channel failed", err))
+        .map_err(spawn_kind)?;
+    Ok((conn, OwnedFd::from(child_end)))
+}
+
+/// Starts the worker from the fork server: its pid and stderr, or how the server failed.
 fn fork(
     spec: &WorkerSpec,
     channel: &OwnedFd,
     deadline: Instant,
-) -> Result<Option<(Pid, StderrTail)>, Error> {
+) -> Result<Result<(Pid, StderrTail), Forked>, Error> {
     let (stderr, stderr_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|err| Error::io("creating a worker's stderr pipe failed", err.into()))
         .map_err(spawn_kind)?;
     Ok(
-        crate::forkserver::fork_worker(spec, channel, &stderr_end, deadline)
-            .map(|pid| (pid, StderrTail::new(Some(stderr)))),
+        match crate::forkserver::fork_worker(spec, channel, &stderr_end, deadline) {
+            Forked::Pid(pid) => Ok((pid, StderrTail::new(Some(stderr)))),
+            failed => Err(failed),
+        },
     )
 }
 

@@ -552,7 +552,8 @@ impl std::io::Read for FdStream<'_> {
 
 /// Whether the kernel kills a worker whose parent dies (`guard_against_orphaning`). Where it
 /// does, a worker needs no watchdog: while the parent lives, it kills a worker it no longer
-/// wants (`WorkerProcess::kill`), and when it dies the kernel does. A watchdog would cost a
+/// wants (`WorkerProcess::kill`; one it may no longer signal ends at its next read, when the
+/// parent closes the channel), and when it dies the kernel does. A watchdog would cost a
 /// thread started and stopped with every worker, about a tenth of a millisecond each on the
 /// machine of `BENCHMARKS.md`.
 const PARENT_DEATH_SIGNAL: bool = cfg!(any(target_os = "linux", target_os = "android"));

@@ -1,0 +1,370 @@
+//! The fork server: a copy of the program taken as it starts, which forks workers on request.
+//!
+//! Starting a worker by running the executable again costs a whole program start: `exec`,
+//! the dynamic loader, the runtime's start-up, before the worker can say `Ready`. Forking the
+//! parent instead would be cheap but unsafe: by then it runs threads (a lock held by one of
+//! them stays held in the child) and holds the program's state (connections, caches) that a
+//! worker must not share. So `#[multiproc::main]` forks one process, the server, first thing
+//! in `main`, while the program is still single-threaded and has done nothing of its own.
+//! The server waits on a socket. To start a worker the parent sends it the worker's
+//! descriptors (channel, stderr, stdout), its [`WorkerSpec`], and the parent's current
+//! environment and working directory; the server forks a copy of itself (`server`), which
+//! takes them and becomes the worker exactly as a re-executed worker would after its `exec`.
+//!
+//! The copy is made with `clone3(CLONE_PARENT)`: the worker is the *parent's* child, not the
+//! server's. So the parent reaps it, reads its exit status and signal, kills its process
+//! group, and the kernel's parent-death signal ties it to the parent, all as for a worker
+//! the parent started itself. The server holds no worker's descriptors past the fork.
+//!
+//! The server is an optimisation, never a dependency. A worker is started by running the
+//! executable again when the program has no server (no `#[multiproc::main]`,
+//! [`START_METHOD_ENV`] set to `spawn`, a worker starting a pool of its own, a process the
+//! program forked), when the server stops answering, and whenever what the kernel knows of
+//! the parent differs from what it knew at start ([`Identity`]: credentials, umask, CPU
+//! affinity, control group...), which a forked copy would not share.
+//!
+//! It dies with the parent: the parent-death signal, and end of stream on its socket.
+
+mod server;
+
+use crate::error::{Error, ErrorKind};
+use crate::worker::WorkerSpec;
+use nix::sys::socket::MsgFlags;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Set to `spawn` to start every worker by running the executable again, never from the fork
+/// server; read once, when the program starts. `PoolBuilder::start_method` chooses per pool.
+pub(crate) const START_METHOD_ENV: &str = "MULTIPROC_START_METHOD";
+
+/// The largest request the server reads: a larger environment is sent by `exec` instead.
+const MAX_REQUEST: usize = 4 << 20;
+
+/// How long a request may take to send and answer, at most: a fork takes a fraction of a
+/// millisecond, so a server this slow is stopped or broken, and is given up.
+const ANSWER_LIMIT: Duration = Duration::from_secs(2);
+
+/// The parent's end of the server's socket, while the server answers.
+static SERVER: Mutex<Option<Server>> = Mutex::new(None);
+
+struct Server {
+    conn: UnixStream,
+    pid: Pid,
+    /// The process that started the server. A process the program forked inherits this
+    /// value and the socket, but the server's workers would not be its children.
+    owner: Pid,
+    /// What the kernel knew of the parent when the server was forked.
+    identity: Identity,
+}
+
+/// What a forked worker shares with the program as it started, not with the parent as it is
+/// now: the lines `Uid`, `Gid`, `Groups`, `Umask`, `NoNewPrivs`, `Seccomp` and
+/// `Cpus_allowed` of `/proc/self/status`, and `/proc/self/cgroup`. A worker is forked only
+/// while they are unchanged; a parent that dropped privileges, say, gets `exec`'d workers,
+/// which it can still kill.
+#[derive(PartialEq, Eq, Debug)]
+struct Identity(String);
+
+impl Identity {
+    fn now() -> Option<Identity> {
+        const FIELDS: [&str; 7] = [
+            "Uid:",
+            "Gid:",
+            "Groups:",
+            "Umask:",
+            "NoNewPrivs:",
+            "Seccomp:",
+            "Cpus_allowed:",
+        ];
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let mut identity: String = status
+            .lines()
+            .filter(|line| FIELDS.iter().any(|field| line.starts_with(field)))
+            .collect();
+        identity.push_str(&std::fs::read_to_string("/proc/self/cgroup").ok()?);
+        Some(Identity(identity))
+    }
+}
+
+/// What the parent sends for one worker; its descriptors ride along.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct Request {
+    /// The worker's [`WorkerSpec`], encoded as for its environment variable.
+    spec: String,
+    /// The parent's working directory; empty when it has none.
+    cwd: Vec<u8>,
+    /// The parent's environment, in order.
+    env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Whether a stdout descriptor comes third (the parent may have none).
+    stdout: bool,
+}
+
+/// How a request for a worker ended.
+pub(crate) enum Forked {
+    /// The worker, the caller's child.
+    Pid(Pid),
+    /// No worker, and the caller's descriptors are still its alone: no server, or one that
+    /// did not take them.
+    Unavailable,
+    /// No answer: a worker may hold the caller's channel now, so that channel must not
+    /// serve another start. The server is given up.
+    Lost,
+}
+
+/// Starts the server. Called by `worker_main` in a parent, first thing in `main`.
+pub(crate) fn start() {
+    if !cfg!(target_os = "linux")
+        || std::env::var_os(START_METHOD_ENV).is_some_and(|method| method == "spawn")
+        // A chosen worker executable (a profiler's wrapper) must be the one that runs.
+        || std::env::var_os(crate::spawn::EXECUTABLE_ENV).is_some_and(|exe| !exe.is_empty())
+    {
+        return;
+    }
+    // A thread started before `main` (a constructor's) could hold a lock that would stay
+    // held in every copy: no server then.
+    if !single_threaded() || !env_settable(&environment()) {
+        return;
+    }
+    let (Some(identity), Some(thread)) = (Identity::now(), server::ThreadRecord::read()) else {
+        return;
+    };
+    let Ok((conn, server_end)) = UnixStream::pair() else {
+        return;
+    };
+    let parent = nix::unistd::getpid();
+    // SAFETY: this process is single-threaded (checked above; `worker_main` runs first thing
+    // in `main`), so the child is a complete copy of it; glibc's `fork` keeps its own
+    // records (the thread's id, its robust-mutex list) right in the child.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(conn);
+            server::serve(&server_end, parent, thread)
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            *lock() = Some(Server {
+                conn,
+                pid: child,
+                owner: parent,
+                identity,
+            });
+        }
+        Err(_) => {}
+    }
+}
+
+/// Whether this process runs one thread: field 20 of `/proc/self/stat`.
+fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/stat").is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, fields)| fields.split_whitespace().nth(17))
+            == Some("1")
+    })
+}
+
+fn environment() -> Vec<(Vec<u8>, Vec<u8>)> {
+    std::env::vars_os()
+        .map(|(key, value)| (key.into_vec(), value.into_vec()))
+        .collect()
+}
+
+/// Whether a forked worker can take this environment with `std::env::set_var`, which
+/// refuses an empty name, a name with `=`, and a NUL anywhere (an environment built by
+/// hand can hold them; `exec` carries it as it is).
+fn env_settable(env: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    env.iter().all(|(key, value)| {
+        !key.is_empty() && !key.contains(&b'=') && !key.contains(&0) && !value.contains(&0)
+    })
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Option<Server>> {
+    SERVER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Asks the server for a worker with these descriptors, waiting for the answer until
+/// `deadline` (and [`ANSWER_LIMIT`] at most).
+pub(crate) fn fork_worker(
+    spec: &WorkerSpec,
+    channel: &OwnedFd,
+    stderr: &OwnedFd,
+    deadline: Instant,
+) -> Forked {
+    let mut guard = lock();
+    let Some(server) = guard.as_mut() else {
+        return Forked::Unavailable;
+    };
+    if server.owner != nix::unistd::getpid() {
+        // A copy of the program made by `fork`: the server is the original's. Our copy of
+        // its socket goes; the server is not ours to kill or reap.
+        *guard = None;
+        return Forked::Unavailable;
+    }
+    let env = environment();
+    if Identity::now().as_ref() != Some(&server.identity) || !env_settable(&env) {
+        return Forked::Unavailable;
+    }
+    let deadline = deadline.min(Instant::now() + ANSWER_LIMIT);
+    match server.request(spec, env, channel, stderr, deadline) {
+        Ok(Some(pid)) => Forked::Pid(pid),
+        // Too large to send, or no fork this time (a process limit): `exec` this once.
+        Ok(None) | Err(Refused::Once) => Forked::Unavailable,
+        Err(refused) => {
+            // Gone, stopped, confused, or unable to fork this way: never asked again. A
+            // worker it may have forked before it failed holds the channel, which the
+            // caller gives up: the worker then ends (reaped when this process exits).
+            if let Some(server) = guard.take() {
+                let _ = nix::sys::signal::kill(server.pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(server.pid, None);
+            }
+            match refused {
+                Refused::Always => Forked::Unavailable,
+                _ => Forked::Lost,
+            }
+        }
+    }
+}
+
+/// Why a request got no worker.
+enum Refused {
+    /// The server could not fork this time (a process limit): ask again next time.
+    Once,
+    /// The server cannot fork workers at all here (`clone3` refused): give it up. It took
+    /// and closed the descriptors without a worker.
+    Always,
+    /// The request or its answer was lost.
+    Lost,
+}
+
+impl Server {
+    /// `Ok(None)`: too large to send.
+    fn request(
+        &mut self,
+        spec: &WorkerSpec,
+        env: Vec<(Vec<u8>, Vec<u8>)>,
+        channel: &OwnedFd,
+        stderr: &OwnedFd,
+        deadline: Instant,
+    ) -> Result<Option<Pid>, Refused> {
+        let stdout = std::io::stdout().as_fd().try_clone_to_owned().ok();
+        let request = Request {
+            spec: spec.encode(),
+            cwd: std::env::current_dir()
+                .map(|dir| dir.into_os_string().into_vec())
+                .unwrap_or_default(),
+            env,
+            stdout: stdout.is_some(),
+        };
+        let Ok(body) = postcard::to_allocvec(&request) else {
+            return Ok(None);
+        };
+        if body.len() > MAX_REQUEST {
+            return Ok(None);
+        }
+        let mut message = (body.len() as u32).to_le_bytes().to_vec();
+        message.extend_from_slice(&body);
+        let mut fds = vec![channel.as_raw_fd(), stderr.as_raw_fd()];
+        fds.extend(stdout.as_ref().map(AsRawFd::as_raw_fd));
+        // A stopped server must not hold a start (and every start behind this one, waiting
+        // for the lock) past the deadline: both ways time out.
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        self.conn
+            .set_write_timeout(Some(left()))
+            .map_err(|_| Refused::Lost)?;
+        let sent = crate::fdpass::send_gathered(
+            self.conn.as_fd(),
+            &[std::io::IoSlice::new(&message)],
+            &fds,
+            MsgFlags::MSG_NOSIGNAL,
+        )
+        .map_err(|_| Refused::Lost)?;
+        self.conn
+            .write_all(&message[sent..])
+            .map_err(|_| Refused::Lost)?;
+        let mut reply = [0u8; 4];
+        self.conn
+            .set_read_timeout(Some(left()))
+            .and_then(|()| (&self.conn).read_exact(&mut reply))
+            .map_err(|_| Refused::Lost)?;
+        match i32::from_le_bytes(reply) {
+            pid if pid > 0 => Ok(Some(Pid::from_raw(pid))),
+            errno if errno == -nix::libc::EAGAIN || errno == -nix::libc::ENOMEM => {
+                Err(Refused::Once)
+            }
+            _ => Err(Refused::Always),
+        }
+    }
+}
+
+/// An error of kind [`ErrorKind::Codec`] about a request.
+fn corrupt(what: String) -> Error {
+    Error::new(ErrorKind::Codec, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> WorkerSpec {
+        WorkerSpec {
+            parent: std::process::id(),
+            max_frame_len: 1 << 20,
+            max_memory: 0,
+            spin_us: 0,
+        }
+    }
+
+    /// One test: both cases use the one `SERVER` of this process.
+    #[test]
+    fn a_changed_identity_sends_nothing_and_a_silent_server_is_given_up() {
+        let (conn, peer) = UnixStream::pair().unwrap();
+        // Stands in for the server's process: killed and reaped when it is given up.
+        #[allow(clippy::zombie_processes, reason = "`fork_worker` reaps it by pid")]
+        let stand_in = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(stand_in.id().cast_signed());
+        let (channel, _) = UnixStream::pair().unwrap();
+        let channel = OwnedFd::from(channel);
+        let (_, stderr) = nix::unistd::pipe().unwrap();
+        let soon = || Instant::now() + Duration::from_millis(100);
+
+        *lock() = Some(Server {
+            conn,
+            pid,
+            owner: nix::unistd::getpid(),
+            identity: Identity("not this process".to_owned()),
+        });
+        assert!(matches!(
+            fork_worker(&spec(), &channel, &stderr, soon()),
+            Forked::Unavailable
+        ));
+        peer.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        assert!((&peer).read(&mut byte).is_err(), "nothing was sent");
+        assert!(lock().is_some(), "the server is kept for later starts");
+
+        lock().as_mut().unwrap().identity = Identity::now().unwrap();
+        assert!(matches!(
+            fork_worker(&spec(), &channel, &stderr, soon()),
+            Forked::Lost
+        ));
+        assert!(lock().is_none(), "given up");
+        assert_eq!(
+            nix::sys::signal::kill(pid, None),
+            Err(nix::errno::Errno::ESRCH),
+            "killed and reaped"
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! The fork server's side: it reads requests and forks each worker.
+
+use super::{MAX_REQUEST, Request, corrupt};
+use crate::error::Error;
+use crate::worker::{self, WorkerSpec};
+use nix::libc;
+use nix::sys::socket::MsgFlags;
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::net::UnixStream;
+
+/// Where glibc keeps its records of the server's one thread, which a fork must set right in
+/// the child: glibc's `fork` does, and the server forks with a raw `clone3` (glibc has no
+/// `CLONE_PARENT` fork). Read in the parent before it forks the server, whose thread has the
+/// same addresses.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ThreadRecord {
+    /// Where glibc caches the thread's id (`pthread_self()`'s, used by
+    /// `pthread_setaffinity_np`, `pthread_kill`...): the kernel writes the child's id there
+    /// (`CLONE_CHILD_SETTID`), as glibc's `fork` has it do.
+    tid: u64,
+    /// The thread's robust-mutex list, which the kernel does not carry into a child: the
+    /// child registers it again, as glibc's `fork` does.
+    robust_head: u64,
+    robust_len: usize,
+}
+
+impl ThreadRecord {
+    /// This thread's records, or `None` where the kernel does not tell them
+    /// (`PR_GET_TID_ADDRESS` needs `CONFIG_CHECKPOINT_RESTORE`) or they are not what glibc
+    /// keeps: then no server.
+    pub(super) fn read() -> Option<ThreadRecord> {
+        let mut tid: *mut libc::pid_t = std::ptr::null_mut();
+        // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
+        let got = unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &raw mut tid, 0, 0, 0) };
+        if got != 0 || tid.is_null() {
+            return None;
+        }
+        // SAFETY: the kernel's record of where this thread's id is cleared at its exit:
+        // glibc's thread descriptor, which lives as long as the thread.
+        if unsafe { tid.read_volatile() } != nix::unistd::gettid().as_raw() {
+            return None;
+        }
+        let mut robust_head: *mut libc::c_void = std::ptr::null_mut();
+        let mut robust_len: libc::size_t = 0;
+        // SAFETY: get_robust_list(0, ...) writes this thread's list head and its length.
+        let got = unsafe {
+            libc::syscall(
+                libc::SYS_get_robust_list,
+                0,
+                &raw mut robust_head,
+                &raw mut robust_len,
+            )
+        };
+        if got != 0 {
+            return None;
+        }
+        Some(ThreadRecord {
+            tid: tid as u64,
+            robust_head: robust_head as u64,
+            robust_len,
+        })
+    }
+}
+
+/// The server's life: answers requests until the parent closes the socket, then exits.
+pub(super) fn serve(conn: &UnixStream, parent: Pid, thread: ThreadRecord) -> ! {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    let alive =
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_ok() && nix::unistd::getppid() == parent;
+    if !alive {
+        exit(0);
+    }
+    // A terminal's Ctrl-C reaches the parent's process group: the parent decides what it
+    // means, and workers forked after it still start from here.
+    // SAFETY: installing SIG_IGN runs no handler code.
+    let _ = unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) };
+    // The server keeps no copy of the program's stdio: whoever reads the program's output
+    // to its end waits for the parent and its workers only. Each worker gets the parent's.
+    if let Ok(null) = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+        let _ = nix::unistd::dup2_stderr(&null);
+    }
+    // Workers inherit the registry built once here instead of each building its own.
+    let _ = crate::registry::Registry::get();
+    loop {
+        match read_request(conn) {
+            Ok(Some((request, fds))) => {
+                let pid = fork_one(conn, thread, request, fds);
+                if (&*conn).write_all(&pid.to_le_bytes()).is_err() {
+                    exit(1);
+                }
+            }
+            Ok(None) => exit(0),
+            Err(_) => exit(1),
+        }
+    }
+}
+
+/// Ends the process without running anything registered to run at exit (the server did
+/// nothing of its own that would need it), and without unwinding.
+fn exit(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process at once; it is async-signal-safe.
+    unsafe { libc::_exit(code) }
+}
+
+/// Reads one request and its descriptors; `None` at end of stream. A request that breaks
+/// the format is an error (the server then exits, and the parent falls back to `exec`).
+fn read_request(conn: &UnixStream) -> Result<Option<(Request, Vec<OwnedFd>)>, Error> {
+    let mut head = [0u8; 4];
+    let received = crate::fdpass::recv_with(conn.as_fd(), &mut head, MsgFlags::MSG_WAITALL)
+        .map_err(|err| Error::io("reading a request failed", err.into()))?;
+    if received.bytes == 0 {
+        return Ok(None);
+    }
+    if received.bytes < head.len() || received.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(corrupt("a truncated request".to_owned()));
+    }
+    let len = u32::from_le_bytes(head) as usize;
+    if len > MAX_REQUEST {
+        return Err(corrupt(format!("a request of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    let mut stream = conn;
+    stream
+        .read_exact(&mut body)
+        .map_err(|err| Error::io("reading a request failed", err))?;
+    let request: Request = postcard::from_bytes(&body)
+        .map_err(|err| corrupt(format!("a malformed request: {err}")))?;
+    let expected = 2 + usize::from(request.stdout);
+    if received.fds.len() != expected {
+        return Err(corrupt(format!(
+            "{} descriptors with a request, {expected} expected",
+            received.fds.len()
+        )));
+    }
+    Ok(Some((request, received.fds)))
+}
+
+/// `struct clone_args` of `clone3(2)`, as far as `CLONE_ARGS_SIZE_VER0` (64 bytes).
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// Forks a worker for `request`; its pid, or minus the error number. The worker's
+/// descriptors are closed here before this returns: the server holds none of them.
+fn fork_one(conn: &UnixStream, thread: ThreadRecord, request: Request, fds: Vec<OwnedFd>) -> i32 {
+    let Ok(spec) = WorkerSpec::decode(&OsString::from(request.spec.clone())) else {
+        return -libc::EINVAL;
+    };
+    // `fork` would make the worker the server's child; `CLONE_PARENT` makes it the parent's.
+    // With no new stack, `clone3` returns in both processes like `fork`.
+    let args = CloneArgs {
+        flags: (libc::CLONE_PARENT | libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64,
+        pidfd: 0,
+        child_tid: thread.tid,
+        parent_tid: 0,
+        // Must be 0 with `CLONE_PARENT`: the worker's exit signals its parent as the
+        // server's exit does (SIGCHLD, from the `fork` that made the server).
+        exit_signal: 0,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+    };
+    // SAFETY: this process is single-threaded (the server never starts a thread), so the
+    // child is a complete copy with no lock held; `thread` sets glibc's records right in it
+    // (see `ThreadRecord`); it runs `become_worker` and never returns here. What glibc's
+    // `fork` does besides is for threads and `pthread_atfork` handlers, which the server,
+    // forked before `main`'s body ran, has none of (short of a constructor registering one).
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &raw const args,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match pid {
+        0 => {
+            // SAFETY: the child's robust-mutex list is empty (the server holds no mutex
+            // across a fork), so registering its head again is what glibc's `fork` does.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_set_robust_list,
+                    thread.robust_head,
+                    thread.robust_len,
+                );
+            }
+            // Nothing may unwind out of the child into the server's loop.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                become_worker(conn, spec, request, fds)
+            }));
+            exit(1)
+        }
+        -1 => -nix::errno::Errno::last_raw(),
+        pid => i32::try_from(pid).unwrap_or(-libc::EOVERFLOW),
+    }
+}
+
+/// In the forked child: take the descriptors, the environment and the directory the parent
+/// sent, then serve as a worker; never returns.
+fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec<OwnedFd>) -> ! {
+    // Its own process group first, as `exec`'d workers get from `Command::process_group`:
+    // the parent kills the group (see `WorkerProcess::kill`).
+    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    // The server's socket is not this worker's: the parent must see the server's end. (The
+    // `UnixStream` is never dropped in this process: it exits without returning.)
+    let _ = nix::unistd::close(conn.as_raw_fd());
+    let mut fds = fds.into_iter();
+    let (Some(channel), Some(stderr)) = (fds.next(), fds.next()) else {
+        exit(1);
+    };
+    if let Some(stdout) = fds.next() {
+        let _ = nix::unistd::dup2_stdout(&stdout);
+    }
+    let _ = nix::unistd::dup2_stderr(&stderr);
+    drop(stderr);
+    // Most programs change neither before they start a pool: then nothing is written (each
+    // page written is a page copied from the server).
+    let inherited = super::environment();
+    if inherited != request.env {
+        // SAFETY: this process is single-threaded (a fresh copy of the server), so nothing
+        // reads the environment while it is replaced. Every name and value is one `set_var`
+        // takes: the parent checked (`env_settable`), before it started the server too.
+        unsafe {
+            for (key, _) in inherited {
+                std::env::remove_var(OsString::from_vec(key));
+            }
+            for (key, value) in request.env {
+                std::env::set_var(OsString::from_vec(key), OsString::from_vec(value));
+            }
+        }
+    }
+    let cwd = std::ffi::OsStr::from_bytes(&request.cwd);
+    if !cwd.is_empty() && std::env::current_dir().is_ok_and(|dir| dir.as_os_str() != cwd) {
+        let _ = std::env::set_current_dir(cwd);
+    }
+    worker::serve_forked(spec, channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn send(conn: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) {
+        let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        crate::fdpass::send_gathered(
+            conn.as_fd(),
+            &[std::io::IoSlice::new(bytes)],
+            &raw,
+            MsgFlags::empty(),
+        )
+        .unwrap();
+    }
+
+    fn framed(request: &Request) -> Vec<u8> {
+        let body = postcard::to_allocvec(request).unwrap();
+        let mut message = (body.len() as u32).to_le_bytes().to_vec();
+        message.extend_from_slice(&body);
+        message
+    }
+
+    fn request(stdout: bool) -> Request {
+        Request {
+            spec: "v1:2:3:4:5".to_owned(),
+            cwd: b"/".to_vec(),
+            env: vec![(b"A".to_vec(), b"b".to_vec())],
+            stdout,
+        }
+    }
+
+    fn pipe_fds(n: usize) -> Vec<OwnedFd> {
+        (0..n).map(|_| nix::unistd::pipe().unwrap().0).collect()
+    }
+
+    #[test]
+    fn a_request_arrives_with_its_descriptors() {
+        let (parent, server) = UnixStream::pair().unwrap();
+        send(&parent, &framed(&request(true)), &pipe_fds(3));
+        let (got, fds) = read_request(&server).unwrap().unwrap();
+        assert_eq!(got, request(true));
+        assert_eq!(fds.len(), 3);
+        drop(parent);
+        assert!(read_request(&server).unwrap().is_none(), "end of stream");
+    }
+
+    #[test]
+    fn a_corrupt_request_is_an_error_without_a_large_allocation() {
+        let (parent, server) = UnixStream::pair().unwrap();
+        send(&parent, &u32::MAX.to_le_bytes(), &pipe_fds(2));
+        let err = read_request(&server).unwrap_err();
+        assert!(err.to_string().contains("a request of"), "{err}");
+
+        let (parent, server) = UnixStream::pair().unwrap();
+        send(&parent, &[3, 0, 0, 0, 0xff, 0xff, 0xff], &pipe_fds(2));
+        let err = read_request(&server).unwrap_err();
+        assert!(err.to_string().contains("malformed"), "{err}");
+
+        let (parent, server) = UnixStream::pair().unwrap();
+        send(&parent, &framed(&request(true)), &pipe_fds(2));
+        let err = read_request(&server).unwrap_err();
+        assert!(err.to_string().contains("3 expected"), "{err}");
+
+        let (parent, server) = UnixStream::pair().unwrap();
+        send(&parent, &[1, 0], &[]);
+        drop(parent);
+        let err = read_request(&server).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+}
