@@ -21,7 +21,11 @@
 //! [`START_METHOD_ENV`] set to `spawn`, a worker starting a pool of its own, a process the
 //! program forked), when the server stops answering, and whenever what the kernel knows of
 //! the parent differs from what it knew at start ([`Identity`]: credentials, umask, CPU
-//! affinity, control group...), which a forked copy would not share.
+//! affinity, control group...), which a forked copy would not share: the server, which is
+//! the program as it started, declines those requests.
+//!
+//! The parent does as little as it can at start: it checks that it runs one thread and
+//! forks. Everything else the server finds out for itself, off the parent's path.
 //!
 //! It dies with the parent: the parent-death signal, and end of stream on its socket.
 
@@ -59,16 +63,14 @@ struct Server {
     /// The process that started the server. A process the program forked inherits this
     /// value and the socket, but the server's workers would not be its children.
     owner: Pid,
-    /// What the kernel knew of the parent when the server was forked.
-    identity: Identity,
 }
 
 /// What a forked worker shares with the program as it started, not with the parent as it is
 /// now: the lines `Uid`, `Gid`, `Groups`, `Umask`, `NoNewPrivs`, `Seccomp` and
-/// `Cpus_allowed` of `/proc/self/status`, and `/proc/self/cgroup`. A worker is forked only
-/// while they are unchanged; a parent that dropped privileges, say, gets `exec`'d workers,
-/// which it can still kill.
-#[derive(PartialEq, Eq, Debug)]
+/// `Cpus_allowed` of `/proc/self/status`, and `/proc/self/cgroup`. Each request carries the
+/// parent's, and the server forks only while they equal its own; a parent that dropped
+/// privileges, say, gets `exec`'d workers, which it can still kill.
+#[derive(Serialize, Deserialize, PartialEq, Eq, Debug)]
 struct Identity(String);
 
 impl Identity {
@@ -82,14 +84,35 @@ impl Identity {
             "Seccomp:",
             "Cpus_allowed:",
         ];
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let status = read_proc("/proc/self/status")?;
         let mut identity: String = status
             .lines()
             .filter(|line| FIELDS.iter().any(|field| line.starts_with(field)))
             .collect();
-        identity.push_str(&std::fs::read_to_string("/proc/self/cgroup").ok()?);
+        identity.push_str(&read_proc("/proc/self/cgroup")?);
         Some(Identity(identity))
     }
+}
+
+/// A small file of `/proc`, read with one large read instead of `read_to_string`'s growing
+/// ones: the kernel writes the whole file out again for each read.
+fn read_proc(path: &str) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).ok()
 }
 
 /// What the parent sends for one worker; its descriptors ride along.
@@ -103,6 +126,8 @@ struct Request {
     env: Vec<(Vec<u8>, Vec<u8>)>,
     /// Whether a stdout descriptor comes third (the parent may have none).
     stdout: bool,
+    /// The parent's, now.
+    identity: Identity,
 }
 
 /// How a request for a worker ended.
@@ -128,12 +153,9 @@ pub(crate) fn start() {
     }
     // A thread started before `main` (a constructor's) could hold a lock that would stay
     // held in every copy: no server then.
-    if !single_threaded() || !env_settable(&environment()) {
+    if !single_threaded() {
         return;
     }
-    let (Some(identity), Some(thread)) = (Identity::now(), server::ThreadRecord::read()) else {
-        return;
-    };
     let Ok((conn, server_end)) = UnixStream::pair() else {
         return;
     };
@@ -144,14 +166,13 @@ pub(crate) fn start() {
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(conn);
-            server::serve(&server_end, parent, thread)
+            server::serve(&server_end, parent)
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             *lock() = Some(Server {
                 conn,
                 pid: child,
                 owner: parent,
-                identity,
             });
         }
         Err(_) => {}
@@ -160,7 +181,7 @@ pub(crate) fn start() {
 
 /// Whether this process runs one thread: field 20 of `/proc/self/stat`.
 fn single_threaded() -> bool {
-    std::fs::read_to_string("/proc/self/stat").is_ok_and(|stat| {
+    read_proc("/proc/self/stat").is_some_and(|stat| {
         stat.rsplit_once(')')
             .and_then(|(_, fields)| fields.split_whitespace().nth(17))
             == Some("1")
@@ -206,14 +227,14 @@ pub(crate) fn fork_worker(
         *guard = None;
         return Forked::Unavailable;
     }
-    let env = environment();
-    if Identity::now().as_ref() != Some(&server.identity) || !env_settable(&env) {
+    let Some(identity) = Identity::now() else {
         return Forked::Unavailable;
-    }
+    };
     let deadline = deadline.min(Instant::now() + ANSWER_LIMIT);
-    match server.request(spec, env, channel, stderr, deadline) {
+    match server.request(spec, identity, channel, stderr, deadline) {
         Ok(Some(pid)) => Forked::Pid(pid),
-        // Too large to send, or no fork this time (a process limit): `exec` this once.
+        // Too large to send, declined (see `Identity`, `env_settable`), or no fork this
+        // time (a process limit): `exec` this once.
         Ok(None) | Err(Refused::Once) => Forked::Unavailable,
         Err(refused) => {
             // Gone, stopped, confused, or unable to fork this way: never asked again. A
@@ -233,10 +254,12 @@ pub(crate) fn fork_worker(
 
 /// Why a request got no worker.
 enum Refused {
-    /// The server could not fork this time (a process limit): ask again next time.
+    /// The server declined, or could not fork this time (a process limit): ask again next
+    /// time. It took and closed the descriptors without a worker.
     Once,
-    /// The server cannot fork workers at all here (`clone3` refused): give it up. It took
-    /// and closed the descriptors without a worker.
+    /// The server cannot fork workers at all here (`clone3` refused, glibc's records out of
+    /// reach, an environment at start that `set_var` refuses): give it up. It took and
+    /// closed the descriptors without a worker.
     Always,
     /// The request or its answer was lost.
     Lost,
@@ -247,7 +270,7 @@ impl Server {
     fn request(
         &mut self,
         spec: &WorkerSpec,
-        env: Vec<(Vec<u8>, Vec<u8>)>,
+        identity: Identity,
         channel: &OwnedFd,
         stderr: &OwnedFd,
         deadline: Instant,
@@ -258,8 +281,9 @@ impl Server {
             cwd: std::env::current_dir()
                 .map(|dir| dir.into_os_string().into_vec())
                 .unwrap_or_default(),
-            env,
+            env: environment(),
             stdout: stdout.is_some(),
+            identity,
         };
         let Ok(body) = postcard::to_allocvec(&request) else {
             return Ok(None);
@@ -298,6 +322,7 @@ impl Server {
             .map_err(|_| Refused::Lost)?;
         match i32::from_le_bytes(reply) {
             pid if pid > 0 => Ok(Some(Pid::from_raw(pid))),
+            server::DECLINED => Err(Refused::Once),
             errno if errno == -nix::libc::EAGAIN || errno == -nix::libc::ENOMEM => {
                 Err(Refused::Once)
             }
@@ -326,7 +351,7 @@ mod tests {
 
     /// One test: both cases use the one `SERVER` of this process.
     #[test]
-    fn a_changed_identity_sends_nothing_and_a_silent_server_is_given_up() {
+    fn another_processs_server_is_left_alone_and_a_silent_one_is_given_up() {
         let (conn, peer) = UnixStream::pair().unwrap();
         // Stands in for the server's process: killed and reaped when it is given up.
         #[allow(clippy::zombie_processes, reason = "`fork_worker` reaps it by pid")]
@@ -343,19 +368,27 @@ mod tests {
         *lock() = Some(Server {
             conn,
             pid,
-            owner: nix::unistd::getpid(),
-            identity: Identity("not this process".to_owned()),
+            owner: Pid::from_raw(1),
         });
         assert!(matches!(
             fork_worker(&spec(), &channel, &stderr, soon()),
             Forked::Unavailable
         ));
-        peer.set_nonblocking(true).unwrap();
         let mut byte = [0u8; 1];
-        assert!((&peer).read(&mut byte).is_err(), "nothing was sent");
-        assert!(lock().is_some(), "the server is kept for later starts");
+        assert_eq!(
+            (&peer).read(&mut byte).unwrap(),
+            0,
+            "nothing was sent before our copy of the socket closed"
+        );
+        assert!(lock().is_none(), "another process's server is forgotten");
+        assert_eq!(nix::sys::signal::kill(pid, None), Ok(()), "but not killed");
 
-        lock().as_mut().unwrap().identity = Identity::now().unwrap();
+        let (conn, _peer) = UnixStream::pair().unwrap();
+        *lock() = Some(Server {
+            conn,
+            pid,
+            owner: nix::unistd::getpid(),
+        });
         assert!(matches!(
             fork_worker(&spec(), &channel, &stderr, soon()),
             Forked::Lost

@@ -1,6 +1,6 @@
 //! The fork server's side: it reads requests and forks each worker.
 
-use super::{MAX_REQUEST, Request, corrupt};
+use super::{Identity, MAX_REQUEST, Request, corrupt, env_settable, environment};
 use crate::error::Error;
 use crate::worker::{self, WorkerSpec};
 use nix::libc;
@@ -12,10 +12,13 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
 
+/// The answer to a request the server declines: the parent differs from the program as it
+/// started (`Identity`), or its environment holds what `set_var` refuses.
+pub(super) const DECLINED: i32 = 0;
+
 /// Where glibc keeps its records of the server's one thread, which a fork must set right in
 /// the child: glibc's `fork` does, and the server forks with a raw `clone3` (glibc has no
-/// `CLONE_PARENT` fork). Read in the parent before it forks the server, whose thread has the
-/// same addresses.
+/// `CLONE_PARENT` fork). glibc's `fork`, which made the server, left them set right here.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ThreadRecord {
     /// Where glibc caches the thread's id (`pthread_self()`'s, used by
@@ -32,7 +35,7 @@ impl ThreadRecord {
     /// This thread's records, or `None` where the kernel does not tell them
     /// (`PR_GET_TID_ADDRESS` needs `CONFIG_CHECKPOINT_RESTORE`) or they are not what glibc
     /// keeps: then no server.
-    pub(super) fn read() -> Option<ThreadRecord> {
+    fn read() -> Option<ThreadRecord> {
         let mut tid: *mut libc::pid_t = std::ptr::null_mut();
         // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
         let got = unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &raw mut tid, 0, 0, 0) };
@@ -66,8 +69,16 @@ impl ThreadRecord {
     }
 }
 
+/// What the server can fork from; `None` where it cannot fork workers (it then answers
+/// every request with `ENOSYS`, and the parent gives it up).
+struct Origin {
+    /// The program's, as it started.
+    identity: Identity,
+    thread: ThreadRecord,
+}
+
 /// The server's life: answers requests until the parent closes the socket, then exits.
-pub(super) fn serve(conn: &UnixStream, parent: Pid, thread: ThreadRecord) -> ! {
+pub(super) fn serve(conn: &UnixStream, parent: Pid) -> ! {
     use nix::sys::signal::{SigHandler, Signal, signal};
     let alive =
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_ok() && nix::unistd::getppid() == parent;
@@ -91,10 +102,30 @@ pub(super) fn serve(conn: &UnixStream, parent: Pid, thread: ThreadRecord) -> ! {
     }
     // Workers inherit the registry built once here instead of each building its own.
     let _ = crate::registry::Registry::get();
+    let origin = match (Identity::now(), ThreadRecord::read()) {
+        (Some(identity), Some(thread)) if env_settable(&environment()) => {
+            Some(Origin { identity, thread })
+        }
+        _ => None,
+    };
     loop {
         match read_request(conn) {
             Ok(Some((request, fds))) => {
-                let pid = fork_one(conn, thread, request, fds);
+                // Every answer comes after the request's descriptors are closed here: a
+                // declined start goes on with them in the parent.
+                let pid = match &origin {
+                    None => {
+                        drop(fds);
+                        -libc::ENOSYS
+                    }
+                    Some(origin)
+                        if request.identity != origin.identity || !env_settable(&request.env) =>
+                    {
+                        drop(fds);
+                        DECLINED
+                    }
+                    Some(origin) => fork_one(conn, origin.thread, request, fds),
+                };
                 if (&*conn).write_all(&pid.to_le_bytes()).is_err() {
                     exit(1);
                 }
@@ -232,7 +263,7 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec
     drop(stderr);
     // Most programs change neither before they start a pool: then nothing is written (each
     // page written is a page copied from the server).
-    let inherited = super::environment();
+    let inherited = environment();
     if inherited != request.env {
         // SAFETY: this process is single-threaded (a fresh copy of the server), so nothing
         // reads the environment while it is replaced. Every name and value is one `set_var`
@@ -282,6 +313,7 @@ mod tests {
             cwd: b"/".to_vec(),
             env: vec![(b"A".to_vec(), b"b".to_vec())],
             stdout,
+            identity: Identity("Uid: 0".to_owned()),
         }
     }
 
