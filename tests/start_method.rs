@@ -92,6 +92,21 @@ fn parent_and_umask() -> (u32, String) {
     (nix::unistd::getppid().as_raw().cast_unsigned(), umask)
 }
 
+/// The lines of the worker's `/proc/self/status` that start with one of `keys`.
+#[task]
+fn status_lines(keys: Vec<String>) -> Vec<String> {
+    own_status_lines(&keys, "/proc/self/status")
+}
+
+fn own_status_lines(keys: &[String], path: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("status")
+        .lines()
+        .filter(|line| keys.iter().any(|key| line.starts_with(key.as_str())))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A pool inside a worker: the worker has no fork server of its own, so its workers run the
 /// executable again.
 #[task]
@@ -109,7 +124,17 @@ fn method(name: &str) -> StartMethod {
 
 /// Runs `scenario` in a fresh copy of this binary with `method`; what it printed.
 fn run_scenario(scenario: &str, method: &str) -> Result<String, Box<dyn std::error::Error>> {
+    run_scenario_in(scenario, method, &std::env::current_dir()?)
+}
+
+/// [`run_scenario`], started in `dir`.
+fn run_scenario_in(
+    scenario: &str,
+    method: &str,
+    dir: &std::path::Path,
+) -> Result<String, Box<dyn std::error::Error>> {
     let out = Command::new(std::env::current_exe()?)
+        .current_dir(dir)
         .env(SCENARIO, format!("{scenario}:{method}"))
         // For the scenario to remove before its pool starts.
         .env("MULTIPROC_TEST_REMOVED", "present")
@@ -136,10 +161,85 @@ fn scenario(which: &str) -> ! {
         "umask" => scenario_umask(builder),
         "forked-child" => scenario_forked_child(builder),
         "server-stopped" => scenario_server_stopped(builder),
+        "thread-sandbox" => scenario_thread_sandbox(builder),
+        "deleted-start-dir" => scenario_deleted_start_dir(builder),
+        "fork-while-starting" => scenario_fork_while_starting(builder),
         "server-killed" => scenario_server_killed(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
+}
+
+/// A thread that sandboxes and pins itself, then starts a pool: its workers must keep both,
+/// as a worker run from the executable by that thread would.
+fn scenario_thread_sandbox(builder: PoolBuilder) {
+    std::thread::spawn(move || {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        nix::sys::prctl::set_no_new_privs().expect("no_new_privs");
+        let allowed = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
+        let first = (0..CpuSet::count())
+            .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+            .expect("a CPU");
+        let mut one = CpuSet::new();
+        one.set(first).expect("cpu");
+        sched_setaffinity(Pid::from_raw(0), &one).expect("pin this thread");
+        let keys = vec!["NoNewPrivs:".to_owned(), "Cpus_allowed:".to_owned()];
+        let own = own_status_lines(&keys, "/proc/thread-self/status");
+        let pool = builder.build().expect("pool");
+        let theirs = pool.apply(status_lines, (keys,)).expect("status");
+        assert_eq!(theirs, own, "the worker keeps what its starting thread has");
+    })
+    .join()
+    .expect("the thread");
+    println!("ok");
+}
+
+/// The program's start directory removed, then a pool started elsewhere: the workers work
+/// where the caller does.
+fn scenario_deleted_start_dir(builder: PoolBuilder) {
+    let start = std::env::current_dir().expect("start dir");
+    let elsewhere = std::env::temp_dir().canonicalize().expect("temp dir");
+    std::env::set_current_dir(&elsewhere).expect("chdir");
+    std::fs::remove_dir(&start).expect("remove the start dir");
+    let pool = builder.build().expect("pool");
+    let (_, cwd, ..) = pool.apply(observe, ("HOME".to_owned(),)).expect("observe");
+    assert_eq!(cwd, elsewhere.display().to_string());
+    println!("ok");
+}
+
+/// Copies of the program made with `fork` while another thread starts pools: each copy
+/// starts a pool of its own (none may hang on the lock that thread held).
+fn scenario_fork_while_starting(builder: PoolBuilder) {
+    use std::sync::atomic::AtomicBool;
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let for_copies = builder.clone();
+    let busy = std::thread::spawn(move || {
+        while !DONE.load(Ordering::SeqCst) {
+            drop(builder.clone().build().expect("pool in the busy thread"));
+        }
+    });
+    for _ in 0..20 {
+        // SAFETY: the child only starts a pool, under an alarm, and exits; the test is
+        // about exactly what a multi-threaded program's copy can do.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                nix::unistd::alarm::set(20);
+                let pool = for_copies.clone().build().expect("pool in a copy");
+                let ok = pool.apply(square, (3,)).is_ok_and(|nine| nine == 9);
+                // SAFETY: ends the copy at once, without running the original's at-exit
+                // work a second time.
+                unsafe { nix::libc::_exit(i32::from(!ok)) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).expect("wait");
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+    }
+    DONE.store(true, Ordering::SeqCst);
+    busy.join().expect("busy thread");
+    println!("ok");
 }
 
 fn scenario_observe(builder: PoolBuilder) {
@@ -356,6 +456,34 @@ fn a_stopped_fork_server_does_not_hold_a_start() -> TestResult {
     ensure(out.contains("ok"), out)
 }
 
+fn workers_keep_the_sandbox_of_the_thread_that_starts_them() -> TestResult {
+    for method in ["fork", "spawn"] {
+        let out = run_scenario("thread-sandbox", method)?;
+        ensure(out.trim() == "ok", format!("{method}: {out}"))?;
+    }
+    Ok(())
+}
+
+fn workers_work_where_the_caller_does_after_the_start_dir_is_gone() -> TestResult {
+    for method in ["fork", "spawn"] {
+        let dir = std::env::temp_dir().join(format!(
+            "multiproc-start-dir-{}-{method}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let out = run_scenario_in("deleted-start-dir", method, &dir);
+        let _ = std::fs::remove_dir(&dir);
+        let out = out?;
+        ensure(out.trim() == "ok", format!("{method}: {out}"))?;
+    }
+    Ok(())
+}
+
+fn copies_made_by_fork_while_pools_start_do_not_hang() -> TestResult {
+    let out = run_scenario("fork-while-starting", "fork")?;
+    ensure(out.trim() == "ok", out)
+}
+
 fn a_worker_starts_a_pool_of_its_own() -> TestResult {
     for method in [StartMethod::ForkServer, StartMethod::Spawn] {
         let pool = Pool::builder().processes(1).start_method(method).build()?;
@@ -398,6 +526,9 @@ fn main() {
         a_copy_made_by_fork_starts_its_own_workers,
         an_environment_set_var_refuses_gets_spawned_workers,
         a_stopped_fork_server_does_not_hold_a_start,
+        workers_keep_the_sandbox_of_the_thread_that_starts_them,
+        workers_work_where_the_caller_does_after_the_start_dir_is_gone,
+        copies_made_by_fork_while_pools_start_do_not_hang,
         a_program_started_with_spawn_has_no_fork_server,
     ]);
 }

@@ -77,16 +77,17 @@ pub enum StartMethod {
     ///   with `MULTIPROC_START_METHOD=spawn` or `MULTIPROC_WORKER_EXE` (for profilers) in
     ///   its environment, or with more than one thread before `main`; in a worker that
     ///   starts a pool of its own; in a copy of the program made with `fork`;
-    /// - while the caller's credentials (user, groups), umask, CPU affinity, control group,
-    ///   `no_new_privs` or seccomp mode differ from the program's at start: a forked worker
-    ///   would keep the old ones (and a parent that dropped privileges could not kill it);
+    /// - while the starting thread's credentials (user, groups, capabilities), umask, CPU
+    ///   affinity, control group, `no_new_privs` or seccomp filters differ from the
+    ///   program's at start: a forked worker would keep the old ones, escaping a sandbox or
+    ///   a privilege drop (and a parent that dropped privileges could not kill it);
     /// - while the environment holds a name or value that `std::env::set_var` refuses;
     /// - once the server has not answered for 2 seconds, or cannot fork workers here.
     ///
     /// What a forked worker still keeps from the program's start, unlike a spawned one:
     /// its arguments (a spawned worker's are the executable's path alone), resource
-    /// limits, signal dispositions, scheduling priority and namespaces, and the descriptors
-    /// open when the program started.
+    /// limits, signal dispositions, scheduling priority, namespaces and security-module
+    /// label, and the descriptors open when the program started.
     ///
     /// The server is a child of the program from the first line of `main` to its exit:
     /// code that waits for *any* child until none is left (`wait(2)` until `ECHILD`) would

@@ -393,13 +393,13 @@ impl WorkerProcess {
     pub(crate) fn kill(&mut self) -> ExitStatus {
         if self.reaped.is_none() {
             // ESRCH (already gone) is fine: we reap below either way.
-            let group = signal::killpg(self.pid, Signal::SIGKILL);
+            let _ = signal::killpg(self.pid, Signal::SIGKILL);
             // A worker forked a moment ago may not have made its process group yet (it
             // does that first thing): the group is then not there, and the worker is
             // killed alone, before it could start anything.
             let alone = signal::kill(self.pid, Signal::SIGKILL);
-            let refused = Err(nix::errno::Errno::EPERM);
-            if group == refused && alone == refused {
+            // Judged on the worker alone: one that left its group makes the group ESRCH.
+            if alone == Err(nix::errno::Errno::EPERM) {
                 let abandoned = ExitStatus::from_raw(Signal::SIGKILL as i32);
                 let status = self
                     .reap_until(deadline_after(Duration::from_secs(1)))

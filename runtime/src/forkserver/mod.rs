@@ -57,39 +57,50 @@ const ANSWER_LIMIT: Duration = Duration::from_secs(2);
 /// The parent's end of the server's socket, while the server answers.
 static SERVER: Mutex<Option<Server>> = Mutex::new(None);
 
+/// The process that started the server, read before [`SERVER`] is locked. A copy of the
+/// program made with `fork` inherits the server's socket, but the server's workers would
+/// not be its children; and it may have been made while another thread held the lock,
+/// which no thread of the copy would ever release.
+static OWNER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 struct Server {
     conn: UnixStream,
     pid: Pid,
-    /// The process that started the server. A process the program forked inherits this
-    /// value and the socket, but the server's workers would not be its children.
-    owner: Pid,
 }
 
-/// What a forked worker shares with the program as it started, not with the parent as it is
-/// now: the lines `Uid`, `Gid`, `Groups`, `Umask`, `NoNewPrivs`, `Seccomp` and
-/// `Cpus_allowed` of `/proc/self/status`, and `/proc/self/cgroup`. Each request carries the
-/// parent's, and the server forks only while they equal its own; a parent that dropped
-/// privileges, say, gets `exec`'d workers, which it can still kill.
+/// What a forked worker shares with the program as it started, not with the thread that
+/// asks for it as it is now (a worker run from the executable would take that thread's):
+/// the credentials, capabilities, umask, `no_new_privs`, seccomp filters and CPU affinity
+/// of `/proc/thread-self/status`, and the control group. Each request carries the asking
+/// thread's, and the server forks only while they equal its own; a parent that dropped
+/// privileges or sandboxed itself, say, gets `exec`'d workers, which keep that (and which
+/// it can still kill). Not compared: namespaces and security-module labels.
 #[derive(Serialize, Deserialize, PartialEq, Eq, Debug)]
 struct Identity(String);
 
 impl Identity {
     fn now() -> Option<Identity> {
-        const FIELDS: [&str; 7] = [
+        const FIELDS: [&str; 13] = [
             "Uid:",
             "Gid:",
             "Groups:",
+            "CapInh:",
+            "CapPrm:",
+            "CapEff:",
+            "CapBnd:",
+            "CapAmb:",
+            "Seccomp_filters:",
             "Umask:",
             "NoNewPrivs:",
             "Seccomp:",
             "Cpus_allowed:",
         ];
-        let status = read_proc("/proc/self/status")?;
+        let status = read_proc("/proc/thread-self/status")?;
         let mut identity: String = status
             .lines()
             .filter(|line| FIELDS.iter().any(|field| line.starts_with(field)))
             .collect();
-        identity.push_str(&read_proc("/proc/self/cgroup")?);
+        identity.push_str(&read_proc("/proc/thread-self/cgroup")?);
         Some(Identity(identity))
     }
 }
@@ -169,11 +180,8 @@ pub(crate) fn start() {
             server::serve(&server_end, parent)
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
-            *lock() = Some(Server {
-                conn,
-                pid: child,
-                owner: parent,
-            });
+            *lock() = Some(Server { conn, pid: child });
+            OWNER.store(parent.as_raw(), std::sync::atomic::Ordering::SeqCst);
         }
         Err(_) => {}
     }
@@ -217,16 +225,15 @@ pub(crate) fn fork_worker(
     stderr: &OwnedFd,
     deadline: Instant,
 ) -> Forked {
+    if OWNER.load(std::sync::atomic::Ordering::SeqCst) != nix::unistd::getpid().as_raw() {
+        // No server, or a copy of the program made by `fork`: the server is the
+        // original's, not ours to ask, kill or reap (see `OWNER`).
+        return Forked::Unavailable;
+    }
     let mut guard = lock();
     let Some(server) = guard.as_mut() else {
         return Forked::Unavailable;
     };
-    if server.owner != nix::unistd::getpid() {
-        // A copy of the program made by `fork`: the server is the original's. Our copy of
-        // its socket goes; the server is not ours to kill or reap.
-        *guard = None;
-        return Forked::Unavailable;
-    }
     let Some(identity) = Identity::now() else {
         return Forked::Unavailable;
     };
@@ -240,9 +247,14 @@ pub(crate) fn fork_worker(
             // Gone, stopped, confused, or unable to fork this way: never asked again. A
             // worker it may have forked before it failed holds the channel, which the
             // caller gives up: the worker then ends (reaped when this process exits).
-            if let Some(server) = guard.take() {
-                let _ = nix::sys::signal::kill(server.pid, nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::wait::waitpid(server.pid, None);
+            if let Some(Server { conn, pid }) = guard.take() {
+                // Our end closes first: a server that still reads exits at end of stream.
+                drop(conn);
+                // Reaped only if it could be killed: a server this process may no longer
+                // signal (it dropped privileges) dies with it, by the parent-death signal.
+                if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                    let _ = nix::sys::wait::waitpid(pid, None);
+                }
             }
             match refused {
                 Refused::Always => Forked::Unavailable,
@@ -365,30 +377,21 @@ mod tests {
         let (_, stderr) = nix::unistd::pipe().unwrap();
         let soon = || Instant::now() + Duration::from_millis(100);
 
-        *lock() = Some(Server {
-            conn,
-            pid,
-            owner: Pid::from_raw(1),
-        });
+        *lock() = Some(Server { conn, pid });
+        OWNER.store(1, std::sync::atomic::Ordering::SeqCst);
         assert!(matches!(
             fork_worker(&spec(), &channel, &stderr, soon()),
             Forked::Unavailable
         ));
+        peer.set_nonblocking(true).unwrap();
         let mut byte = [0u8; 1];
-        assert_eq!(
-            (&peer).read(&mut byte).unwrap(),
-            0,
-            "nothing was sent before our copy of the socket closed"
-        );
-        assert!(lock().is_none(), "another process's server is forgotten");
-        assert_eq!(nix::sys::signal::kill(pid, None), Ok(()), "but not killed");
+        assert!((&peer).read(&mut byte).is_err(), "nothing was sent");
+        assert_eq!(nix::sys::signal::kill(pid, None), Ok(()), "nor killed");
 
-        let (conn, _peer) = UnixStream::pair().unwrap();
-        *lock() = Some(Server {
-            conn,
-            pid,
-            owner: nix::unistd::getpid(),
-        });
+        OWNER.store(
+            nix::unistd::getpid().as_raw(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
         assert!(matches!(
             fork_worker(&spec(), &channel, &stderr, soon()),
             Forked::Lost

@@ -277,8 +277,9 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec
             }
         }
     }
+    // Unless it is there already (a directory removed since the program started is not).
     let cwd = std::ffi::OsStr::from_bytes(&request.cwd);
-    if !cwd.is_empty() && std::env::current_dir().is_ok_and(|dir| dir.as_os_str() != cwd) {
+    if !cwd.is_empty() && !std::env::current_dir().is_ok_and(|dir| dir.as_os_str() == cwd) {
         let _ = std::env::set_current_dir(cwd);
     }
     worker::serve_forked(spec, channel)
