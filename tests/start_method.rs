@@ -127,6 +127,15 @@ fn run_scenario(scenario: &str, method: &str) -> Result<String, Box<dyn std::err
     run_scenario_in(scenario, method, &std::env::current_dir()?)
 }
 
+/// Runs `scenario` with each start method; each must print `ok`.
+fn ok_with_both(scenario: &str) -> TestResult {
+    for method in ["fork", "spawn"] {
+        let out = run_scenario(scenario, method)?;
+        ensure(out.trim() == "ok", format!("{scenario} ({method}): {out}"))?;
+    }
+    Ok(())
+}
+
 /// [`run_scenario`], started in `dir`.
 fn run_scenario_in(
     scenario: &str,
@@ -391,11 +400,7 @@ fn workers_see_the_environment_and_directory_of_the_caller() -> TestResult {
 }
 
 fn workers_forked_or_spawned_report_a_crash_alike() -> TestResult {
-    for method in ["fork", "spawn"] {
-        let out = run_scenario("crash", method)?;
-        ensure(out.trim() == "ok", format!("{method}: {out}"))?;
-    }
-    Ok(())
+    ok_with_both("crash")
 }
 
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
@@ -421,11 +426,7 @@ fn glibc_knows_a_forked_worker_as_itself() -> TestResult {
 }
 
 fn a_changed_umask_reaches_the_workers() -> TestResult {
-    for method in ["fork", "spawn"] {
-        let out = run_scenario("umask", method)?;
-        ensure(out.trim() == "ok", format!("{method}: {out}"))?;
-    }
-    Ok(())
+    ok_with_both("umask")
 }
 
 fn a_copy_made_by_fork_starts_its_own_workers() -> TestResult {
@@ -457,11 +458,7 @@ fn a_stopped_fork_server_does_not_hold_a_start() -> TestResult {
 }
 
 fn workers_keep_the_sandbox_of_the_thread_that_starts_them() -> TestResult {
-    for method in ["fork", "spawn"] {
-        let out = run_scenario("thread-sandbox", method)?;
-        ensure(out.trim() == "ok", format!("{method}: {out}"))?;
-    }
-    Ok(())
+    ok_with_both("thread-sandbox")
 }
 
 fn workers_work_where_the_caller_does_after_the_start_dir_is_gone() -> TestResult {
