@@ -96,8 +96,9 @@ impl WorkerSpec {
 
 /// Entry point emitted by `#[multiproc::main]` at the top of `fn main`. Not public API.
 ///
-/// In a parent (no [`ENV`]) it returns at once. In a worker it serves tasks and exits the
-/// process: status 0 after `Shutdown` or when the parent goes away, 1 on a protocol error.
+/// In a parent (no [`ENV`]) it starts the fork server (`forkserver::start`) and returns. In
+/// a worker it serves tasks and exits the process: status 0 after `Shutdown` or when the
+/// parent goes away, 1 on a protocol error.
 #[doc(hidden)]
 pub fn worker_main() {
     let Some(value) = std::env::var_os(ENV) else {

@@ -20,9 +20,10 @@
 //! executable again when the program has no server (no `#[multiproc::main]`,
 //! [`START_METHOD_ENV`] set to `spawn`, a worker starting a pool of its own, a process the
 //! program forked), when the server stops answering, and whenever what the kernel knows of
-//! the parent differs from what it knew at start ([`Identity`]: credentials, umask, CPU
-//! affinity, control group...), which a forked copy would not share: the server, which is
-//! the program as it started, declines those requests.
+//! the asking thread differs from what it knew at start ([`Identity`]: credentials and
+//! capabilities, umask, CPU affinity, seccomp filters, control group...), which a forked
+//! copy would not share: the server, which is the program as it started, declines those
+//! requests.
 //!
 //! The parent does as little as it can at start: it checks that it runs one thread and
 //! forks. Everything else the server finds out for itself, off the parent's path.
