@@ -1,6 +1,7 @@
 //! No worker outlives its parent: killed with SIGKILL, or stopped by Ctrl-C, the parent
-//! takes every worker, and the fork server, with it within a second. The "parent" here is this test binary run
-//! again as a scenario: it starts a pool, reports its worker pids, and runs a long map.
+//! takes every worker, and the fork server, with it within a second. The "parent" here is
+//! this test binary run again as a scenario: it starts a pool, reports its worker pids, and
+//! runs a long map.
 
 mod support;
 
@@ -51,11 +52,12 @@ fn start_scenario() -> Result<(std::process::Child, Vec<u32>), Box<dyn std::erro
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     assert_eq!(pids.len(), 2, "scenario said {line:?}");
-    // Every child of the scenario: its workers and its fork server.
+    // Every child of the scenario: its workers and its fork server (where it has one: not
+    // with MULTIPROC_START_METHOD=spawn, say; tests/start_method.rs checks that it does).
     let all = support::children(child.id());
     assert!(
-        pids.iter().all(|pid| all.contains(pid)) && all.len() == 3,
-        "workers {pids:?} and one fork server expected among the children {all:?}"
+        pids.iter().all(|pid| all.contains(pid)) && all.len() <= 3,
+        "workers {pids:?} and at most a fork server expected among the children {all:?}"
     );
     Ok((child, all))
 }

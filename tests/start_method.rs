@@ -144,6 +144,8 @@ fn run_scenario_in(
 ) -> Result<String, Box<dyn std::error::Error>> {
     let out = Command::new(std::env::current_exe()?)
         .current_dir(dir)
+        // The scenarios need the fork server, whatever this test run was started with.
+        .env_remove("MULTIPROC_START_METHOD")
         .env(SCENARIO, format!("{scenario}:{method}"))
         // For the scenario to remove before its pool starts.
         .env("MULTIPROC_TEST_REMOVED", "present")
@@ -171,12 +173,27 @@ fn scenario(which: &str) -> ! {
         "forked-child" => scenario_forked_child(builder),
         "server-stopped" => scenario_server_stopped(builder),
         "thread-sandbox" => scenario_thread_sandbox(builder),
+        "glibc" => scenario_glibc(builder),
         "deleted-start-dir" => scenario_deleted_start_dir(builder),
         "fork-while-starting" => scenario_fork_while_starting(builder),
         "server-killed" => scenario_server_killed(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
+}
+
+/// A forked worker pins itself through glibc and checks its robust-mutex list.
+fn scenario_glibc(builder: PoolBuilder) {
+    let pool = builder.build().expect("pool");
+    let (before, after, robust, args) = pool.apply(pin_through_glibc, ()).expect("apply");
+    assert_eq!(
+        args,
+        std::env::args().collect::<Vec<_>>(),
+        "the worker was forked"
+    );
+    assert!(robust, "the robust-mutex list is registered");
+    assert_eq!(after, before[..1], "pinned itself");
+    println!("ok");
 }
 
 /// A thread that sandboxes and pins itself, then starts a pool: its workers must keep both,
@@ -409,20 +426,8 @@ fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
 }
 
 fn glibc_knows_a_forked_worker_as_itself() -> TestResult {
-    let pool = Pool::builder()
-        .processes(1)
-        .start_method(StartMethod::ForkServer)
-        .build()?;
-    let (before, after, robust, args) = pool.apply(pin_through_glibc, ())?;
-    ensure(
-        args == std::env::args().collect::<Vec<_>>(),
-        "the worker was forked",
-    )?;
-    ensure(robust, "the robust-mutex list is registered")?;
-    ensure(
-        after == before[..1],
-        format!("pinned itself: {before:?} -> {after:?}"),
-    )
+    let out = run_scenario("glibc", "fork")?;
+    ensure(out.trim() == "ok", out)
 }
 
 fn a_changed_umask_reaches_the_workers() -> TestResult {
