@@ -479,25 +479,30 @@ fn a_large_argument_within_the_memory_cap_runs() -> TestResult {
 }
 
 fn a_hanging_initializer_is_bounded_by_the_start_timeout() -> TestResult {
+    build_fails_at_the_start_timeout(hang_forever, "start-up timeout")
+}
+
+/// Builds a pool of one whose `initializer` never answers, under a start timeout of one
+/// second: the build must fail, of kind `Spawn`, with `expected` in its message.
+fn build_fails_at_the_start_timeout<T>(initializer: T, expected: &str) -> TestResult
+where
+    T: multiproc::Task<Args = ()> + Send + 'static,
+{
     let built = support::within(
         Duration::from_mins(1),
-        "build with a hanging initializer",
-        || {
+        "build with an initializer that never answers",
+        move || {
             Pool::builder()
                 .processes(1)
                 .start_timeout(Duration::from_secs(1))
-                .initializer(hang_forever, ())
+                .initializer(initializer, ())
                 .build()
                 .map(drop)
         },
     )?;
-    let err = built.expect_err("the initializer never finishes");
+    let err = built.expect_err("the initializer never answers");
     assert_eq!(err.kind(), ErrorKind::Spawn);
-    ensure(
-        err.to_string().contains("start-up timeout"),
-        err.to_string(),
-    )?;
-    Ok(())
+    ensure(err.to_string().contains(expected), err.to_string())
 }
 
 /// Replaces the worker with `sleep 120`: its channel (close-on-exec) closes, the process
@@ -513,25 +518,7 @@ fn exec_sleep() {
 /// program) fails the start at the start timeout, instead of holding it until that
 /// program exits.
 fn an_initializer_that_execs_away_is_bounded_by_the_start_timeout() -> TestResult {
-    let built = support::within(
-        Duration::from_mins(1),
-        "build with an initializer that execs away",
-        || {
-            Pool::builder()
-                .processes(1)
-                .start_timeout(Duration::from_secs(1))
-                .initializer(exec_sleep, ())
-                .build()
-                .map(drop)
-        },
-    )?;
-    let err = built.expect_err("the initializer never answers");
-    assert_eq!(err.kind(), ErrorKind::Spawn);
-    ensure(
-        err.to_string().contains("without the worker exiting"),
-        err.to_string(),
-    )?;
-    Ok(())
+    build_fails_at_the_start_timeout(exec_sleep, "without the worker exiting")
 }
 
 fn work_put_back_after_close_fails_when_no_worker_is_left() -> TestResult {

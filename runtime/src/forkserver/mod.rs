@@ -240,10 +240,10 @@ pub(crate) fn fork_worker(
     };
     let deadline = deadline.min(Instant::now() + ANSWER_LIMIT);
     match server.request(spec, identity, channel, stderr, deadline) {
-        Ok(Some(pid)) => Forked::Pid(pid),
+        Ok(pid) => Forked::Pid(pid),
         // Too large to send, declined (see `Identity`, `env_settable`), or no fork this
         // time (a process limit): `exec` this once.
-        Ok(None) | Err(Refused::Once) => Forked::Unavailable,
+        Err(Refused::Once) => Forked::Unavailable,
         Err(refused) => {
             // Gone, stopped, confused, or unable to fork this way: never asked again. A
             // worker it may have forked before it failed holds the channel, which the
@@ -267,8 +267,8 @@ pub(crate) fn fork_worker(
 
 /// Why a request got no worker.
 enum Refused {
-    /// The server declined, or could not fork this time (a process limit): ask again next
-    /// time. It took and closed the descriptors without a worker.
+    /// The request was too large to send, or the server declined it or could not fork
+    /// this time (a process limit): ask again next time. No worker holds the descriptors.
     Once,
     /// The server cannot fork workers at all here (`clone3` refused, glibc's records out of
     /// reach, an environment at start that `set_var` refuses): give it up. It took and
@@ -279,7 +279,6 @@ enum Refused {
 }
 
 impl Server {
-    /// `Ok(None)`: too large to send.
     fn request(
         &mut self,
         spec: &WorkerSpec,
@@ -287,7 +286,7 @@ impl Server {
         channel: &OwnedFd,
         stderr: &OwnedFd,
         deadline: Instant,
-    ) -> Result<Option<Pid>, Refused> {
+    ) -> Result<Pid, Refused> {
         let stdout = std::io::stdout().as_fd().try_clone_to_owned().ok();
         let request = Request {
             spec: spec.encode(),
@@ -299,10 +298,10 @@ impl Server {
             identity,
         };
         let Ok(body) = postcard::to_allocvec(&request) else {
-            return Ok(None);
+            return Err(Refused::Once);
         };
         if body.len() > MAX_REQUEST {
-            return Ok(None);
+            return Err(Refused::Once);
         }
         let mut message = (body.len() as u32).to_le_bytes().to_vec();
         message.extend_from_slice(&body);
@@ -334,7 +333,7 @@ impl Server {
             .and_then(|()| (&self.conn).read_exact(&mut reply))
             .map_err(|_| Refused::Lost)?;
         match i32::from_le_bytes(reply) {
-            pid if pid > 0 => Ok(Some(Pid::from_raw(pid))),
+            pid if pid > 0 => Ok(Pid::from_raw(pid)),
             server::DECLINED => Err(Refused::Once),
             errno if errno == -nix::libc::EAGAIN || errno == -nix::libc::ENOMEM => {
                 Err(Refused::Once)

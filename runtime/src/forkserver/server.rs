@@ -191,8 +191,13 @@ struct CloneArgs {
 
 /// Forks a worker for `request`; its pid, or minus the error number. The worker's
 /// descriptors are closed here before this returns: the server holds none of them.
-fn fork_one(conn: &UnixStream, thread: ThreadRecord, request: Request, fds: Vec<OwnedFd>) -> i32 {
-    let Ok(spec) = WorkerSpec::decode(&OsString::from(request.spec.clone())) else {
+fn fork_one(
+    conn: &UnixStream,
+    thread: ThreadRecord,
+    mut request: Request,
+    fds: Vec<OwnedFd>,
+) -> i32 {
+    let Ok(spec) = WorkerSpec::decode(&OsString::from(std::mem::take(&mut request.spec))) else {
         return -libc::EINVAL;
     };
     // `fork` would make the worker the server's child; `CLONE_PARENT` makes it the parent's.
