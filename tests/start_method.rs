@@ -177,6 +177,7 @@ fn scenario(which: &str) -> ! {
         "deleted-start-dir" => scenario_deleted_start_dir(builder),
         "fork-while-starting" => scenario_fork_while_starting(builder),
         "server-killed" => scenario_server_killed(builder),
+        "large-pool" => scenario_large_pool(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -330,6 +331,26 @@ fn scenario_umask(builder: PoolBuilder) {
     println!("ok");
 }
 
+/// More workers than the fork server is sent requests for at a time: every one of them is
+/// forked (a copy of this program, arguments and all), and the pool runs.
+fn scenario_large_pool(builder: PoolBuilder) {
+    let pool = builder.processes(20).build().expect("pool");
+    let mut pids = pool.worker_pids();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 20, "20 workers");
+    let own = std::fs::read("/proc/self/cmdline").expect("cmdline");
+    for pid in pids {
+        let theirs = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        assert_eq!(theirs, own, "worker {pid} was forked");
+    }
+    assert_eq!(
+        pool.map(square, 0..100u64).expect("map"),
+        (0..100u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    println!("ok");
+}
+
 fn scenario_forked_child(builder: PoolBuilder) {
     // A copy of the program made with `fork` has its parent's fork server, whose
     // workers would not be its children: it starts its own by `exec`.
@@ -418,6 +439,11 @@ fn workers_see_the_environment_and_directory_of_the_caller() -> TestResult {
 
 fn workers_forked_or_spawned_report_a_crash_alike() -> TestResult {
     ok_with_both("crash")
+}
+
+fn a_large_pool_forks_every_worker() -> TestResult {
+    let out = run_scenario("large-pool", "fork")?;
+    ensure(out.trim() == "ok", out)
 }
 
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
@@ -532,5 +558,6 @@ fn main() {
         workers_work_where_the_caller_does_after_the_start_dir_is_gone,
         copies_made_by_fork_while_pools_start_do_not_hang,
         a_program_started_with_spawn_has_no_fork_server,
+        a_large_pool_forks_every_worker,
     ]);
 }

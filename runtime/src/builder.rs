@@ -282,8 +282,8 @@ impl PoolBuilder {
 
     /// How long a thread that is about to sleep until a message arrives looks for it first,
     /// without sleeping: a worker that has just answered, waiting for its next request, and a
-    /// caller blocked on a short task's outcome. Default: 50 µs, or zero when this process may
-    /// use one CPU only. Zero: never poll.
+    /// caller blocked on a short task's outcome. Default: 50 µs, or zero when the thread that
+    /// builds the pool may run on one CPU only (its affinity mask). Zero: never poll.
     ///
     /// Waking a sleeping thread costs more than a whole short round trip on many machines
     /// (tens of microseconds on a virtual machine whose idle CPUs halt), so polling briefly
@@ -364,19 +364,30 @@ impl PoolBuilder {
             Some((name, args)) => Some(Arc::new(initializer_frame(name, args)?)),
         };
         let spin = self.spin.unwrap_or_else(worker::spin_window);
+        let mut spawn = SpawnOptions {
+            max_frame_len: self.max_frame_len,
+            start_timeout: self.start_timeout,
+            max_memory: self.max_memory_per_child,
+            spin,
+            initializer,
+            stop: None,
+            fork_server: self.start_method == StartMethod::ForkServer,
+        };
+        // Workers the fork server starts are asked for from this thread, first: the server
+        // forks them while this thread sets up the pool and starts the slots' threads, which
+        // take them over. Any other start must happen on the slot's thread, which outlives
+        // the worker.
+        let launching = if spawn.fork_server {
+            Some(WorkerProcess::launch(&spawn, processes)?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared::new(processes, spin)?);
+        spawn.stop = Some(Arc::new(shared.stop_read.try_clone().map_err(|err| {
+            Error::io("duplicating the pool's stop pipe failed", err)
+        })?));
         let config = Arc::new(SlotConfig {
-            spawn: SpawnOptions {
-                max_frame_len: self.max_frame_len,
-                start_timeout: self.start_timeout,
-                max_memory: self.max_memory_per_child,
-                spin,
-                initializer,
-                stop: Some(Arc::new(shared.stop_read.try_clone().map_err(|err| {
-                    Error::io("duplicating the pool's stop pipe failed", err)
-                })?)),
-                fork_server: self.start_method == StartMethod::ForkServer,
-            },
+            spawn,
             prefetch: self.prefetch.max(1),
             shutdown_grace: Duration::from_secs(5),
             max_tasks_per_child: self.max_tasks_per_child,
@@ -384,17 +395,15 @@ impl PoolBuilder {
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(processes);
+        let mut handovers = Vec::with_capacity(processes);
         for index in 0..processes {
             let slot = Slot::new(index, Arc::clone(&shared), Arc::clone(&config));
             let ready = ready_tx.clone();
-            // A worker the fork server starts may start from this thread, and does: it then
-            // forks while its slot's thread starts, which costs about as much. Any other
-            // start must happen on the slot's thread, which outlives the worker.
-            let launched = if config.spawn.fork_server {
-                WorkerProcess::launch(&config.spawn, false).transpose()
-            } else {
-                None
-            };
+            let launched = launching.is_some().then(|| {
+                let (handover, launched) = mpsc::sync_channel(1);
+                handovers.push(handover);
+                launched
+            });
             let spawned = std::thread::Builder::new()
                 .name(format!("multiproc-slot-{index}"))
                 .spawn(move || slot.run(ready, launched));
@@ -404,6 +413,15 @@ impl PoolBuilder {
                     shared.terminate();
                     return Err(Error::io("starting a pool thread failed", err));
                 }
+            }
+        }
+        if let Some(launching) = launching {
+            // A worker the server did not start (`None`) is started by its slot's thread.
+            let launched = launching
+                .launched(false)
+                .inspect_err(|_| shared.terminate())?;
+            for (handover, launched) in handovers.into_iter().zip(launched) {
+                let _ = handover.send(launched);
             }
         }
         drop(ready_tx);

@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 
 /// How long a terminating pool lets an idle worker take to exit cleanly before killing it.
@@ -224,20 +224,21 @@ impl Slot {
     /// listening: it returns once one worker is ready, or fails with the first failure. A
     /// worker that fails to start after that (`build` has returned) is retried as a
     /// replacement would be; if it still cannot start, the pool goes on without this slot.
-    /// `launched`: the first worker, when the thread that built the pool started it (or
-    /// failed to).
+    /// `launched`: where the thread that builds the pool hands over the first worker, when
+    /// it asked the fork server for it (`None` when the server did not start it).
     pub(crate) fn run(
         self,
         ready: Sender<Result<u32, Error>>,
-        launched: Option<Result<Launched, Error>>,
+        launched: Option<Receiver<Option<Launched>>>,
     ) {
         let mut slot = Box::new(self);
         // Counts this slot's first start as done however it ends, a panic included: callers
         // of `worker_pids` wait for it.
         let first_start = FirstStart(Arc::clone(&slot.shared));
-        let first = match launched {
-            Some(Ok(launched)) => slot.start_worker(Some(launched), 1),
-            Some(Err(err)) => Err(err),
+        let first = match launched.map(|launched| launched.recv()) {
+            // The thread that built the pool failed before it could hand the worker over.
+            Some(Err(_)) => Err(Error::closed("the pool was not built")),
+            Some(Ok(launched)) => slot.start_worker(launched, 1),
             None => slot.start_worker(None, 1),
         };
         let started = match first {

@@ -4,7 +4,7 @@
 //! the parent's stdout and stderr.
 
 use crate::error::{Error, ErrorKind};
-use crate::forkserver::Forked;
+use crate::forkserver::{Asked, Forked, WorkerFds};
 use crate::protocol::{self, FrameReader, Header};
 use crate::registry::Registry;
 use crate::status::{StatusPage, deadline_after};
@@ -69,66 +69,167 @@ pub(crate) struct WorkerProcess {
 pub(crate) struct Launched {
     worker: WorkerProcess,
     started_at: Instant,
+    /// Whether the worker has its status page already (a forked worker takes it with its
+    /// other descriptors); else it is the first frame sent.
+    status_sent: bool,
 }
 
 impl WorkerProcess {
     /// Starts a worker and completes the handshake: protocol version and registry digest must
     /// match this process's, or the worker is killed and the error says why.
     pub(crate) fn spawn(options: &SpawnOptions) -> Result<WorkerProcess, Error> {
-        match Self::launch(options, true)? {
+        match Self::launch(options, 1)?.launched(true)?.pop().flatten() {
             Some(launched) => launched.finish(options),
             None => Err(Self::start_failure("no way to start a worker".to_owned())),
         }
     }
 
-    /// Starts a worker process, without waiting for it: from the fork server where
-    /// `options` allow it and the program has one, else (with `exec_fallback`) by running the
-    /// executable again. `None`: the fork server could not, and `exec_fallback` is false.
-    ///
-    /// The thread that runs the executable must outlive the worker (its death is the
-    /// parent's death to the kernel); the fork server has no such bound.
-    pub(crate) fn launch(
-        options: &SpawnOptions,
-        exec_fallback: bool,
-    ) -> Result<Option<Launched>, Error> {
+    /// Starts launching `count` worker processes: asks the fork server for them where
+    /// `options` allow it and the program has one, and returns while it forks them.
+    /// [`Launching::launched`] completes the launch.
+    pub(crate) fn launch(options: &SpawnOptions, count: usize) -> Result<Launching, Error> {
         let started_at = Instant::now();
-        let (mut conn, mut child_end) = channel()?;
-        let status = StatusPage::create().map_err(spawn_kind)?;
         let spec = WorkerSpec {
             parent: std::process::id(),
             max_frame_len: options.max_frame_len,
             max_memory: options.max_memory.unwrap_or(0),
             spin_us: u64::try_from(options.spin.as_micros()).unwrap_or(u64::MAX),
         };
-        let forked = if options.fork_server {
-            fork(&spec, &child_end, later(started_at, options.start_timeout))?
-        } else {
-            Err(Forked::Unavailable)
-        };
-        let (pid, stderr) = match forked {
-            Ok(forked) => {
-                // Our copy of the worker's end goes at once: the worker's exit must close
-                // the channel.
-                drop(child_end);
-                forked
+        let mut parts = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (conn, child_end) = channel()?;
+            let status = StatusPage::create().map_err(spawn_kind)?;
+            let stderr = if options.fork_server {
+                Some(
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                        .map_err(|err| {
+                            Error::io("creating a worker's stderr pipe failed", err.into())
+                        })
+                        .map_err(spawn_kind)?,
+                )
+            } else {
+                None
+            };
+            parts.push(Parts {
+                conn,
+                child_end,
+                status,
+                stderr,
+            });
+        }
+        let asked = options.fork_server.then(|| {
+            let workers: Vec<_> = parts
+                .iter()
+                .filter_map(|part| {
+                    let (_, stderr_end) = part.stderr.as_ref()?;
+                    Some(WorkerFds {
+                        channel: part.child_end.as_fd(),
+                        stderr: stderr_end.as_fd(),
+                        status: part.status.fd(),
+                    })
+                })
+                .collect();
+            crate::forkserver::ask(&spec, &workers, later(started_at, options.start_timeout))
+        });
+        Ok(Launching {
+            asked,
+            parts,
+            spec,
+            started_at,
+        })
+    }
+}
+
+/// Workers being launched ([`WorkerProcess::launch`]): the fork server's answers are still
+/// to be read.
+pub(crate) struct Launching {
+    // Before `parts`: the requests name their descriptors, which must stay open until the
+    // last request is sent.
+    asked: Option<Asked>,
+    parts: Vec<Parts>,
+    spec: WorkerSpec,
+    started_at: Instant,
+}
+
+impl Drop for Launching {
+    fn drop(&mut self) {
+        // Dropped before it completed (an error on the way): the workers the server forked
+        // are killed and reaped.
+        if let Some(asked) = self.asked.take() {
+            for forked in asked.answers() {
+                if let Forked::Pid(pid) = forked {
+                    let _ = signal::kill(pid, Signal::SIGKILL);
+                    let _ = reap(pid, false);
+                }
             }
-            Err(_) if !exec_fallback => return Ok(None),
-            Err(Forked::Lost) => {
-                // A worker the server forked before it failed may hold that channel: it ends
-                // when we drop our end. This start takes a new one.
-                (conn, child_end) = channel()?;
-                exec(&spec, child_end)?
-            }
-            Err(_) => exec(&spec, child_end)?,
-        };
-        let worker = WorkerProcess {
-            pid,
-            conn,
-            status,
-            stderr,
-            reaped: None,
-        };
-        Ok(Some(Launched { worker, started_at }))
+        }
+    }
+}
+
+/// What one worker is launched with.
+struct Parts {
+    conn: UnixStream,
+    child_end: OwnedFd,
+    status: StatusPage,
+    /// The stderr pipe (ours, the worker's), made here for a forked worker.
+    stderr: Option<(OwnedFd, OwnedFd)>,
+}
+
+impl Launching {
+    /// Completes the launch: each worker the fork server started, or (with `exec_fallback`)
+    /// the executable run again in its place; `None` for a worker the fork server could
+    /// not start when `exec_fallback` is false.
+    ///
+    /// The thread that runs the executable must outlive the worker (its death is the
+    /// parent's death to the kernel); the fork server has no such bound.
+    pub(crate) fn launched(mut self, exec_fallback: bool) -> Result<Vec<Option<Launched>>, Error> {
+        let mut forked = self.asked.take().map(Asked::answers).unwrap_or_default();
+        forked.resize_with(self.parts.len(), || Forked::Unavailable);
+        let mut launched = Vec::with_capacity(self.parts.len());
+        for (parts, forked) in std::mem::take(&mut self.parts).into_iter().zip(forked) {
+            let Parts {
+                mut conn,
+                mut child_end,
+                status,
+                stderr,
+            } = parts;
+            let (pid, stderr, status_sent) = match (forked, stderr) {
+                (Forked::Pid(pid), Some((stderr, _))) => {
+                    // Our copy of the worker's end goes at once: the worker's exit must
+                    // close the channel. It took its status page with its other descriptors.
+                    drop(child_end);
+                    (pid, StderrTail::new(Some(stderr)), true)
+                }
+                _ if !exec_fallback => {
+                    launched.push(None);
+                    continue;
+                }
+                (Forked::Lost, _) => {
+                    // A worker the server forked before it failed may hold that channel: it
+                    // ends when we drop our end. This start takes a new one.
+                    (conn, child_end) = channel()?;
+                    let (pid, stderr) = exec(&self.spec, child_end)?;
+                    (pid, stderr, false)
+                }
+                _ => {
+                    let (pid, stderr) = exec(&self.spec, child_end)?;
+                    (pid, stderr, false)
+                }
+            };
+            let worker = WorkerProcess {
+                pid,
+                conn,
+                status,
+                stderr,
+                reaped: None,
+            };
+            launched.push(Some(Launched {
+                worker,
+                started_at: self.started_at,
+                status_sent,
+            }));
+        }
+        Ok(launched)
     }
 }
 
@@ -139,10 +240,15 @@ impl Launched {
         let Launched {
             mut worker,
             started_at,
+            status_sent,
         } = self;
         let registry = Registry::get()?;
-        let started = worker
-            .send_status_page()
+        let started = if status_sent {
+            Ok(())
+        } else {
+            worker.send_status_page()
+        };
+        let started = started
             .and_then(|()| worker.handshake(registry.digest(), options))
             .and_then(|()| match &options.initializer {
                 Some(init) => {
@@ -507,23 +613,6 @@ fn channel() -> Result<(UnixStream, OwnedFd), Error> {
         .map_err(|err| Error::io("creating a worker channel failed", err))
         .map_err(spawn_kind)?;
     Ok((conn, OwnedFd::from(child_end)))
-}
-
-/// Starts the worker from the fork server: its pid and stderr, or how the server failed.
-fn fork(
-    spec: &WorkerSpec,
-    channel: &OwnedFd,
-    deadline: Instant,
-) -> Result<Result<(Pid, StderrTail), Forked>, Error> {
-    let (stderr, stderr_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|err| Error::io("creating a worker's stderr pipe failed", err.into()))
-        .map_err(spawn_kind)?;
-    Ok(
-        match crate::forkserver::fork_worker(spec, channel, &stderr_end, deadline) {
-            Forked::Pid(pid) => Ok((pid, StderrTail::new(Some(stderr)))),
-            failed => Err(failed),
-        },
-    )
 }
 
 /// Starts the worker by running the executable again: its pid and stderr.

@@ -116,7 +116,7 @@ pub fn worker_main() {
             // SAFETY: our parent (checked above) made our stdin this worker's channel, and
             // nothing in this process has used stdin: `worker_main` runs first thing in `main`.
             .and_then(|()| unsafe { take_channel() })
-            .and_then(|channel| serve(spec, channel)),
+            .and_then(|channel| serve(spec, channel, None)),
         Err(err) => {
             eprintln!("multiproc worker: malformed {ENV}: {err}");
             exit(1);
@@ -127,9 +127,11 @@ pub fn worker_main() {
 
 /// The worker entry of a process forked by the fork server (`forkserver`), which hands over
 /// the channel itself; never returns.
-pub(crate) fn serve_forked(spec: WorkerSpec, channel: OwnedFd) -> ! {
+pub(crate) fn serve_forked(spec: WorkerSpec, channel: OwnedFd, status: OwnedFd) -> ! {
     ENTERED.store(true, Ordering::SeqCst);
-    exit_after(guard_against_orphaning(spec.parent).and_then(|()| serve(spec, channel)))
+    exit_after(
+        guard_against_orphaning(spec.parent).and_then(|()| serve(spec, channel, Some(status))),
+    )
 }
 
 /// Exits a worker: status 0 when it served to the end, 1 after saying what went wrong.
@@ -178,10 +180,11 @@ pub(crate) fn check_may_spawn() -> Result<(), Error> {
     ))
 }
 
-/// Serves tasks on `fd` until the parent says `Shutdown` or goes away. The caller has checked
+/// Serves tasks on `fd` until the parent says `Shutdown` or goes away; `status`: the status
+/// page, when it came with the channel (else it is the parent's first frame). The caller has checked
 /// that the parent is the one that sent the spec: a process whose parent is not the one that
 /// wrote ENV must not touch the descriptor numbers in it.
-fn serve(spec: WorkerSpec, fd: OwnedFd) -> Result<(), Error> {
+fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), Error> {
     limit_self(spec)?;
     install_panic_hook();
     let registry = Registry::get()?;
@@ -190,7 +193,11 @@ fn serve(spec: WorkerSpec, fd: OwnedFd) -> Result<(), Error> {
     let mut conn = ManuallyDrop::new(UnixStream::from(fd));
     let mut reader = FrameReader::new(spec.max_frame_len);
     let mut received = VecDeque::new();
-    let status = StatusPage::open(first_descriptor(&mut reader, &conn, &mut received)?)?;
+    let status = match status {
+        Some(status) => status,
+        None => first_descriptor(&mut reader, &conn, &mut received)?,
+    };
+    let status = StatusPage::open(status)?;
     if !PARENT_DEATH_SIGNAL {
         start_watchdog(&conn)?;
     }
@@ -410,12 +417,33 @@ impl Server {
 /// on a machine with one CPU, where polling could only delay the peer it waits for.
 pub(crate) const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// [`SPIN`], or zero when this process may use one CPU only.
+/// [`SPIN`], or zero when this thread may run on one CPU only.
 pub(crate) fn spin_window() -> std::time::Duration {
-    match std::thread::available_parallelism() {
-        Ok(cpus) if cpus.get() > 1 => SPIN,
-        _ => std::time::Duration::ZERO,
+    if cpus_allowed() > 1 {
+        SPIN
+    } else {
+        std::time::Duration::ZERO
     }
+}
+
+/// How many CPUs this thread may run on: its affinity mask, one system call. (Not std's
+/// `available_parallelism`, which reads the control group's CPU quota from its files too,
+/// about 50 us on every pool's start: a quota does not keep two threads from running at
+/// once, which is all that polling needs.)
+#[cfg(target_os = "linux")]
+fn cpus_allowed() -> usize {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    match sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .count(),
+        Err(_) => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn cpus_allowed() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// Reads what the parent sent, polling without blocking for up to `spin` before a blocking

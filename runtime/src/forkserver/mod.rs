@@ -7,9 +7,11 @@
 //! worker must not share. So `#[multiproc::main]` forks one process, the server, first thing
 //! in `main`, while the program is still single-threaded and has done nothing of its own.
 //! The server waits on a socket. To start a worker the parent sends it the worker's
-//! descriptors (channel, stderr, stdout), its [`WorkerSpec`], and the parent's current
-//! environment and working directory; the server forks a copy of itself (`server`), which
-//! takes them and becomes the worker exactly as a re-executed worker would after its `exec`.
+//! descriptors (channel, stderr, status page, stdout), its [`WorkerSpec`], and the parent's
+//! current environment and working directory; the server forks a copy of itself (`server`),
+//! which takes them and becomes the worker exactly as a re-executed worker would after its
+//! `exec`. A pool's requests go out back to back ([`ask`]): the server forks the next worker
+//! while the first sets itself up, and the parent starts its slots' threads meanwhile.
 //!
 //! The copy is made with `clone3(CLONE_PARENT)`: the worker is the *parent's* child, not the
 //! server's. So the parent reaps it, reads its exit status and signal, kills its process
@@ -38,7 +40,7 @@ use nix::sys::socket::MsgFlags;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
@@ -218,33 +220,157 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Server>> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Asks the server for a worker with these descriptors, waiting for the answer until
-/// `deadline` (and [`ANSWER_LIMIT`] at most).
-pub(crate) fn fork_worker(
-    spec: &WorkerSpec,
-    channel: &OwnedFd,
-    stderr: &OwnedFd,
-    deadline: Instant,
-) -> Forked {
+/// The descriptors a forked worker takes: its channel, its stderr and its status page
+/// (stdout, the parent's, is added to each request).
+pub(crate) struct WorkerFds<'a> {
+    pub channel: BorrowedFd<'a>,
+    pub stderr: BorrowedFd<'a>,
+    pub status: BorrowedFd<'a>,
+}
+
+/// How many requests may wait for their answers at once. The answers the server writes meanwhile
+/// must fit in the socket's buffer (each is a small packet), or the server would block on
+/// them while the parent blocks sending: a few dozen would; the pools that ask for more than
+/// this wait for the first answers as they go.
+const WINDOW: usize = 16;
+
+/// Asks the server for one worker per entry of `workers`, to be answered until `deadline`
+/// (and [`ANSWER_LIMIT`] at most); [`Asked::answers`] reads the answers. The requests go out
+/// back to back, so the server forks the next worker while the first sets itself up, and
+/// the caller can do its own work meanwhile; what they share (identity, environment,
+/// directory) is read once.
+pub(crate) fn ask(spec: &WorkerSpec, workers: &[WorkerFds], deadline: Instant) -> Asked {
+    let mut asked = Asked {
+        server: None,
+        message: Vec::new(),
+        fds: Vec::new(),
+        stdout: None,
+        sent: 0,
+        answers: Vec::new(),
+        count: workers.len(),
+        deadline,
+    };
     if OWNER.load(std::sync::atomic::Ordering::SeqCst) != nix::unistd::getpid().as_raw() {
         // No server, or a copy of the program made by `fork`: the server is the
         // original's, not ours to ask, kill or reap (see `OWNER`).
-        return Forked::Unavailable;
+        return asked;
     }
-    let mut guard = lock();
-    let Some(server) = guard.as_mut() else {
-        return Forked::Unavailable;
-    };
+    let guard = lock();
+    if guard.is_none() {
+        return asked;
+    }
     let Some(identity) = Identity::now() else {
-        return Forked::Unavailable;
+        return asked;
     };
-    let deadline = deadline.min(Instant::now() + ANSWER_LIMIT);
-    match server.request(spec, identity, channel, stderr, deadline) {
-        Ok(pid) => Forked::Pid(pid),
-        // Too large to send, declined (see `Identity`, `env_settable`), or no fork this
-        // time (a process limit): `exec` this once.
-        Err(Refused::Once) => Forked::Unavailable,
-        Err(refused) => {
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned().ok();
+    let request = Request {
+        spec: spec.encode(),
+        cwd: std::env::current_dir()
+            .map(|dir| dir.into_os_string().into_vec())
+            .unwrap_or_default(),
+        env: environment(),
+        stdout: stdout.is_some(),
+        identity,
+    };
+    match postcard::to_allocvec(&request) {
+        Ok(body) if body.len() <= MAX_REQUEST => {
+            asked.message = (body.len() as u32).to_le_bytes().to_vec();
+            asked.message.extend_from_slice(&body);
+        }
+        // Too large to send: `exec` these.
+        _ => {
+            asked.answers = workers.iter().map(|_| Err(Refused::Once)).collect();
+            return asked;
+        }
+    }
+    asked.fds = workers
+        .iter()
+        .map(|worker| {
+            let mut fds = vec![
+                worker.channel.as_raw_fd(),
+                worker.stderr.as_raw_fd(),
+                worker.status.as_raw_fd(),
+            ];
+            fds.extend(stdout.as_ref().map(AsRawFd::as_raw_fd));
+            fds
+        })
+        .collect();
+    asked.stdout = stdout;
+    asked.server = Some(guard);
+    asked.deadline = deadline.min(Instant::now() + ANSWER_LIMIT);
+    asked.exchange(false);
+    asked
+}
+
+/// Requests on their way to the server, sent by [`ask`]. It holds the server's lock until
+/// every answer is read, so no other start's requests come in between; dropped early, it
+/// reads them still (the descriptors named in `fds` must stay open until then).
+pub(crate) struct Asked {
+    /// The server's lock, while there are requests to send or answers to read.
+    server: Option<std::sync::MutexGuard<'static, Option<Server>>>,
+    message: Vec<u8>,
+    /// Each request's descriptors: channel, stderr, status page, and `stdout`.
+    fds: Vec<Vec<RawFd>>,
+    stdout: Option<OwnedFd>,
+    sent: usize,
+    answers: Vec<Result<Pid, Refused>>,
+    count: usize,
+    deadline: Instant,
+}
+
+impl Asked {
+    /// One per worker asked for, in order.
+    pub(crate) fn answers(mut self) -> Vec<Forked> {
+        self.exchange(true);
+        std::mem::take(&mut self.answers)
+            .into_iter()
+            .map(|answer| match answer {
+                Ok(pid) => Forked::Pid(pid),
+                // Too large to send, declined (see `Identity`, `env_settable`), no fork
+                // this time (a process limit), or no fork at all: `exec` this one.
+                Err(Refused::Once | Refused::Always) => Forked::Unavailable,
+                Err(Refused::Lost) => Forked::Lost,
+            })
+            .collect()
+    }
+
+    /// Sends the requests the window allows, and reads answers: until every one is read
+    /// when `finish`, else only while a request waits for room. Lets the server go once
+    /// every answer is in, and gives it up if one was lost or says it cannot fork.
+    fn exchange(&mut self, finish: bool) {
+        let Some(guard) = self.server.as_mut() else {
+            self.answers.resize_with(self.count, || Err(Refused::Once));
+            return;
+        };
+        let Some(server) = guard.as_mut() else {
+            return;
+        };
+        while self.answers.len() < self.count {
+            let next = if self.sent < self.count && self.sent - self.answers.len() < WINDOW {
+                server
+                    .send(&self.message, &self.fds[self.sent], self.deadline)
+                    .map(|()| self.sent += 1)
+            } else if finish || self.sent < self.count {
+                server
+                    .answer(self.deadline)
+                    .map(|answer| self.answers.push(answer))
+            } else {
+                return;
+            };
+            if next.is_err() {
+                break;
+            }
+        }
+        // Unanswered, or not sent after a failure: lost, as far as the caller knows.
+        self.answers.resize_with(self.count, || Err(Refused::Lost));
+        let Some(mut guard) = self.server.take() else {
+            return;
+        };
+        if self
+            .answers
+            .iter()
+            .any(|answer| matches!(answer, Err(Refused::Always | Refused::Lost)))
+        {
             // Gone, stopped, confused, or unable to fork this way: never asked again. A
             // worker it may have forked before it failed holds the channel, which the
             // caller gives up: the worker then ends (reaped when this process exits).
@@ -257,10 +383,15 @@ pub(crate) fn fork_worker(
                     let _ = nix::sys::wait::waitpid(pid, None);
                 }
             }
-            match refused {
-                Refused::Always => Forked::Unavailable,
-                _ => Forked::Lost,
-            }
+        }
+    }
+}
+
+impl Drop for Asked {
+    fn drop(&mut self) {
+        // Answers left in the socket would be read as the next start's.
+        if self.server.is_some() {
+            self.exchange(true);
         }
     }
 }
@@ -274,73 +405,51 @@ enum Refused {
     /// reach, an environment at start that `set_var` refuses): give it up. It took and
     /// closed the descriptors without a worker.
     Always,
-    /// The request or its answer was lost.
+    /// The request or its answer was lost (or never sent, after an earlier one was).
     Lost,
 }
 
 impl Server {
-    fn request(
-        &mut self,
-        spec: &WorkerSpec,
-        identity: Identity,
-        channel: &OwnedFd,
-        stderr: &OwnedFd,
-        deadline: Instant,
-    ) -> Result<Pid, Refused> {
-        let stdout = std::io::stdout().as_fd().try_clone_to_owned().ok();
-        let request = Request {
-            spec: spec.encode(),
-            cwd: std::env::current_dir()
-                .map(|dir| dir.into_os_string().into_vec())
-                .unwrap_or_default(),
-            env: environment(),
-            stdout: stdout.is_some(),
-            identity,
-        };
-        let Ok(body) = postcard::to_allocvec(&request) else {
-            return Err(Refused::Once);
-        };
-        if body.len() > MAX_REQUEST {
-            return Err(Refused::Once);
-        }
-        let mut message = (body.len() as u32).to_le_bytes().to_vec();
-        message.extend_from_slice(&body);
-        let mut fds = vec![channel.as_raw_fd(), stderr.as_raw_fd()];
-        fds.extend(stdout.as_ref().map(AsRawFd::as_raw_fd));
-        // A stopped server must not hold a start (and every start behind this one, waiting
-        // for the lock) past the deadline: both ways time out.
-        let left = || {
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        };
+    /// Sends one request with its descriptors. A stopped server must not hold a start (and
+    /// every start behind this one, waiting for the lock) past the deadline: both ways
+    /// time out.
+    fn send(&self, message: &[u8], fds: &[RawFd], deadline: Instant) -> Result<(), ()> {
         self.conn
-            .set_write_timeout(Some(left()))
-            .map_err(|_| Refused::Lost)?;
+            .set_write_timeout(Some(time_left(deadline)))
+            .map_err(drop)?;
         let sent = crate::fdpass::send_gathered(
             self.conn.as_fd(),
-            &[std::io::IoSlice::new(&message)],
-            &fds,
+            &[std::io::IoSlice::new(message)],
+            fds,
             MsgFlags::MSG_NOSIGNAL,
         )
-        .map_err(|_| Refused::Lost)?;
-        self.conn
-            .write_all(&message[sent..])
-            .map_err(|_| Refused::Lost)?;
+        .map_err(drop)?;
+        (&self.conn).write_all(&message[sent..]).map_err(drop)
+    }
+
+    /// Reads the answer to the oldest request not answered yet: `Err` if none came.
+    fn answer(&self, deadline: Instant) -> Result<Result<Pid, Refused>, ()> {
         let mut reply = [0u8; 4];
         self.conn
-            .set_read_timeout(Some(left()))
+            .set_read_timeout(Some(time_left(deadline)))
             .and_then(|()| (&self.conn).read_exact(&mut reply))
-            .map_err(|_| Refused::Lost)?;
-        match i32::from_le_bytes(reply) {
+            .map_err(drop)?;
+        Ok(match i32::from_le_bytes(reply) {
             pid if pid > 0 => Ok(Pid::from_raw(pid)),
             server::DECLINED => Err(Refused::Once),
             errno if errno == -nix::libc::EAGAIN || errno == -nix::libc::ENOMEM => {
                 Err(Refused::Once)
             }
             _ => Err(Refused::Always),
-        }
+        })
     }
+}
+
+/// What is left until `deadline`, and a millisecond at least (a zero timeout means none).
+fn time_left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
 }
 
 /// An error of kind [`ErrorKind::Codec`] about a request.
@@ -366,7 +475,7 @@ mod tests {
     fn another_processs_server_is_left_alone_and_a_silent_one_is_given_up() {
         let (conn, peer) = UnixStream::pair().unwrap();
         // Stands in for the server's process: killed and reaped when it is given up.
-        #[allow(clippy::zombie_processes, reason = "`fork_worker` reaps it by pid")]
+        #[allow(clippy::zombie_processes, reason = "`Asked::answers` reaps it by pid")]
         let stand_in = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
@@ -379,9 +488,15 @@ mod tests {
 
         *lock() = Some(Server { conn, pid });
         OWNER.store(1, std::sync::atomic::Ordering::SeqCst);
+        let status = nix::unistd::dup(&stderr).unwrap();
+        let workers = [WorkerFds {
+            channel: channel.as_fd(),
+            stderr: stderr.as_fd(),
+            status: status.as_fd(),
+        }];
         assert!(matches!(
-            fork_worker(&spec(), &channel, &stderr, soon()),
-            Forked::Unavailable
+            ask(&spec(), &workers, soon()).answers()[..],
+            [Forked::Unavailable]
         ));
         peer.set_nonblocking(true).unwrap();
         let mut byte = [0u8; 1];
@@ -393,8 +508,8 @@ mod tests {
             std::sync::atomic::Ordering::SeqCst,
         );
         assert!(matches!(
-            fork_worker(&spec(), &channel, &stderr, soon()),
-            Forked::Lost
+            ask(&spec(), &workers, soon()).answers()[..],
+            [Forked::Lost]
         ));
         assert!(lock().is_none(), "given up");
         assert_eq!(

@@ -166,7 +166,7 @@ fn read_request(conn: &UnixStream) -> Result<Option<(Request, Vec<OwnedFd>)>, Er
         .map_err(|err| Error::io("reading a request failed", err))?;
     let request: Request = postcard::from_bytes(&body)
         .map_err(|err| corrupt(format!("a malformed request: {err}")))?;
-    let expected = 2 + usize::from(request.stdout);
+    let expected = 3 + usize::from(request.stdout);
     if received.fds.len() != expected {
         return Err(corrupt(format!(
             "{} descriptors with a request, {expected} expected",
@@ -258,7 +258,7 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec
     // `UnixStream` is never dropped in this process: it exits without returning.)
     let _ = nix::unistd::close(conn.as_raw_fd());
     let mut fds = fds.into_iter();
-    let (Some(channel), Some(stderr)) = (fds.next(), fds.next()) else {
+    let (Some(channel), Some(stderr), Some(status)) = (fds.next(), fds.next(), fds.next()) else {
         exit(1);
     };
     if let Some(stdout) = fds.next() {
@@ -287,7 +287,7 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec
     if !cwd.is_empty() && !std::env::current_dir().is_ok_and(|dir| dir.as_os_str() == cwd) {
         let _ = std::env::set_current_dir(cwd);
     }
-    worker::serve_forked(spec, channel)
+    worker::serve_forked(spec, channel, status)
 }
 
 #[cfg(test)]
@@ -330,12 +330,32 @@ mod tests {
     #[test]
     fn a_request_arrives_with_its_descriptors() {
         let (parent, server) = UnixStream::pair().unwrap();
-        send(&parent, &framed(&request(true)), &pipe_fds(3));
+        send(&parent, &framed(&request(true)), &pipe_fds(4));
         let (got, fds) = read_request(&server).unwrap().unwrap();
         assert_eq!(got, request(true));
-        assert_eq!(fds.len(), 3);
+        assert_eq!(fds.len(), 4);
         drop(parent);
         assert!(read_request(&server).unwrap().is_none(), "end of stream");
+    }
+
+    #[test]
+    fn requests_sent_back_to_back_keep_their_own_descriptors() {
+        // The parent sends a pool's requests before reading any answer: each must be read
+        // with its own descriptors, not the next one's.
+        let (parent, server) = UnixStream::pair().unwrap();
+        let first = pipe_fds(3);
+        let second = pipe_fds(4);
+        let inode = |fd: &OwnedFd| nix::sys::stat::fstat(fd).unwrap().st_ino;
+        send(&parent, &framed(&request(false)), &first);
+        send(&parent, &framed(&request(true)), &second);
+        let (got, fds) = read_request(&server).unwrap().unwrap();
+        assert_eq!(got, request(false));
+        let inodes: Vec<_> = fds.iter().map(inode).collect();
+        assert_eq!(inodes, first.iter().map(inode).collect::<Vec<_>>());
+        let (got, fds) = read_request(&server).unwrap().unwrap();
+        assert_eq!(got, request(true));
+        let inodes: Vec<_> = fds.iter().map(inode).collect();
+        assert_eq!(inodes, second.iter().map(inode).collect::<Vec<_>>());
     }
 
     #[test]
@@ -351,9 +371,9 @@ mod tests {
         assert!(err.to_string().contains("malformed"), "{err}");
 
         let (parent, server) = UnixStream::pair().unwrap();
-        send(&parent, &framed(&request(true)), &pipe_fds(2));
+        send(&parent, &framed(&request(true)), &pipe_fds(3));
         let err = read_request(&server).unwrap_err();
-        assert!(err.to_string().contains("3 expected"), "{err}");
+        assert!(err.to_string().contains("4 expected"), "{err}");
 
         let (parent, server) = UnixStream::pair().unwrap();
         send(&parent, &[1, 0], &[]);
