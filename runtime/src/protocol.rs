@@ -34,8 +34,10 @@ const PREFIX: usize = 4;
 
 /// Reads grow the buffer in steps of at least this much, and at most double what a frame has
 /// actually delivered: a corrupt length never makes us allocate memory for bytes that never
-/// arrive.
-const MIN_READ: usize = 64 * 1024;
+/// arrive. One page: each page of a fresh buffer costs a page fault and its zeroing, which a
+/// short-lived pool's few small frames (handshake, one task) never need; larger frames grow
+/// the buffer, geometrically, and it stays grown (a read fills all the room there is).
+const MIN_READ: usize = 4 * 1024;
 
 /// What a frame is about. Variant order is part of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
