@@ -178,6 +178,9 @@ fn scenario(which: &str) -> ! {
         "fork-while-starting" => scenario_fork_while_starting(builder),
         "server-killed" => scenario_server_killed(builder),
         "large-pool" => scenario_large_pool(builder),
+        "threads" => scenario_threads(builder, name),
+        "killed-before-use" => scenario_killed_before_use(builder),
+        "concurrent-callers" => scenario_concurrent_callers(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -331,6 +334,74 @@ fn scenario_umask(builder: PoolBuilder) {
     println!("ok");
 }
 
+/// How many of this process's threads are a pool's slot threads.
+fn slot_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("multiproc-slot"))
+        .count()
+}
+
+/// A pool whose workers the fork server started has no thread of its own until work needs
+/// one: `apply` borrows an idle worker from the calling thread, and the first queued work
+/// starts a thread. Its drop stops and reaps the workers all the same. (A pool that runs
+/// the executable starts a thread per worker, which starts the worker.)
+fn scenario_threads(builder: PoolBuilder, method: &str) {
+    let pool = builder.processes(2).build().expect("pool");
+    let eager = if method == "spawn" { 2 } else { 0 };
+    assert_eq!(slot_threads(), eager, "threads after build");
+    for x in 0..3 {
+        assert_eq!(pool.apply(square, (x,)).expect("apply"), x * x);
+    }
+    assert_eq!(slot_threads(), eager, "threads after apply");
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 2, "two workers");
+    assert!(pids.iter().all(|&pid| alive(pid)), "running");
+    let squares = pool.map_async(square, 0..10u64).get().expect("map_async");
+    assert_eq!(squares, (0..10u64).map(|x| x * x).collect::<Vec<_>>());
+    assert!(slot_threads() >= 1, "queued work starts a thread");
+    drop(pool);
+    assert!(
+        pids.iter().all(|&pid| !alive(pid)),
+        "the drop stopped and reaped {pids:?}"
+    );
+    println!("ok");
+}
+
+/// A worker killed before its pool used it: the first call still gets its answer (from a
+/// replacement), whether the worker had finished its start or not.
+fn scenario_killed_before_use(builder: PoolBuilder) {
+    let pool = builder.build().expect("pool");
+    let pids = pool.worker_pids();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0].cast_signed()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the worker");
+    assert_eq!(pool.apply(square, (4,)).expect("apply"), 16);
+    assert_ne!(pool.worker_pids(), pids, "replaced");
+    println!("ok");
+}
+
+/// Callers on several threads share two workers: they borrow them, queue behind them, and
+/// start their threads, all at once.
+fn scenario_concurrent_callers(builder: PoolBuilder) {
+    let pool = builder.processes(2).build().expect("pool");
+    std::thread::scope(|scope| {
+        for caller in 0..6u64 {
+            let pool = &pool;
+            scope.spawn(move || {
+                for x in 0..40u64 {
+                    let x = caller * 100 + x;
+                    assert_eq!(pool.apply(square, (x,)).expect("apply"), x * x);
+                }
+            });
+        }
+    });
+    println!("ok");
+}
+
 /// More workers than the fork server is sent requests for at a time: every one of them is
 /// forked (a copy of this program, arguments and all), and the pool runs.
 fn scenario_large_pool(builder: PoolBuilder) {
@@ -446,6 +517,18 @@ fn a_large_pool_forks_every_worker() -> TestResult {
     ensure(out.trim() == "ok", out)
 }
 
+fn a_pool_runs_no_thread_until_its_work_needs_one() -> TestResult {
+    ok_with_both("threads")
+}
+
+fn a_worker_killed_before_its_first_use_is_replaced() -> TestResult {
+    ok_with_both("killed-before-use")
+}
+
+fn concurrent_callers_share_the_workers() -> TestResult {
+    ok_with_both("concurrent-callers")
+}
+
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
     let out = run_scenario("server-killed", "fork")?;
     ensure(out.contains("children=1") && out.contains("ok"), out)
@@ -559,5 +642,8 @@ fn main() {
         copies_made_by_fork_while_pools_start_do_not_hang,
         a_program_started_with_spawn_has_no_fork_server,
         a_large_pool_forks_every_worker,
+        a_pool_runs_no_thread_until_its_work_needs_one,
+        a_worker_killed_before_its_first_use_is_replaced,
+        concurrent_callers_share_the_workers,
     ]);
 }

@@ -70,7 +70,9 @@ pub enum StartMethod {
     /// `#[multiproc::main]` makes first thing in `main`, while the program is still
     /// single-threaded. A worker is ready in a fraction of a millisecond, against a whole
     /// program start (`BENCHMARKS.md`, W4). The worker gets the caller's current
-    /// environment, working directory, stdout and stderr.
+    /// environment, working directory, stdout and stderr. Without an initializer, `build`
+    /// returns without waiting for forked workers, and the pool starts no thread until its
+    /// work needs one (see [`PoolBuilder::build`]).
     ///
     /// Falls back to [`Spawn`](StartMethod::Spawn), for one start or for good:
     /// - where there is no fork server: on systems other than Linux; in a program started
@@ -326,6 +328,14 @@ impl PoolBuilder {
     /// cannot start is retried as a replacement would be; if it still cannot, the pool
     /// carries on with fewer workers ([`Pool::worker_pids`] lists those running).
     ///
+    /// Workers the fork server forked, in a pool without an initializer, are not waited
+    /// for at all: a copy of this program can hardly fail its handshake, so `build` returns
+    /// once the server has answered, and the first call to use a worker completes its start
+    /// (a worker that died meanwhile is replaced then, like one that dies while idle). Such
+    /// a pool also runs no thread of its own until its work needs one: `apply` (and the last
+    /// chunk of `map`) runs from the caller's thread on an idle worker, and the first work
+    /// queued for a worker starts the thread that serves it.
+    ///
     /// # Errors
     ///
     /// - [`ErrorKind::Spawn`] when a worker cannot start or does not complete its handshake
@@ -382,7 +392,7 @@ impl PoolBuilder {
         } else {
             None
         };
-        let shared = Arc::new(Shared::new(processes, spin)?);
+        let shared = Shared::new(processes, spin)?;
         spawn.stop = Some(Arc::new(shared.stop_read.try_clone().map_err(|err| {
             Error::io("duplicating the pool's stop pipe failed", err)
         })?));
@@ -393,11 +403,26 @@ impl PoolBuilder {
             max_tasks_per_child: self.max_tasks_per_child,
             restart_attempts: 4,
         });
+        // Without an initializer, a worker the fork server started needs no thread to
+        // finish its start: its slot waits without one (`Slot::dormant`), for a caller to
+        // borrow or for work to start its thread, and `build` returns at once.
+        let mut launching = launching;
+        let mut forked = Vec::new();
+        if config.spawn.initializer.is_none()
+            && let Some(launching) = launching.take()
+        {
+            forked = launching.launched(false)?;
+        }
+        let mut dormant = 0;
         let (ready_tx, ready_rx) = mpsc::channel();
-        let mut handles = Vec::with_capacity(processes);
         let mut handovers = Vec::with_capacity(processes);
         for index in 0..processes {
             let slot = Slot::new(index, Arc::clone(&shared), Arc::clone(&config));
+            if let Some(launched) = forked.get_mut(index).and_then(Option::take) {
+                shared.park_dormant(slot.dormant(launched));
+                dormant += 1;
+                continue;
+            }
             let ready = ready_tx.clone();
             let launched = launching.is_some().then(|| {
                 let (handover, launched) = mpsc::sync_channel(1);
@@ -408,7 +433,7 @@ impl PoolBuilder {
                 .name(format!("multiproc-slot-{index}"))
                 .spawn(move || slot.run(ready, launched));
             match spawned {
-                Ok(handle) => handles.push(handle),
+                Ok(handle) => shared.add_thread(handle),
                 Err(err) => {
                     shared.terminate();
                     return Err(Error::io("starting a pool thread failed", err));
@@ -430,8 +455,11 @@ impl PoolBuilder {
             config,
             processes,
             defaults: self.defaults,
-            slots: Mutex::new(handles),
+            joining: Mutex::new(()),
         };
+        if dormant > 0 {
+            return Ok(pool);
+        }
         // The first worker to be ready is enough to run tasks: the others finish starting
         // while the program goes on (and `worker_pids` waits for them). A failure reported
         // before that fails the pool: it is most likely every worker's (a missing

@@ -11,7 +11,6 @@ use crate::sched::Shared;
 use crate::slot::SlotConfig;
 use crate::task::{Task, UnaryTask};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// A pool of worker processes.
@@ -46,7 +45,8 @@ pub struct Pool {
     pub(crate) config: Arc<SlotConfig>,
     pub(crate) processes: usize,
     pub(crate) defaults: Policy,
-    pub(crate) slots: Mutex<Vec<JoinHandle<()>>>,
+    /// Held while joining: a second caller of `join` waits for the first.
+    pub(crate) joining: Mutex<()>,
 }
 
 impl Pool {
@@ -97,8 +97,10 @@ impl Pool {
     }
 
     /// The process ids of the workers running now (a replaced worker has a new pid). Right
-    /// after [`Pool::new`], which returns once the first worker is ready, this first waits
-    /// for the others' first start attempts.
+    /// after [`Pool::new`], which may return before every worker is ready (see
+    /// [`PoolBuilder::build`](crate::PoolBuilder::build)), this first waits for the others'
+    /// first start attempts; a worker the fork server forked counts as started from the
+    /// moment the server answered.
     ///
     /// ```no_run
     /// # use multiproc::Pool;
@@ -399,10 +401,8 @@ impl Pool {
         self.shared.close();
         // The lock is held while joining, so that a second caller waits for the slots too
         // instead of returning while the first still joins. Slot threads never take it.
-        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        for handle in slots.drain(..) {
-            let _ = handle.join();
-        }
+        let _joining = self.joining.lock().unwrap_or_else(PoisonError::into_inner);
+        self.shared.join_threads();
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {

@@ -1,7 +1,10 @@
-//! The work queue shared by the callers (who submit chunks) and the slots (one thread per
-//! worker process, which pull chunks when their worker has room: idle workers pull, nobody
-//! pushes round-robin). An idle slot waits parked here, where a caller about to block on one
-//! chunk may borrow it and do the round trip itself (`Shared::submit_and_wait`).
+//! The work queue shared by the callers (who submit chunks) and the slots (one per worker
+//! process, each served by a thread of its own, which pulls chunks when its worker has room:
+//! idle workers pull, nobody pushes round-robin). An idle slot waits parked here, where a
+//! caller about to block on one chunk may borrow it and do the round trip itself
+//! (`Shared::submit_and_wait`). A slot whose worker the fork server forked starts without a
+//! thread (dormant): callers borrow it as they would an idle one, the first work queued for
+//! it starts its thread, and a closing pool stops its worker from the thread that joins.
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Header};
@@ -11,7 +14,8 @@ use nix::unistd::pipe2;
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Where a chunk's outcomes go: the typed state of one call (`map`, `imap`, `apply`, ...).
@@ -130,6 +134,10 @@ struct State {
     live_slots: usize,
     /// Set when every slot has given up starting its worker: the pool cannot run anything.
     fatal: Option<String>,
+    /// Threads decided on for dormant slots and not yet in `Shared::threads`.
+    threads_starting: usize,
+    /// Dormant slots whose workers `finish_dormant` is stopping.
+    leaving: usize,
 }
 
 /// Where a slot waits for work. While its thread waits, the slot itself (its worker, with an
@@ -144,12 +152,38 @@ struct Parking {
     parked: Option<Box<Slot>>,
     /// Woken for work it has not yet looked at: neither woken again nor lent meanwhile.
     woken: bool,
+    /// The slot has no thread (`Slot::dormant`): it waits here from the start, callers may
+    /// borrow it, and work for it (or anything else it must do) starts its thread.
+    dormant: bool,
 }
 
 impl Parking {
     /// Waiting with its slot at hand, and not already woken: work for it wakes it.
     fn idle(&self) -> bool {
         self.waiting && self.parked.is_some() && !self.woken
+    }
+
+    /// May be borrowed: idle, or dormant with its worker (started or starting) at hand.
+    fn lendable(&self) -> bool {
+        self.idle()
+            || (self.dormant
+                && self
+                    .parked
+                    .as_ref()
+                    .is_some_and(|slot| !slot.needs_thread()))
+    }
+
+    /// For a dormant slot at hand: its thread is to start. Until it takes the slot, it
+    /// counts as a thread woken for work it has not looked at yet.
+    fn wake_dormant(&mut self, state_starting: &mut usize) -> bool {
+        if !self.dormant || self.parked.is_none() {
+            return false;
+        }
+        self.dormant = false;
+        self.waiting = true;
+        self.woken = true;
+        *state_starting += 1;
+        true
     }
 }
 
@@ -163,18 +197,32 @@ impl State {
             .count()
     }
 
-    /// Wakes up to `chunks` idle slots, one per chunk queued.
-    fn wake_idle(&mut self, chunks: usize, wakers: &[Condvar]) {
-        for (index, slot) in self
-            .slots
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, slot)| slot.idle())
-            .take(chunks)
-        {
-            slot.woken = true;
-            wakers[index].notify_one();
+    /// Wakes up to `chunks` idle slots, one per chunk queued; then dormant ones, whose
+    /// threads the caller starts ([`Shared::start_threads`]) once the lock is released.
+    #[must_use]
+    fn wake_idle(&mut self, chunks: usize, wakers: &[Condvar]) -> Vec<usize> {
+        let mut left = chunks;
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if left == 0 {
+                break;
+            }
+            if slot.idle() {
+                slot.woken = true;
+                wakers[index].notify_one();
+                left -= 1;
+            }
         }
+        let mut start = Vec::new();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if left == 0 {
+                break;
+            }
+            if slot.wake_dormant(&mut self.threads_starting) {
+                start.push(index);
+                left -= 1;
+            }
+        }
+        start
     }
 }
 
@@ -198,6 +246,13 @@ pub(crate) struct Shared {
     pub(crate) spin: Duration,
     /// Set by `terminate()`, for threads that poll.
     stopping: AtomicBool,
+    /// The slots' threads, for `Pool::join`.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Notified when a dormant slot comes back from a caller, or a thread decided on for
+    /// one is in `threads`: `join_threads` waits for those.
+    returned: Condvar,
+    /// This, for the threads it starts.
+    me: Weak<Shared>,
 }
 
 struct Pids {
@@ -215,18 +270,20 @@ pub(crate) enum Next {
 }
 
 impl Shared {
-    pub(crate) fn new(slots: usize, spin: Duration) -> Result<Shared, Error> {
+    pub(crate) fn new(slots: usize, spin: Duration) -> Result<Arc<Shared>, Error> {
         // Close-on-exec: a worker holding a copy of the write end would keep the pipe open and
         // make terminate() unable to wake the slots.
         let (stop_read, stop_write) = pipe2(OFlag::O_CLOEXEC)
             .map_err(|err| Error::io("creating the pool's stop pipe failed", err.into()))?;
-        Ok(Shared {
+        Ok(Arc::new_cyclic(|me| Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 slots: (0..slots).map(|_| Parking::default()).collect(),
                 phase: Phase::Running,
                 live_slots: slots,
                 fatal: None,
+                threads_starting: 0,
+                leaving: 0,
             }),
             wakers: (0..slots).map(|_| Condvar::new()).collect(),
             next_seq: AtomicU64::new(1),
@@ -239,7 +296,132 @@ impl Shared {
             first_starts: Condvar::new(),
             spin,
             stopping: AtomicBool::new(false),
-        })
+            threads: Mutex::new(Vec::new()),
+            returned: Condvar::new(),
+            me: me.clone(),
+        }))
+    }
+
+    /// Keeps a slot's thread for `join_threads`.
+    pub(crate) fn add_thread(&self, handle: JoinHandle<()>) {
+        self.threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(handle);
+    }
+
+    /// Parks a slot that has no thread ([`Slot::dormant`]).
+    pub(crate) fn park_dormant(&self, slot: Box<Slot>) {
+        let index = slot.index();
+        self.lock().slots[index] = Parking {
+            waiting: false,
+            parked: Some(slot),
+            woken: false,
+            dormant: true,
+        };
+    }
+
+    /// Starts the threads of the dormant slots at `indices`, which `wake_dormant` marked.
+    fn start_threads(&self, indices: Vec<usize>) {
+        for index in indices {
+            let spawned = match self.me.upgrade() {
+                Some(shared) => std::thread::Builder::new()
+                    .name(format!("multiproc-slot-{index}"))
+                    .spawn(move || {
+                        let slot = shared.take_parked(index);
+                        if let Some(slot) = slot {
+                            Slot::run_resumed(slot);
+                        }
+                    }),
+                None => Err(std::io::Error::other("the pool is gone")),
+            };
+            match spawned {
+                Ok(handle) => self.add_thread(handle),
+                Err(err) => {
+                    // Without a thread the slot leaves the pool, as one whose worker cannot
+                    // start does.
+                    if let Some(slot) = self.take_parked(index) {
+                        let error = Error::io("starting a pool thread failed", err);
+                        slot.leave(Some(&error));
+                    }
+                }
+            }
+            let mut state = self.lock();
+            state.threads_starting -= 1;
+            self.returned.notify_all();
+        }
+    }
+
+    /// Takes the slot parked at `index`, for the thread started for it.
+    fn take_parked(&self, index: usize) -> Option<Box<Slot>> {
+        std::mem::take(&mut self.lock().slots[index]).parked
+    }
+
+    /// Once the pool is closing or terminated: stops the workers of the dormant slots at
+    /// hand, from this thread (all asked at once, then each waited for).
+    fn finish_dormant(&self) {
+        let slots: Vec<Box<Slot>> = {
+            let mut state = self.lock();
+            if state.phase == Phase::Running {
+                return;
+            }
+            let slots: Vec<_> = state
+                .slots
+                .iter_mut()
+                .filter(|parking| parking.dormant)
+                .filter_map(|parking| {
+                    let slot = parking.parked.take()?;
+                    parking.dormant = false;
+                    Some(slot)
+                })
+                .collect();
+            state.leaving += slots.len();
+            slots
+        };
+        if slots.is_empty() {
+            return;
+        }
+        let count = slots.len();
+        Slot::leave_all(slots);
+        let mut state = self.lock();
+        state.leaving -= count;
+        self.returned.notify_all();
+    }
+
+    /// Waits until every slot has left the pool, which must be closing or terminated: joins
+    /// the slots' threads, and stops the workers of the dormant slots itself.
+    pub(crate) fn join_threads(&self) {
+        loop {
+            self.finish_dormant();
+            let handles = std::mem::take(
+                &mut *self
+                    .threads
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            if handles.is_empty() {
+                let state = self.lock();
+                // A dormant slot still out with a caller comes back (and its return may
+                // start its thread); a thread decided on is about to be in `threads`; another
+                // thread (a `terminate`) may be stopping dormant slots' workers.
+                let out = state
+                    .slots
+                    .iter()
+                    .any(|parking| parking.dormant && parking.parked.is_none());
+                if !out && state.threads_starting == 0 && state.leaving == 0 {
+                    return;
+                }
+                drop(
+                    self.returned
+                        .wait(state)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                continue;
+            }
+            for handle in handles {
+                let _ = handle.join();
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -270,7 +452,9 @@ impl Shared {
         let added = state.queue.len() - before;
         // A slot parks itself under this lock before it sleeps: with none idle, busy slots
         // find the chunks when they next look, and the wake-up system call is saved.
-        state.wake_idle(added, &self.wakers);
+        let start = state.wake_idle(added, &self.wakers);
+        drop(state);
+        self.start_threads(start);
         Ok(())
     }
 
@@ -319,7 +503,9 @@ impl Shared {
         for chunk in chunks.into_iter().rev() {
             state.queue.push_front(chunk);
         }
-        state.wake_idle(added, &self.wakers);
+        let start = state.wake_idle(added, &self.wakers);
+        drop(state);
+        self.start_threads(start);
     }
 
     /// Parks `slot` until there is a chunk for it, or it has something else to do, or it
@@ -332,6 +518,7 @@ impl Shared {
             waiting: true,
             parked: Some(slot),
             woken: false,
+            dormant: false,
         };
         loop {
             if let Some(slot) = &state.slots[index].parked {
@@ -387,7 +574,7 @@ impl Shared {
         state
             .slots
             .iter_mut()
-            .find(|slot| slot.idle())
+            .find(|slot| slot.lendable())
             .and_then(|slot| slot.parked.take())
     }
 
@@ -401,11 +588,25 @@ impl Shared {
             || !state.queue.is_empty()
             || slot.needs_thread()
             || slot.holds_large_regions();
-        state.slots[index].parked = Some(slot);
-        if wake {
-            state.slots[index].woken = true;
+        let mut start = Vec::new();
+        let State {
+            slots,
+            threads_starting,
+            ..
+        } = &mut *state;
+        let parking = &mut slots[index];
+        parking.parked = Some(slot);
+        if parking.dormant {
+            if wake && parking.wake_dormant(threads_starting) {
+                start.push(index);
+            }
+            self.returned.notify_all();
+        } else if wake {
+            parking.woken = true;
             self.wakers[index].notify_one();
         }
+        drop(state);
+        self.start_threads(start);
     }
 
     /// A chunk to send ahead while this slot's worker is busy, if taking it leaves enough
@@ -538,6 +739,7 @@ impl Shared {
         for chunk in queued {
             chunk.fail_all(&|index| terminated(chunk.call.task_name(), index));
         }
+        self.finish_dormant();
     }
 
     /// A slot is leaving: with `error`, because it gave up starting its worker. When it was

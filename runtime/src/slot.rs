@@ -170,6 +170,9 @@ pub(crate) struct Slot {
     shared: Arc<Shared>,
     config: Arc<SlotConfig>,
     worker: Option<WorkerProcess>,
+    /// A worker launched and not yet past its handshake: the first of a slot that starts
+    /// without a thread (see [`Slot::dormant`]), taken over by whoever runs the slot first.
+    pending: Option<Launched>,
     inflight: VecDeque<InFlight>,
     /// `inflight[..sent_chunks]` are fully written; `sent_bytes` of the next one are.
     sent_chunks: usize,
@@ -205,6 +208,7 @@ impl Slot {
             shared,
             config,
             worker: None,
+            pending: None,
             inflight: VecDeque::new(),
             sent_chunks: 0,
             sent_bytes: 0,
@@ -273,6 +277,52 @@ impl Slot {
         slot.shared.slot_exited(gave_up.as_ref());
     }
 
+    /// A slot that starts without a thread: `launched`, a worker the fork server forked,
+    /// finishes its start with whoever runs the slot first, a caller that borrows it for a
+    /// round trip or the thread that work for it starts ([`Slot::run_resumed`]). A pool
+    /// that only ever makes calls of one chunk at a time (`apply`) then runs no thread of
+    /// its own.
+    pub(crate) fn dormant(mut self, launched: Launched) -> Box<Slot> {
+        self.shared.set_pid(self.index, Some(launched.pid()));
+        self.shared.first_start_done();
+        self.pending = Some(launched);
+        Box::new(self)
+    }
+
+    /// The body of a thread started for a slot that had none: serves until the pool stops.
+    pub(crate) fn run_resumed(slot: Box<Slot>) {
+        let (slot, gave_up) = Slot::serve(slot);
+        slot.leave(gave_up.as_ref());
+    }
+
+    /// Leaves the pool (see `finish`); `error`: why, if the slot gave up.
+    pub(crate) fn leave(mut self: Box<Self>, error: Option<&Error>) {
+        self.finish();
+        self.shared.slot_exited(error);
+    }
+
+    /// Leaves the pool with each of `slots`, which are idle: their workers are all asked to
+    /// exit first, then each is waited for, so that they exit side by side.
+    #[allow(
+        clippy::vec_box,
+        reason = "slots live boxed: they move whole between threads and parking places"
+    )]
+    pub(crate) fn leave_all(mut slots: Vec<Box<Slot>>) {
+        for slot in &mut slots {
+            if let Some(launched) = slot.pending.take() {
+                slot.worker = Some(launched.into_worker());
+            }
+            if slot.inflight.is_empty()
+                && let Some(worker) = slot.worker.as_mut()
+            {
+                worker.request_shutdown();
+            }
+        }
+        for slot in slots {
+            slot.leave(None);
+        }
+    }
+
     pub(crate) fn index(&self) -> usize {
         self.index
     }
@@ -280,7 +330,9 @@ impl Slot {
     /// True when the slot cannot be lent as it is: its worker is gone or must be recycled,
     /// or work is in flight (a slot given back in the middle of a chunk).
     pub(crate) fn needs_thread(&self) -> bool {
-        self.worker.is_none() || self.budget_left() == Some(0) || !self.inflight.is_empty()
+        (self.worker.is_none() && self.pending.is_none())
+            || self.budget_left() == Some(0)
+            || !self.inflight.is_empty()
     }
 
     /// Runs until the pool stops or closes; `Some` if it gave up starting a worker. The slot
@@ -292,7 +344,8 @@ impl Slot {
                 if slot.shared.is_terminated() {
                     return (slot, None);
                 }
-                if let Err(err) = slot.start_worker(None, slot.config.restart_attempts) {
+                let pending = slot.pending.take();
+                if let Err(err) = slot.start_worker(pending, slot.config.restart_attempts) {
                     return (slot, Some(err));
                 }
             }
@@ -336,6 +389,14 @@ impl Slot {
     /// outcomes are stored, the worker is lost (handled as the slot thread would: blame,
     /// re-queue) or the pool is terminated (the slot thread then fails what is in flight).
     pub(crate) fn run_direct(&mut self, chunk: Chunk) {
+        if let Some(launched) = self.pending.take()
+            && self.start_worker(Some(launched), 1).is_err()
+        {
+            // The slot's thread, which its return starts (it has no worker), tries again as
+            // for a replacement, and runs the chunk or leaves it to another slot.
+            self.shared.requeue_front(vec![chunk]);
+            return;
+        }
         self.push(chunk);
         while !self.inflight.is_empty() {
             match self.pump(self.shared.spin) {
@@ -397,6 +458,9 @@ impl Slot {
                 .chunk
                 .call
                 .fail(first, left, &|index| terminated(task, index));
+        }
+        if let Some(launched) = self.pending.take() {
+            self.worker = Some(launched.into_worker());
         }
         if let Some(mut worker) = self.worker.take() {
             if busy {

@@ -63,6 +63,8 @@ pub(crate) struct WorkerProcess {
     /// Its stderr, forwarded to ours, with the last lines kept.
     pub stderr: StderrTail,
     reaped: Option<ExitStatus>,
+    /// `Shutdown` was sent ([`WorkerProcess::request_shutdown`]).
+    shutdown_sent: bool,
 }
 
 /// A worker process started, before its handshake ([`Launched::finish`]).
@@ -222,6 +224,7 @@ impl Launching {
                 status,
                 stderr,
                 reaped: None,
+                shutdown_sent: false,
             };
             launched.push(Some(Launched {
                 worker,
@@ -234,6 +237,17 @@ impl Launching {
 }
 
 impl Launched {
+    /// The worker's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.worker.pid()
+    }
+
+    /// The worker, without its start completed: to stop it (`WorkerProcess::shutdown`
+    /// reads past its `Ready`).
+    pub(crate) fn into_worker(self) -> WorkerProcess {
+        self.worker
+    }
+
     /// Completes the start: the handshake, then the initializer. On failure the worker is
     /// killed, and the error quotes its last words on stderr.
     pub(crate) fn finish(self, options: &SpawnOptions) -> Result<WorkerProcess, Error> {
@@ -569,7 +583,18 @@ impl WorkerProcess {
         status
     }
 
-    /// Asks the worker to exit, waits up to `grace` for it to close its end of the channel
+    /// Sends `Shutdown` without waiting: `shutdown` then waits for the exit. The frame is
+    /// small, and an idle worker's socket buffer empty, so this cannot block long; if it
+    /// fails, `shutdown` tries again.
+    pub(crate) fn request_shutdown(&mut self) {
+        use std::io::Write;
+        let _ = self.conn.set_nonblocking(false);
+        let _ = self.conn.set_write_timeout(Some(Duration::from_secs(1)));
+        let frame = protocol::control_frame(&Header::Shutdown);
+        self.shutdown_sent = self.conn.write_all(&frame).is_ok();
+    }
+
+    /// Asks the worker to exit (unless `request_shutdown` did), waits up to `grace` for it to close its end of the channel
     /// (which it does by exiting), then kills and reaps it: a worker stuck in a task cannot
     /// delay the caller by more than `grace`.
     pub(crate) fn shutdown(&mut self, grace: Duration) {
@@ -578,7 +603,7 @@ impl WorkerProcess {
         let _ = self.conn.set_nonblocking(false);
         let _ = self.conn.set_write_timeout(Some(grace));
         let frame = protocol::control_frame(&Header::Shutdown);
-        if self.conn.write_all(&frame).is_ok() {
+        if self.shutdown_sent || self.conn.write_all(&frame).is_ok() {
             let mut sink = [0u8; 256];
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
