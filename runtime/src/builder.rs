@@ -339,7 +339,9 @@ impl PoolBuilder {
     /// # Errors
     ///
     /// - [`ErrorKind::Spawn`] when a worker cannot start or does not complete its handshake
-    ///   within the [`start_timeout`](Self::start_timeout), when the executable's `fn main`
+    ///   within the [`start_timeout`](Self::start_timeout) (a forked worker that a pool
+    ///   without an initializer does not wait for is replaced instead, when first used),
+    ///   when the executable's `fn main`
     ///   lacks `#[multiproc::main]`, when two tasks share a name, when
     ///   [`processes`](Self::processes) is 0, when the [`initializer`](Self::initializer) is
     ///   not a registered task or fails in the first workers, or when this process is itself

@@ -371,6 +371,12 @@ impl Pool {
     /// Stops now: kills every worker; queued and running work resolves to an error of kind
     /// [`ErrorKind::Closed`](crate::ErrorKind::Closed). Python's `Pool.terminate`.
     ///
+    /// An idle worker is asked to exit, so that its at-exit work runs, and killed if it has
+    /// not within a second. Workers whose slots never needed a thread (see
+    /// [`PoolBuilder::build`](crate::PoolBuilder::build)) are stopped from this call, which
+    /// then returns once they have exited; the others are stopped by their slots' threads,
+    /// which [`join`](Self::join) waits for.
+    ///
     /// ```no_run
     /// # use multiproc::Pool;
     /// # fn main() -> Result<(), multiproc::Error> {

@@ -34,10 +34,15 @@ const PREFIX: usize = 4;
 
 /// Reads grow the buffer in steps of at least this much, and at most double what a frame has
 /// actually delivered: a corrupt length never makes us allocate memory for bytes that never
-/// arrive. One page: each page of a fresh buffer costs a page fault and its zeroing, which a
-/// short-lived pool's few small frames (handshake, one task) never need; larger frames grow
-/// the buffer, geometrically, and it stays grown (a read fills all the room there is).
+/// arrive. One page at first: each page of a fresh buffer costs a page fault and its
+/// zeroing, which a short-lived pool's few small frames (handshake, one task) never need.
+/// Larger frames grow the buffer, geometrically, and it stays grown (a read fills all the
+/// room there is); so does a stream of small frames that fills each read, up to
+/// [`MAX_READ`].
 const MIN_READ: usize = 4 * 1024;
+
+/// The most a stream of small frames grows the room of a read to.
+const MAX_READ: usize = 64 * 1024;
 
 /// What a frame is about. Variant order is part of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +172,9 @@ pub(crate) struct FrameReader {
     start: usize,
     end: usize,
     max_len: u32,
+    /// The least room a read gets: [`MIN_READ`], doubled (to [`MAX_READ`]) each time a read
+    /// fills all the room it had.
+    min_room: usize,
 }
 
 impl FrameReader {
@@ -176,6 +184,7 @@ impl FrameReader {
             start: 0,
             end: 0,
             max_len,
+            min_room: MIN_READ,
         }
     }
 
@@ -219,8 +228,12 @@ impl FrameReader {
     /// Reads once from `source` into the buffer. `Ok(0)` is end of stream.
     pub(crate) fn read_from(&mut self, source: &mut impl Read) -> io::Result<usize> {
         self.make_room().map_err(io::Error::other)?;
+        let room = self.buf.len() - self.end;
         let n = source.read(&mut self.buf[self.end..])?;
         self.end += n;
+        if n == room {
+            self.min_room = (self.min_room * 2).min(MAX_READ);
+        }
         Ok(n)
     }
 
@@ -259,7 +272,7 @@ impl FrameReader {
         } else {
             PREFIX - available
         };
-        let room = missing.min(available.max(MIN_READ)).max(MIN_READ);
+        let room = missing.min(available.max(self.min_room)).max(self.min_room);
         if self.buf.len() - self.end >= room {
             return Ok(());
         }
@@ -424,6 +437,40 @@ mod tests {
             .unwrap();
         let (_, got) = parse_body(reader.body(range)).unwrap();
         assert_eq!(got, &payload[..]);
+    }
+
+    #[test]
+    fn small_frames_start_in_one_page_and_a_busy_stream_reads_more_at_once() {
+        struct Counted(Cursor<Vec<u8>>, usize);
+        impl Read for Counted {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.1 += 1;
+                self.0.read(buf)
+            }
+        }
+        let one = frame(&Header::Shutdown, &[7; 10]);
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
+        let mut source = Counted(Cursor::new(one.clone()), 0);
+        reader.read_frame(&mut source).unwrap().unwrap();
+        assert!(reader.buf.len() <= MIN_READ, "one page for one small frame");
+
+        // 20 000 small frames, ~300 KiB: the room doubles while reads come back full.
+        let stream: Vec<u8> = (0..20_000).flat_map(|_| one.iter().copied()).collect();
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
+        let mut source = Counted(Cursor::new(stream.clone()), 0);
+        let mut frames = 0;
+        while reader.read_frame(&mut source).unwrap().is_some() {
+            frames += 1;
+        }
+        assert_eq!(frames, 20_000);
+        let at_one_page = stream.len() / MIN_READ;
+        assert!(
+            source.1 < at_one_page / 4,
+            "{} reads for {} bytes",
+            source.1,
+            stream.len()
+        );
+        assert!(reader.buf.len() <= 2 * MAX_READ, "{}", reader.buf.len());
     }
 
     #[test]

@@ -335,20 +335,27 @@ impl Shared {
                     }),
                 None => Err(std::io::Error::other("the pool is gone")),
             };
+            let mut more = Vec::new();
             match spawned {
                 Ok(handle) => self.add_thread(handle),
                 Err(err) => {
                     // Without a thread the slot leaves the pool, as one whose worker cannot
-                    // start does.
+                    // start does; the work it was woken for goes to the others.
                     if let Some(slot) = self.take_parked(index) {
                         let error = Error::io("starting a pool thread failed", err);
                         slot.leave(Some(&error));
                     }
+                    let mut state = self.lock();
+                    let queued = state.queue.len();
+                    more = state.wake_idle(queued, &self.wakers);
                 }
             }
+            // After the handle is in `threads`: `join_threads` relies on that order.
             let mut state = self.lock();
             state.threads_starting -= 1;
             self.returned.notify_all();
+            drop(state);
+            self.start_threads(more);
         }
     }
 
@@ -408,7 +415,19 @@ impl Shared {
                     .slots
                     .iter()
                     .any(|parking| parking.dormant && parking.parked.is_none());
+                // A thread counted out of `threads_starting` is in `threads` already, perhaps
+                // since `handles` was taken.
+                let added = || {
+                    !self
+                        .threads
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .is_empty()
+                };
                 if !out && state.threads_starting == 0 && state.leaving == 0 {
+                    if added() {
+                        continue;
+                    }
                     return;
                 }
                 drop(

@@ -392,6 +392,7 @@ impl Slot {
         if let Some(launched) = self.pending.take()
             && self.start_worker(Some(launched), 1).is_err()
         {
+            self.shared.set_pid(self.index, None);
             // The slot's thread, which its return starts (it has no worker), tries again as
             // for a replacement, and runs the chunk or leaves it to another slot.
             self.shared.requeue_front(vec![chunk]);

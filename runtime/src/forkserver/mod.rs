@@ -235,7 +235,8 @@ pub(crate) struct WorkerFds<'a> {
 const WINDOW: usize = 16;
 
 /// Asks the server for one worker per entry of `workers`, to be answered until `deadline`
-/// (and [`ANSWER_LIMIT`] at most); [`Asked::answers`] reads the answers. The requests go out
+/// (each request sent, and each answer read, within [`ANSWER_LIMIT`]); [`Asked::answers`]
+/// reads the answers. The requests go out
 /// back to back, so the server forks the next worker while the first sets itself up, and
 /// the caller can do its own work meanwhile; what they share (identity, environment,
 /// directory) is read once.
@@ -297,7 +298,6 @@ pub(crate) fn ask(spec: &WorkerSpec, workers: &[WorkerFds], deadline: Instant) -
         .collect();
     asked.stdout = stdout;
     asked.server = Some(guard);
-    asked.deadline = deadline.min(Instant::now() + ANSWER_LIMIT);
     asked.exchange(false);
     asked
 }
@@ -346,14 +346,14 @@ impl Asked {
             return;
         };
         while self.answers.len() < self.count {
+            // Each exchange gets its own limit: a large pool's requests take longer in all.
+            let limit = self.deadline.min(Instant::now() + ANSWER_LIMIT);
             let next = if self.sent < self.count && self.sent - self.answers.len() < WINDOW {
                 server
-                    .send(&self.message, &self.fds[self.sent], self.deadline)
+                    .send(&self.message, &self.fds[self.sent], limit)
                     .map(|()| self.sent += 1)
             } else if finish || self.sent < self.count {
-                server
-                    .answer(self.deadline)
-                    .map(|answer| self.answers.push(answer))
+                server.answer(limit).map(|answer| self.answers.push(answer))
             } else {
                 return;
             };
