@@ -7,7 +7,7 @@ use crate::protocol::DEFAULT_MAX_FRAME_LEN;
 use crate::registry::Registry;
 use crate::sched::Shared;
 use crate::slot::{Slot, SlotConfig};
-use crate::spawn::{Initializer, SpawnOptions, WorkerProcess};
+use crate::spawn::{Initializer, Launching, SpawnOptions, WorkerProcess};
 use crate::task::Task;
 use crate::worker;
 use std::sync::{Arc, Mutex, mpsc};
@@ -360,6 +360,9 @@ impl PoolBuilder {
     /// ```
     pub fn build(self) -> Result<Pool, Error> {
         worker::check_may_spawn()?;
+        if self.start_method == StartMethod::ForkServer {
+            crate::forkserver::wake();
+        }
         Registry::get()?;
         let processes = match self.processes {
             Some(0) => {
@@ -405,53 +408,7 @@ impl PoolBuilder {
             max_tasks_per_child: self.max_tasks_per_child,
             restart_attempts: 4,
         });
-        // Without an initializer, a worker the fork server started needs no thread to
-        // finish its start: its slot waits without one (`Slot::dormant`), for a caller to
-        // borrow or for work to start its thread, and `build` returns at once.
-        let mut launching = launching;
-        let mut forked = Vec::new();
-        if config.spawn.initializer.is_none()
-            && let Some(launching) = launching.take()
-        {
-            forked = launching.launched(false)?;
-        }
-        let mut dormant = 0;
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let mut handovers = Vec::with_capacity(processes);
-        for index in 0..processes {
-            let slot = Slot::new(index, Arc::clone(&shared), Arc::clone(&config));
-            if let Some(launched) = forked.get_mut(index).and_then(Option::take) {
-                shared.park_dormant(slot.dormant(launched));
-                dormant += 1;
-                continue;
-            }
-            let ready = ready_tx.clone();
-            let launched = launching.is_some().then(|| {
-                let (handover, launched) = mpsc::sync_channel(1);
-                handovers.push(handover);
-                launched
-            });
-            let spawned = std::thread::Builder::new()
-                .name(format!("multiproc-slot-{index}"))
-                .spawn(move || slot.run(ready, launched));
-            match spawned {
-                Ok(handle) => shared.add_thread(handle),
-                Err(err) => {
-                    shared.terminate();
-                    return Err(Error::io("starting a pool thread failed", err));
-                }
-            }
-        }
-        if let Some(launching) = launching {
-            // A worker the server did not start (`None`) is started by its slot's thread.
-            let launched = launching
-                .launched(false)
-                .inspect_err(|_| shared.terminate())?;
-            for (handover, launched) in handovers.into_iter().zip(launched) {
-                let _ = handover.send(launched);
-            }
-        }
-        drop(ready_tx);
+        let ready = start_slots(&shared, &config, processes, launching)?;
         let pool = Pool {
             shared,
             config,
@@ -459,19 +416,76 @@ impl PoolBuilder {
             defaults: self.defaults,
             joining: Mutex::new(()),
         };
-        if dormant > 0 {
+        let Some(ready) = ready else {
             return Ok(pool);
-        }
+        };
         // The first worker to be ready is enough to run tasks: the others finish starting
         // while the program goes on (and `worker_pids` waits for them). A failure reported
         // before that fails the pool: it is most likely every worker's (a missing
         // `#[multiproc::main]`, a failing initializer).
-        match ready_rx.recv() {
+        match ready.recv() {
             Ok(Ok(_pid)) => Ok(pool),
             Ok(Err(err)) => Err(err), // dropping `pool` terminates the others
             Err(_) => Err(Error::new(ErrorKind::Spawn, "a pool thread stopped")),
         }
     }
+}
+
+/// Gives each slot its first worker. Without an initializer, a worker the fork server
+/// started needs no thread to finish its start: its slot waits without one
+/// (`Slot::dormant`), for a caller to borrow or for work to start its thread. Every other
+/// slot gets a thread, handed its worker once the server has answered (or left to start
+/// one). The first-start reports of those threads, when `build` is to wait for one: `None`
+/// when a slot is dormant (`build` then returns at once).
+fn start_slots(
+    shared: &Arc<Shared>,
+    config: &Arc<SlotConfig>,
+    processes: usize,
+    mut launching: Option<Launching>,
+) -> Result<Option<mpsc::Receiver<Result<u32, Error>>>, Error> {
+    let mut forked = Vec::new();
+    if config.spawn.initializer.is_none()
+        && let Some(launching) = launching.take()
+    {
+        forked = launching.launched(false)?;
+    }
+    let mut dormant = 0;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut handovers = Vec::with_capacity(processes);
+    for index in 0..processes {
+        let slot = Slot::new(index, Arc::clone(shared), Arc::clone(config));
+        if let Some(launched) = forked.get_mut(index).and_then(Option::take) {
+            shared.park_dormant(slot.dormant(launched));
+            dormant += 1;
+            continue;
+        }
+        let ready = ready_tx.clone();
+        let launched = launching.is_some().then(|| {
+            let (handover, launched) = mpsc::sync_channel(1);
+            handovers.push(handover);
+            launched
+        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("multiproc-slot-{index}"))
+            .spawn(move || slot.run(ready, launched));
+        match spawned {
+            Ok(handle) => shared.add_thread(handle),
+            Err(err) => {
+                shared.terminate();
+                return Err(Error::io("starting a pool thread failed", err));
+            }
+        }
+    }
+    if let Some(launching) = launching {
+        // A worker the server did not start (`None`) is started by its slot's thread.
+        let launched = launching
+            .launched(false)
+            .inspect_err(|_| shared.terminate())?;
+        for (handover, launched) in handovers.into_iter().zip(launched) {
+            let _ = handover.send(launched);
+        }
+    }
+    Ok((dormant == 0).then_some(ready_rx))
 }
 
 /// The `Run` frame of an initializer (seq 0: it precedes every chunk).

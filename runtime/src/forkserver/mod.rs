@@ -234,6 +234,34 @@ pub(crate) struct WorkerFds<'a> {
 /// this wait for the first answers as they go.
 const WINDOW: usize = 16;
 
+/// Tells the server that a request follows soon, so that it wakes up while the caller gets
+/// the request ready: a sleeping process takes a while to run again (0.1-0.2 ms on a virtual
+/// machine whose idle CPUs halt), and a pool's start waits for it. Costs one small message,
+/// which the server reads and does not answer; never waits.
+pub(crate) fn wake() {
+    if OWNER.load(std::sync::atomic::Ordering::SeqCst) != nix::unistd::getpid().as_raw() {
+        return;
+    }
+    // Another start holds the lock: the server is awake already.
+    let Ok(guard) = SERVER.try_lock() else {
+        return;
+    };
+    if let Some(server) = guard.as_ref() {
+        let message = 0u32.to_le_bytes();
+        // A full socket or a gone server: the request that follows finds out. A message
+        // sent in part is completed, or the requests behind it would be misread (if that
+        // fails too, the server finds a malformed request and exits, and is given up).
+        if let Ok(sent @ 1..4) = nix::sys::socket::send(
+            server.conn.as_raw_fd(),
+            &message,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            let _ = server.conn.set_write_timeout(Some(ANSWER_LIMIT));
+            let _ = (&server.conn).write_all(&message[sent..]);
+        }
+    }
+}
+
 /// Asks the server for one worker per entry of `workers`, to be answered until `deadline`
 /// (each request sent, and each answer read, within [`ANSWER_LIMIT`]); [`Asked::answers`]
 /// reads the answers. The requests go out

@@ -110,7 +110,8 @@ pub(super) fn serve(conn: &UnixStream, parent: Pid) -> ! {
     };
     loop {
         match read_request(conn) {
-            Ok(Some((request, fds))) => {
+            Ok(Incoming::Wake) => {}
+            Ok(Incoming::Request(request, fds)) => {
                 // Every answer comes after the request's descriptors are closed here: a
                 // declined start goes on with them in the parent.
                 let pid = match &origin {
@@ -130,10 +131,21 @@ pub(super) fn serve(conn: &UnixStream, parent: Pid) -> ! {
                     exit(1);
                 }
             }
-            Ok(None) => exit(0),
+            Ok(Incoming::End) => exit(0),
             Err(_) => exit(1),
         }
     }
+}
+
+/// What the parent sent.
+#[derive(Debug)]
+enum Incoming {
+    /// A worker to fork, with its descriptors.
+    Request(Request, Vec<OwnedFd>),
+    /// A start is coming (see `super::wake`): nothing to do or answer.
+    Wake,
+    /// The parent closed its end.
+    End,
 }
 
 /// Ends the process without running anything registered to run at exit (the server did
@@ -143,19 +155,22 @@ fn exit(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Reads one request and its descriptors; `None` at end of stream. A request that breaks
-/// the format is an error (the server then exits, and the parent falls back to `exec`).
-fn read_request(conn: &UnixStream) -> Result<Option<(Request, Vec<OwnedFd>)>, Error> {
+/// Reads one request and its descriptors. A request that breaks the format is an error (the
+/// server then exits, and the parent falls back to `exec`).
+fn read_request(conn: &UnixStream) -> Result<Incoming, Error> {
     let mut head = [0u8; 4];
     let received = crate::fdpass::recv_with(conn.as_fd(), &mut head, MsgFlags::MSG_WAITALL)
         .map_err(|err| Error::io("reading a request failed", err.into()))?;
     if received.bytes == 0 {
-        return Ok(None);
+        return Ok(Incoming::End);
     }
     if received.bytes < head.len() || received.flags.contains(MsgFlags::MSG_CTRUNC) {
         return Err(corrupt("a truncated request".to_owned()));
     }
     let len = u32::from_le_bytes(head) as usize;
+    if len == 0 && received.fds.is_empty() {
+        return Ok(Incoming::Wake);
+    }
     if len > MAX_REQUEST {
         return Err(corrupt(format!("a request of {len} bytes")));
     }
@@ -173,7 +188,7 @@ fn read_request(conn: &UnixStream) -> Result<Option<(Request, Vec<OwnedFd>)>, Er
             received.fds.len()
         )));
     }
-    Ok(Some((request, received.fds)))
+    Ok(Incoming::Request(request, received.fds))
 }
 
 /// `struct clone_args` of `clone3(2)`, as far as `CLONE_ARGS_SIZE_VER0` (64 bytes).
@@ -331,11 +346,18 @@ mod tests {
     fn a_request_arrives_with_its_descriptors() {
         let (parent, server) = UnixStream::pair().unwrap();
         send(&parent, &framed(&request(true)), &pipe_fds(4));
-        let (got, fds) = read_request(&server).unwrap().unwrap();
+        let Incoming::Request(got, fds) = read_request(&server).unwrap() else {
+            panic!("a request")
+        };
         assert_eq!(got, request(true));
         assert_eq!(fds.len(), 4);
+        send(&parent, &0u32.to_le_bytes(), &[]);
+        assert!(matches!(read_request(&server).unwrap(), Incoming::Wake));
         drop(parent);
-        assert!(read_request(&server).unwrap().is_none(), "end of stream");
+        assert!(
+            matches!(read_request(&server).unwrap(), Incoming::End),
+            "end of stream"
+        );
     }
 
     #[test]
@@ -348,11 +370,15 @@ mod tests {
         let inode = |fd: &OwnedFd| nix::sys::stat::fstat(fd).unwrap().st_ino;
         send(&parent, &framed(&request(false)), &first);
         send(&parent, &framed(&request(true)), &second);
-        let (got, fds) = read_request(&server).unwrap().unwrap();
+        let Incoming::Request(got, fds) = read_request(&server).unwrap() else {
+            panic!("a request")
+        };
         assert_eq!(got, request(false));
         let inodes: Vec<_> = fds.iter().map(inode).collect();
         assert_eq!(inodes, first.iter().map(inode).collect::<Vec<_>>());
-        let (got, fds) = read_request(&server).unwrap().unwrap();
+        let Incoming::Request(got, fds) = read_request(&server).unwrap() else {
+            panic!("a request")
+        };
         assert_eq!(got, request(true));
         let inodes: Vec<_> = fds.iter().map(inode).collect();
         assert_eq!(inodes, second.iter().map(inode).collect::<Vec<_>>());
@@ -374,6 +400,11 @@ mod tests {
         send(&parent, &framed(&request(true)), &pipe_fds(3));
         let err = read_request(&server).unwrap_err();
         assert!(err.to_string().contains("4 expected"), "{err}");
+
+        let (parent, server) = UnixStream::pair().unwrap();
+        send(&parent, &0u32.to_le_bytes(), &pipe_fds(1));
+        let err = read_request(&server).unwrap_err();
+        assert!(err.to_string().contains("malformed"), "{err}");
 
         let (parent, server) = UnixStream::pair().unwrap();
         send(&parent, &[1, 0], &[]);
