@@ -209,6 +209,10 @@ fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), E
     write_all(&mut conn, &protocol::control_frame(&ready))?;
 
     let spin = std::time::Duration::from_micros(spec.spin_us);
+    // No polling for the first request: a pool's first task comes when its program gets to
+    // it, and a worker that polls meanwhile takes a CPU from those still starting. After
+    // each answer the next request often follows within microseconds: then it polls.
+    let mut window = std::time::Duration::ZERO;
     let mut server = Server {
         spec,
         registry,
@@ -228,7 +232,9 @@ fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), E
             }
         }
         server.flush()?;
-        match read_spinning(&mut reader, &server.conn, &mut server.received, spin) {
+        let got = read_spinning(&mut reader, &server.conn, &mut server.received, window);
+        window = spin;
+        match got {
             // End of stream: the parent is gone or closed the channel.
             Ok(0) if reader.buffered() == 0 => return Ok(()),
             Ok(0) => return Err(protocol::truncated(reader.buffered())),
