@@ -181,6 +181,7 @@ fn scenario(which: &str) -> ! {
         "threads" => scenario_threads(builder, name),
         "killed-before-use" => scenario_killed_before_use(builder),
         "concurrent-callers" => scenario_concurrent_callers(builder),
+        "stuck-idle-workers" => scenario_stuck_idle_workers(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -384,6 +385,28 @@ fn scenario_killed_before_use(builder: PoolBuilder) {
     println!("ok");
 }
 
+/// Idle workers that cannot exit (stopped) are killed when the drop's grace runs out: one
+/// grace for them all (a second, on terminate), not one after the other.
+fn scenario_stuck_idle_workers(builder: PoolBuilder) {
+    let pool = builder.processes(4).build().expect("pool");
+    assert_eq!(pool.apply(square, (2,)).expect("apply"), 4);
+    let pids = pool.worker_pids();
+    for &pid in &pids {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid.cast_signed()),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .expect("stop a worker");
+    }
+    let started = std::time::Instant::now();
+    drop(pool);
+    let took = started.elapsed();
+    assert!(pids.iter().all(|&pid| !alive(pid)), "killed and reaped");
+    // Four graces one after the other would take 4 s.
+    assert!(took < std::time::Duration::from_secs(3), "took {took:?}");
+    println!("ok");
+}
+
 /// Callers on several threads share two workers: they borrow them, queue behind them, and
 /// start their threads, all at once.
 fn scenario_concurrent_callers(builder: PoolBuilder) {
@@ -525,6 +548,10 @@ fn a_worker_killed_before_its_first_use_is_replaced() -> TestResult {
     ok_with_both("killed-before-use")
 }
 
+fn stuck_idle_workers_share_one_grace() -> TestResult {
+    ok_with_both("stuck-idle-workers")
+}
+
 fn concurrent_callers_share_the_workers() -> TestResult {
     ok_with_both("concurrent-callers")
 }
@@ -645,5 +672,6 @@ fn main() {
         a_pool_runs_no_thread_until_its_work_needs_one,
         a_worker_killed_before_its_first_use_is_replaced,
         concurrent_callers_share_the_workers,
+        stuck_idle_workers_share_one_grace,
     ]);
 }

@@ -308,6 +308,10 @@ impl Slot {
         reason = "slots live boxed: they move whole between threads and parking places"
     )]
     pub(crate) fn leave_all(mut slots: Vec<Box<Slot>>) {
+        let Some(first) = slots.first() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + first.idle_grace();
         for slot in &mut slots {
             if let Some(launched) = slot.pending.take() {
                 slot.worker = Some(launched.into_worker());
@@ -318,8 +322,9 @@ impl Slot {
                 worker.request_shutdown();
             }
         }
-        for slot in slots {
-            slot.leave(None);
+        for mut slot in slots {
+            slot.finish_by(Some(deadline));
+            slot.shared.slot_exited(None);
         }
     }
 
@@ -450,6 +455,12 @@ impl Slot {
     /// Leaves the pool: a terminated pool kills its worker and fails what was in flight;
     /// a closed one lets the idle worker exit cleanly.
     fn finish(&mut self) {
+        self.finish_by(None);
+    }
+
+    /// [`finish`](Self::finish); an idle worker's grace ends at `deadline` at the latest
+    /// (workers asked to exit together share one).
+    fn finish_by(&mut self, deadline: Option<std::time::Instant>) {
         let busy = !self.inflight.is_empty();
         for flight in self.inflight.drain(..) {
             let task = flight.chunk.call.task_name();
@@ -470,16 +481,24 @@ impl Slot {
             } else {
                 // An idle worker exits normally, even on terminate: at-exit work such as a
                 // coverage runtime writing its profile happens, and it takes a moment.
-                let grace = if self.shared.is_terminated() {
-                    TERMINATE_GRACE.min(self.config.shutdown_grace)
-                } else {
-                    self.config.shutdown_grace
-                };
+                let grace = self.idle_grace();
+                let grace = deadline.map_or(grace, |deadline| {
+                    grace.min(deadline.saturating_duration_since(std::time::Instant::now()))
+                });
                 worker.shutdown(grace);
             }
             worker.stderr.pump();
         }
         self.shared.set_pid(self.index, None);
+    }
+
+    /// How long an idle worker asked to exit may take before it is killed.
+    fn idle_grace(&self) -> Duration {
+        if self.shared.is_terminated() {
+            TERMINATE_GRACE.min(self.config.shutdown_grace)
+        } else {
+            self.config.shutdown_grace
+        }
     }
 
     /// Starts a worker, retrying transient failures with a growing back-off: a worker that
