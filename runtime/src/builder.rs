@@ -341,11 +341,11 @@ impl PoolBuilder {
     /// - [`ErrorKind::Spawn`] when a worker cannot start or does not complete its handshake
     ///   within the [`start_timeout`](Self::start_timeout) (a forked worker that a pool
     ///   without an initializer does not wait for is replaced instead, when first used),
-    ///   when the executable's `fn main`
-    ///   lacks `#[multiproc::main]`, when two tasks share a name, when
-    ///   [`processes`](Self::processes) is 0, when the [`initializer`](Self::initializer) is
-    ///   not a registered task or fails in the first workers, or when this process is itself
-    ///   a worker that never passed through `#[multiproc::main]`;
+    ///   when the executable's `fn main` lacks `#[multiproc::main]`, when two tasks share a
+    ///   name, when [`processes`](Self::processes) is 0, when the
+    ///   [`initializer`](Self::initializer) is not a registered task or fails in the first
+    ///   workers, or when this process is itself a worker that never passed through
+    ///   `#[multiproc::main]`;
     /// - [`ErrorKind::Codec`] when the initializer's arguments cannot be encoded;
     /// - [`ErrorKind::Io`] when the operating system refuses a pipe or a thread.
     ///
@@ -389,8 +389,8 @@ impl PoolBuilder {
             fork_server: self.start_method == StartMethod::ForkServer,
         };
         // Workers the fork server starts are asked for from this thread, first: the server
-        // forks them while this thread sets up the pool and starts the slots' threads, which
-        // take them over. Any other start must happen on the slot's thread, which outlives
+        // forks them while this thread sets up the pool, then the slots take them over
+        // (`start_slots`). Any other start must happen on the slot's thread, which outlives
         // the worker.
         let launching = if spawn.fork_server {
             Some(WorkerProcess::launch(&spawn, processes)?)

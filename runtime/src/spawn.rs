@@ -158,13 +158,16 @@ impl Drop for Launching {
         // Dropped before it completed (an error on the way): the workers the server forked
         // are killed and reaped.
         if let Some(asked) = self.asked.take() {
-            for forked in asked.answers() {
-                if let Forked::Pid(pid) = forked {
-                    let _ = signal::kill(pid, Signal::SIGKILL);
-                    let _ = reap(pid, false);
-                }
-            }
+            asked.answers().into_iter().for_each(kill_forked);
         }
+    }
+}
+
+/// Kills and reaps a worker the fork server forked that nobody will use.
+fn kill_forked(forked: Forked) {
+    if let Forked::Pid(pid) = forked {
+        let _ = signal::kill(pid, Signal::SIGKILL);
+        let _ = reap(pid, false);
     }
 }
 
@@ -188,51 +191,66 @@ impl Launching {
         let mut forked = self.asked.take().map(Asked::answers).unwrap_or_default();
         forked.resize_with(self.parts.len(), || Forked::Unavailable);
         let mut launched = Vec::with_capacity(self.parts.len());
-        for (parts, forked) in std::mem::take(&mut self.parts).into_iter().zip(forked) {
-            let Parts {
-                mut conn,
-                mut child_end,
-                status,
-                stderr,
-            } = parts;
-            let (pid, stderr, status_sent) = match (forked, stderr) {
-                (Forked::Pid(pid), Some((stderr, _))) => {
-                    // Our copy of the worker's end goes at once: the worker's exit must
-                    // close the channel. It took its status page with its other descriptors.
-                    drop(child_end);
-                    (pid, StderrTail::new(Some(stderr)), true)
+        let mut each = std::mem::take(&mut self.parts).into_iter().zip(forked);
+        while let Some((parts, forked)) = each.next() {
+            match self.one(parts, forked, exec_fallback) {
+                Ok(one) => launched.push(one),
+                Err(err) => {
+                    // Those launched so far are killed as they drop; the rest here.
+                    each.for_each(|(_, forked)| kill_forked(forked));
+                    return Err(err);
                 }
-                _ if !exec_fallback => {
-                    launched.push(None);
-                    continue;
-                }
-                (Forked::Lost, _) => {
-                    // A worker the server forked before it failed may hold that channel: it
-                    // ends when we drop our end. This start takes a new one.
-                    (conn, child_end) = channel()?;
-                    let (pid, stderr) = exec(&self.spec, child_end)?;
-                    (pid, stderr, false)
-                }
-                _ => {
-                    let (pid, stderr) = exec(&self.spec, child_end)?;
-                    (pid, stderr, false)
-                }
-            };
-            let worker = WorkerProcess {
-                pid,
-                conn,
-                status,
-                stderr,
-                reaped: None,
-                shutdown_sent: false,
-            };
-            launched.push(Some(Launched {
-                worker,
-                started_at: self.started_at,
-                status_sent,
-            }));
+            }
         }
         Ok(launched)
+    }
+
+    /// One worker of [`launched`](Self::launched).
+    fn one(
+        &self,
+        parts: Parts,
+        forked: Forked,
+        exec_fallback: bool,
+    ) -> Result<Option<Launched>, Error> {
+        let Parts {
+            mut conn,
+            mut child_end,
+            status,
+            stderr,
+        } = parts;
+        let (pid, stderr, status_sent) = match (forked, stderr) {
+            (Forked::Pid(pid), Some((stderr, _))) => {
+                // Our copy of the worker's end goes at once: the worker's exit must close
+                // the channel. It took its status page with its other descriptors.
+                drop(child_end);
+                (pid, StderrTail::new(Some(stderr)), true)
+            }
+            _ if !exec_fallback => return Ok(None),
+            (Forked::Lost, _) => {
+                // A worker the server forked before it failed may hold that channel: it
+                // ends when we drop our end. This start takes a new one.
+                (conn, child_end) = channel()?;
+                let (pid, stderr) = exec(&self.spec, child_end)?;
+                (pid, stderr, false)
+            }
+            _ => {
+                let (pid, stderr) = exec(&self.spec, child_end)?;
+                (pid, stderr, false)
+            }
+        };
+        let worker = WorkerProcess {
+            pid,
+            conn,
+            status,
+            stderr,
+            reaped: None,
+            shutdown_sent: false,
+        };
+        Ok(Some(Launched {
+            worker,
+            started_at: self.started_at,
+            status_sent,
+        }))
     }
 }
 
@@ -594,9 +612,9 @@ impl WorkerProcess {
         self.shutdown_sent = self.conn.write_all(&frame).is_ok();
     }
 
-    /// Asks the worker to exit (unless `request_shutdown` did), waits up to `grace` for it to close its end of the channel
-    /// (which it does by exiting), then kills and reaps it: a worker stuck in a task cannot
-    /// delay the caller by more than `grace`.
+    /// Asks the worker to exit (unless `request_shutdown` did), waits up to `grace` for it to
+    /// close its end of the channel (which it does by exiting), then kills and reaps it: a
+    /// worker stuck in a task cannot delay the caller by more than `grace`.
     pub(crate) fn shutdown(&mut self, grace: Duration) {
         use std::io::{Read, Write};
         let deadline = deadline_after(grace);

@@ -181,9 +181,9 @@ pub(crate) fn check_may_spawn() -> Result<(), Error> {
 }
 
 /// Serves tasks on `fd` until the parent says `Shutdown` or goes away; `status`: the status
-/// page, when it came with the channel (else it is the parent's first frame). The caller has checked
-/// that the parent is the one that sent the spec: a process whose parent is not the one that
-/// wrote ENV must not touch the descriptor numbers in it.
+/// page, when it came with the channel (else it is the parent's first frame). The caller has
+/// checked that the parent is the one that sent the spec: a process whose parent is not the
+/// one that wrote ENV must not touch the descriptor numbers in it.
 fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), Error> {
     limit_self(spec)?;
     install_panic_hook();

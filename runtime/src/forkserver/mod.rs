@@ -11,7 +11,8 @@
 //! current environment and working directory; the server forks a copy of itself (`server`),
 //! which takes them and becomes the worker exactly as a re-executed worker would after its
 //! `exec`. A pool's requests go out back to back ([`ask`]): the server forks the next worker
-//! while the first sets itself up, and the parent starts its slots' threads meanwhile.
+//! while the first sets itself up, and the parent sets the pool up meanwhile. `Pool::new`
+//! first sends an empty message ([`wake`]), so that the server is up when they arrive.
 //!
 //! The copy is made with `clone3(CLONE_PARENT)`: the worker is the *parent's* child, not the
 //! server's. So the parent reaps it, reads its exit status and signal, kills its process
@@ -145,6 +146,7 @@ struct Request {
 }
 
 /// How a request for a worker ended.
+#[derive(Clone, Copy)]
 pub(crate) enum Forked {
     /// The worker, the caller's child.
     Pid(Pid),
@@ -228,10 +230,10 @@ pub(crate) struct WorkerFds<'a> {
     pub status: BorrowedFd<'a>,
 }
 
-/// How many requests may wait for their answers at once. The answers the server writes meanwhile
-/// must fit in the socket's buffer (each is a small packet), or the server would block on
-/// them while the parent blocks sending: a few dozen would; the pools that ask for more than
-/// this wait for the first answers as they go.
+/// How many requests may wait for their answers at once. The answers the server writes
+/// meanwhile must fit in the socket's buffer (each is a small packet), or the server would
+/// block on them while the parent blocks sending: a few dozen would; the pools that ask for
+/// more than this wait for the first answers as they go.
 const WINDOW: usize = 16;
 
 /// Tells the server that a request follows soon, so that it wakes up while the caller gets
@@ -264,10 +266,9 @@ pub(crate) fn wake() {
 
 /// Asks the server for one worker per entry of `workers`, to be answered until `deadline`
 /// (each request sent, and each answer read, within [`ANSWER_LIMIT`]); [`Asked::answers`]
-/// reads the answers. The requests go out
-/// back to back, so the server forks the next worker while the first sets itself up, and
-/// the caller can do its own work meanwhile; what they share (identity, environment,
-/// directory) is read once.
+/// reads the answers. The requests go out back to back, so the server forks the next worker
+/// while the first sets itself up, and the caller can do its own work meanwhile; what they
+/// share (identity, environment, directory) is read once.
 pub(crate) fn ask(spec: &WorkerSpec, workers: &[WorkerFds], deadline: Instant) -> Asked {
     let mut asked = Asked {
         server: None,

@@ -155,8 +155,9 @@ fn exit(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Reads one request and its descriptors. A request that breaks the format is an error (the
-/// server then exits, and the parent falls back to `exec`).
+/// Reads what the parent sent next: a request and its descriptors, an empty message (a wake),
+/// or the end of stream. A request that breaks the format is an error (the server then
+/// exits, and the parent falls back to `exec`).
 fn read_request(conn: &UnixStream) -> Result<Incoming, Error> {
     let mut head = [0u8; 4];
     let received = crate::fdpass::recv_with(conn.as_fd(), &mut head, MsgFlags::MSG_WAITALL)
