@@ -181,6 +181,11 @@ pub(crate) fn start() {
     // records (the thread's id, its robust-mutex list) right in the child.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
+            #[cfg(coverage)]
+            {
+                server::profile::reset_counters();
+                server::profile::name_own_file();
+            }
             drop(conn);
             server::serve(&server_end, parent)
         }

@@ -130,6 +130,9 @@ pub(super) fn serve(conn: &UnixStream, parent: Pid) -> ! {
                 if (&*conn).write_all(&pid.to_le_bytes()).is_err() {
                     exit(1);
                 }
+                // The server ends by `_exit` or a kill: it writes what it ran as it goes.
+                #[cfg(coverage)]
+                profile::write_so_far();
             }
             Ok(Incoming::End) => exit(0),
             Err(_) => exit(1),
@@ -244,6 +247,8 @@ fn fork_one(
     };
     match pid {
         0 => {
+            #[cfg(coverage)]
+            profile::reset_counters();
             // SAFETY: the child's robust-mutex list is empty (the server holds no mutex
             // across a fork), so registering its head again is what glibc's `fork` does.
             unsafe {
@@ -303,7 +308,62 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec
     if !cwd.is_empty() && !std::env::current_dir().is_ok_and(|dir| dir.as_os_str() == cwd) {
         let _ = std::env::set_current_dir(cwd);
     }
+    #[cfg(coverage)]
+    profile::name_own_file();
     worker::serve_forked(spec, channel, status)
+}
+
+/// In a build for coverage (`cargo llvm-cov`, which sets `cfg(coverage)`): the server's and
+/// each forked worker's coverage profile is its own, as a worker run from the executable has
+/// it. Its counters
+/// would otherwise start from the server's (the program's start, which the parent's profile
+/// counts already), and `%p` in `LLVM_PROFILE_FILE` would name the parent, whose pid the
+/// profile runtime read when the program started: every worker's profile would go to the
+/// parent's file.
+#[cfg(coverage)]
+pub(super) mod profile {
+    use std::os::unix::ffi::OsStringExt;
+
+    unsafe extern "C" {
+        fn __llvm_profile_reset_counters();
+        fn __llvm_profile_set_filename(pattern: *const std::ffi::c_char);
+        fn __llvm_profile_write_file() -> std::ffi::c_int;
+    }
+
+    /// Adds what ran since the last call to this process's profile (profiles appended to
+    /// one file, or merged into it with `%m`, add up), then starts counting afresh.
+    pub(super) fn write_so_far() {
+        // SAFETY: the profile runtime's API; this process is single-threaded.
+        unsafe {
+            __llvm_profile_write_file();
+            __llvm_profile_reset_counters();
+        }
+    }
+
+    /// Zeroes the counters: first thing in the child (the server or a worker), so that what
+    /// it runs from then on counts (what ran before is its parent's to count).
+    pub(in crate::forkserver) fn reset_counters() {
+        // SAFETY: the profile runtime's API; this process is single-threaded.
+        unsafe { __llvm_profile_reset_counters() }
+    }
+
+    /// Parses `LLVM_PROFILE_FILE` (the parent's, now in the environment) again, so that
+    /// `%p` is this process's pid.
+    pub(in crate::forkserver) fn name_own_file() {
+        let Some(pattern) = std::env::var_os("LLVM_PROFILE_FILE").filter(|p| !p.is_empty()) else {
+            return;
+        };
+        let Ok(pattern) = std::ffi::CString::new(pattern.into_vec()) else {
+            return;
+        };
+        // SAFETY: the profile runtime's API; this process is single-threaded, and the
+        // runtime copies the pattern. Setting the pattern it has already does nothing: a
+        // plain name first, so that the real one is parsed again.
+        unsafe {
+            __llvm_profile_set_filename(c"default.profraw".as_ptr());
+            __llvm_profile_set_filename(pattern.as_ptr());
+        }
+    }
 }
 
 #[cfg(test)]
