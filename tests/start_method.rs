@@ -136,6 +136,12 @@ fn ok_with_both(scenario: &str) -> TestResult {
     Ok(())
 }
 
+/// Runs `scenario` with the fork server; it must print `ok`.
+fn ok_forked(scenario: &str) -> TestResult {
+    let out = run_scenario(scenario, "fork")?;
+    ensure(out.trim() == "ok", out)
+}
+
 /// [`run_scenario`], started in `dir`.
 fn run_scenario_in(
     scenario: &str,
@@ -536,8 +542,7 @@ fn workers_forked_or_spawned_report_a_crash_alike() -> TestResult {
 }
 
 fn a_large_pool_forks_every_worker() -> TestResult {
-    let out = run_scenario("large-pool", "fork")?;
-    ensure(out.trim() == "ok", out)
+    ok_forked("large-pool")
 }
 
 fn a_pool_runs_no_thread_until_its_work_needs_one() -> TestResult {
@@ -562,8 +567,7 @@ fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
 }
 
 fn glibc_knows_a_forked_worker_as_itself() -> TestResult {
-    let out = run_scenario("glibc", "fork")?;
-    ensure(out.trim() == "ok", out)
+    ok_forked("glibc")
 }
 
 fn a_changed_umask_reaches_the_workers() -> TestResult {
@@ -571,8 +575,7 @@ fn a_changed_umask_reaches_the_workers() -> TestResult {
 }
 
 fn a_copy_made_by_fork_starts_its_own_workers() -> TestResult {
-    let out = run_scenario("forked-child", "fork")?;
-    ensure(out.trim() == "ok", out)
+    ok_forked("forked-child")
 }
 
 fn an_environment_set_var_refuses_gets_spawned_workers() -> TestResult {
@@ -618,8 +621,7 @@ fn workers_work_where_the_caller_does_after_the_start_dir_is_gone() -> TestResul
 }
 
 fn copies_made_by_fork_while_pools_start_do_not_hang() -> TestResult {
-    let out = run_scenario("fork-while-starting", "fork")?;
-    ensure(out.trim() == "ok", out)
+    ok_forked("fork-while-starting")
 }
 
 fn a_worker_starts_a_pool_of_its_own() -> TestResult {
