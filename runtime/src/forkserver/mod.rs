@@ -192,8 +192,39 @@ pub(crate) fn start() {
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             *lock() = Some(Server { conn, pid: child });
             OWNER.store(parent.as_raw(), std::sync::atomic::Ordering::SeqCst);
+            #[cfg(coverage)]
+            // SAFETY: registers a plain function to run at exit.
+            unsafe {
+                nix::libc::atexit(stop_server_at_exit);
+            }
         }
         Err(_) => {}
+    }
+}
+
+/// In a build for coverage: stops the server as the program exits and waits for it (a second
+/// at most), so that it writes its profile; the parent-death signal would kill it first.
+#[cfg(coverage)]
+extern "C" fn stop_server_at_exit() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    if OWNER.load(std::sync::atomic::Ordering::SeqCst) != nix::unistd::getpid().as_raw() {
+        return;
+    }
+    // Another thread in the middle of a start: let the server be.
+    let Ok(mut guard) = SERVER.try_lock() else {
+        return;
+    };
+    let Some(Server { conn, pid }) = guard.take() else {
+        return;
+    };
+    // End of stream: the server writes its profile and exits.
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(1)),
+            _ => return,
+        }
     }
 }
 

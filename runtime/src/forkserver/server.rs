@@ -130,9 +130,6 @@ pub(super) fn serve(conn: &UnixStream, parent: Pid) -> ! {
                 if (&*conn).write_all(&pid.to_le_bytes()).is_err() {
                     exit(1);
                 }
-                // The server ends by `_exit` or a kill: it writes what it ran as it goes.
-                #[cfg(coverage)]
-                profile::write_so_far();
             }
             Ok(Incoming::End) => exit(0),
             Err(_) => exit(1),
@@ -152,8 +149,11 @@ enum Incoming {
 }
 
 /// Ends the process without running anything registered to run at exit (the server did
-/// nothing of its own that would need it), and without unwinding.
+/// nothing of its own that would need it), and without unwinding. A build for coverage
+/// writes this process's profile first, which that at-exit work would have done.
 fn exit(code: i32) -> ! {
+    #[cfg(coverage)]
+    profile::write();
     // SAFETY: `_exit` ends the process at once; it is async-signal-safe.
     unsafe { libc::_exit(code) }
 }
@@ -249,24 +249,35 @@ fn fork_one(
         0 => {
             #[cfg(coverage)]
             profile::reset_counters();
-            // SAFETY: the child's robust-mutex list is empty (the server holds no mutex
-            // across a fork), so registering its head again is what glibc's `fork` does.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_set_robust_list,
-                    thread.robust_head,
-                    thread.robust_len,
-                );
-            }
-            // Nothing may unwind out of the child into the server's loop.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                become_worker(conn, spec, request, fds)
-            }));
-            exit(1)
+            child(conn, thread, spec, request, fds)
         }
         -1 => -nix::errno::Errno::last_raw(),
         pid => i32::try_from(pid).unwrap_or(-libc::EOVERFLOW),
     }
+}
+
+/// The forked child's life: glibc's records set right, then the worker; never returns.
+fn child(
+    conn: &UnixStream,
+    thread: ThreadRecord,
+    spec: WorkerSpec,
+    request: Request,
+    fds: Vec<OwnedFd>,
+) -> ! {
+    // SAFETY: the child's robust-mutex list is empty (the server holds no mutex across a
+    // fork), so registering its head again is what glibc's `fork` does.
+    unsafe {
+        libc::syscall(
+            libc::SYS_set_robust_list,
+            thread.robust_head,
+            thread.robust_len,
+        );
+    }
+    // Nothing may unwind out of the child into the server's loop.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        become_worker(conn, spec, request, fds)
+    }));
+    exit(1)
 }
 
 /// In the forked child: take the descriptors, the environment and the directory the parent
@@ -330,13 +341,13 @@ pub(super) mod profile {
         fn __llvm_profile_write_file() -> std::ffi::c_int;
     }
 
-    /// Adds what ran since the last call to this process's profile (profiles appended to
-    /// one file, or merged into it with `%m`, add up), then starts counting afresh.
-    pub(super) fn write_so_far() {
+    /// Writes this process's profile: the server and the workers it forks end by `_exit`.
+    /// (The parent stops the server as it exits, before the parent-death signal would
+    /// come: see `stop_server_at_exit`.)
+    pub(super) fn write() {
         // SAFETY: the profile runtime's API; this process is single-threaded.
         unsafe {
             __llvm_profile_write_file();
-            __llvm_profile_reset_counters();
         }
     }
 
@@ -358,7 +369,8 @@ pub(super) mod profile {
         };
         // SAFETY: the profile runtime's API; this process is single-threaded, and the
         // runtime copies the pattern. Setting the pattern it has already does nothing: a
-        // plain name first, so that the real one is parsed again.
+        // plain name first, so that the real one is parsed again (naming a file creates
+        // none).
         unsafe {
             __llvm_profile_set_filename(c"default.profraw".as_ptr());
             __llvm_profile_set_filename(pattern.as_ptr());
