@@ -341,9 +341,10 @@ pub(super) mod profile {
         fn __llvm_profile_write_file() -> std::ffi::c_int;
     }
 
-    /// Writes this process's profile: the server and the workers it forks end by `_exit`.
-    /// (The parent stops the server as it exits, before the parent-death signal would
-    /// come: see `stop_server_at_exit`.)
+    /// Writes this process's profile, which `_exit` would skip: the server ends by it (as
+    /// does a forked child that fails before it becomes a worker). The parent stops the
+    /// server as it exits, before the parent-death signal would come: see
+    /// `stop_server_at_exit`.
     pub(super) fn write() {
         // SAFETY: the profile runtime's API; this process is single-threaded.
         unsafe {
