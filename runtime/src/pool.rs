@@ -15,15 +15,18 @@ use std::time::Duration;
 
 /// A pool of worker processes.
 ///
-/// Each worker is this executable, started again and handed to `#[multiproc::main]`, which
-/// serves tasks instead of running `main`'s body. Work is cut into chunks that idle workers
-/// pull. A task's panic is an error for that item only; the pool keeps working.
+/// Each worker is a fresh copy of this program that serves tasks instead of running
+/// `main`'s body: forked from the fork server that `#[multiproc::main]` starts, or this
+/// executable started again ([`StartMethod`](crate::StartMethod)). Work is cut into chunks
+/// that idle workers pull. A task's panic is an error for that item only; the pool keeps
+/// working.
 ///
-/// Dropping a pool **terminates** it, like leaving Python's `with Pool(...)` block: workers
-/// are killed at once, and work still queued or running resolves to an error of kind
-/// [`ErrorKind::Closed`](crate::ErrorKind::Closed). Outcomes that already arrived stay readable. Drop never waits on
-/// a task, so it never hangs. To let queued work finish first, call [`close`](Pool::close)
-/// then [`join`](Pool::join).
+/// Dropping a pool **terminates** it, like leaving Python's `with Pool(...)` block: busy
+/// workers are killed at once (idle ones are asked to exit, and killed after a second), and
+/// work still queued or running resolves to an error of kind
+/// [`ErrorKind::Closed`](crate::ErrorKind::Closed). Outcomes that already arrived stay
+/// readable. Drop never waits on a task, so it never hangs. To let queued work finish
+/// first, call [`close`](Pool::close) then [`join`](Pool::join).
 ///
 /// # Examples
 ///
