@@ -181,13 +181,10 @@ pub(crate) fn start() {
     // records (the thread's id, its robust-mutex list) right in the child.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
+            // (In a build for coverage, what this branch runs itself is not counted.)
             #[cfg(coverage)]
-            {
-                server::profile::reset_counters();
-                server::profile::name_own_file();
-            }
-            drop(conn);
-            server::serve(&server_end, parent)
+            server::profile::reset_counters();
+            server::run(conn, &server_end, parent)
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             *lock() = Some(Server { conn, pid: child });
@@ -202,26 +199,31 @@ pub(crate) fn start() {
     }
 }
 
-/// In a build for coverage: stops the server as the program exits and waits for it (a second
-/// at most), so that it writes its profile; the parent-death signal would kill it first.
+/// In a build for coverage: stops the server as the program exits and waits for it, so that
+/// it writes its profile whole; the parent-death signal would kill it first. Waits 10 s at
+/// most, and not at all for a stopped server.
 #[cfg(coverage)]
 extern "C" fn stop_server_at_exit() {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     if OWNER.load(std::sync::atomic::Ordering::SeqCst) != nix::unistd::getpid().as_raw() {
         return;
     }
-    // Another thread in the middle of a start: let the server be.
-    let Ok(mut guard) = SERVER.try_lock() else {
+    let server = match SERVER.try_lock() {
+        Ok(mut guard) => guard.take(),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().take(),
+        // Another thread in the middle of a start: let the server be.
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    let Some(Server { conn, pid }) = server else {
         return;
     };
-    let Some(Server { conn, pid }) = guard.take() else {
-        return;
-    };
-    // End of stream: the server writes its profile and exits.
+    // End of stream, even where a copy of this program made by `fork` holds the socket too:
+    // the server writes its profile and exits.
+    let _ = conn.shutdown(std::net::Shutdown::Both);
     drop(conn);
-    let deadline = Instant::now() + Duration::from_secs(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED)) {
             Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(1)),
             _ => return,
         }

@@ -77,8 +77,17 @@ struct Origin {
     thread: ThreadRecord,
 }
 
+/// The server's process, from the fork that made it: `parent_end` is the parent's end of the
+/// socket, which goes.
+pub(super) fn run(parent_end: UnixStream, conn: &UnixStream, parent: Pid) -> ! {
+    #[cfg(coverage)]
+    profile::name_own_file();
+    drop(parent_end);
+    serve(conn, parent)
+}
+
 /// The server's life: answers requests until the parent closes the socket, then exits.
-pub(super) fn serve(conn: &UnixStream, parent: Pid) -> ! {
+fn serve(conn: &UnixStream, parent: Pid) -> ! {
     use nix::sys::signal::{SigHandler, Signal, signal};
     let alive =
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_ok() && nix::unistd::getppid() == parent;
