@@ -218,6 +218,16 @@ impl Launching {
             status,
             stderr,
         } = parts;
+        if let Forked::Lost = forked {
+            // A worker the server forked before it failed may hold that channel: it is
+            // reaped once it says who it is. A start from here takes a new channel.
+            drop(child_end);
+            reap_lost(conn);
+            if !exec_fallback {
+                return Ok(None);
+            }
+            (conn, child_end) = channel()?;
+        }
         let (pid, stderr, status_sent) = match (forked, stderr) {
             (Forked::Pid(pid), Some((stderr, _))) => {
                 // Our copy of the worker's end goes at once: the worker's exit must close
@@ -226,13 +236,6 @@ impl Launching {
                 (pid, StderrTail::new(Some(stderr)), true)
             }
             _ if !exec_fallback => return Ok(None),
-            (Forked::Lost, _) => {
-                // A worker the server forked before it failed may hold that channel: it
-                // ends when we drop our end. This start takes a new one.
-                (conn, child_end) = channel()?;
-                let (pid, stderr) = exec(&self.spec, child_end)?;
-                (pid, stderr, false)
-            }
             _ => {
                 let (pid, stderr) = exec(&self.spec, child_end)?;
                 (pid, stderr, false)
@@ -333,55 +336,7 @@ impl WorkerProcess {
         deadline: Instant,
         stop: Option<&OwnedFd>,
     ) -> Result<Range<usize>, StartEnd> {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        loop {
-            if let Some(range) = reader.next_frame().map_err(StartEnd::Failed)? {
-                return Ok(range);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(StartEnd::TimedOut);
-            }
-            let (readable, stopped) = {
-                let mut fds = vec![PollFd::new(self.conn.as_fd(), PollFlags::POLLIN)];
-                if let Some(stop) = stop {
-                    fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
-                }
-                let wait = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-                match poll(&mut fds, wait) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(err) => {
-                        return Err(StartEnd::Failed(Error::io(
-                            "waiting for a worker failed",
-                            err.into(),
-                        )));
-                    }
-                }
-                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-                (ready(&fds[0]), fds.get(1).is_some_and(ready))
-            };
-            if stopped {
-                return Err(StartEnd::Stopped);
-            }
-            if !readable {
-                continue;
-            }
-            match reader.read_from(&mut self.conn) {
-                Ok(0) => return Err(StartEnd::Exited),
-                Ok(_) => {}
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(err) => {
-                    return Err(StartEnd::Failed(Error::io(
-                        "reading from a starting worker failed",
-                        err,
-                    )));
-                }
-            }
-        }
+        read_start_frame(&self.conn, reader, deadline, stop)
     }
 
     fn handshake(&mut self, digest: u64, options: &SpawnOptions) -> Result<(), Error> {
@@ -658,6 +613,92 @@ fn channel() -> Result<(UnixStream, OwnedFd), Error> {
     Ok((conn, OwnedFd::from(child_end)))
 }
 
+/// Reads one frame from a starting worker's channel: until `deadline`, and no longer
+/// than the pool lives (`stop`).
+fn read_start_frame(
+    mut conn: &UnixStream,
+    reader: &mut FrameReader,
+    deadline: Instant,
+    stop: Option<&OwnedFd>,
+) -> Result<Range<usize>, StartEnd> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    loop {
+        if let Some(range) = reader.next_frame().map_err(StartEnd::Failed)? {
+            return Ok(range);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(StartEnd::TimedOut);
+        }
+        let (readable, stopped) = {
+            let mut fds = vec![PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+            if let Some(stop) = stop {
+                fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+            }
+            let wait = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, wait) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(err) => {
+                    return Err(StartEnd::Failed(Error::io(
+                        "waiting for a worker failed",
+                        err.into(),
+                    )));
+                }
+            }
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+        };
+        if stopped {
+            return Err(StartEnd::Stopped);
+        }
+        if !readable {
+            continue;
+        }
+        match reader.read_from(&mut conn) {
+            Ok(0) => return Err(StartEnd::Exited),
+            Ok(_) => {}
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(err) => {
+                return Err(StartEnd::Failed(Error::io(
+                    "reading from a starting worker failed",
+                    err,
+                )));
+            }
+        }
+    }
+}
+
+/// A channel whose fork-server request went unanswered: a worker the server forked before it
+/// failed may hold the other end, and no slot will use it. Such a worker says `Ready` first
+/// thing (it has its status page), with its pid: a thread waits for that, 2 s at most, then
+/// kills and reaps the worker, which is this process's child. The thread, for tests.
+fn reap_lost(conn: UnixStream) -> Option<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("multiproc-reaper".to_owned())
+        .spawn(move || {
+            let mut reader = FrameReader::new(1024);
+            let deadline = deadline_after(Duration::from_secs(2));
+            let Ok(range) = read_start_frame(&conn, &mut reader, deadline, None) else {
+                return;
+            };
+            let Ok((Header::Ready { pid, .. }, _)) = protocol::parse_body(reader.body(range))
+            else {
+                return;
+            };
+            let pid = Pid::from_raw(pid.cast_signed());
+            // Only a child of ours that is not reaped yet: its pid cannot have been reused.
+            if let Ok(None) = reap(pid, true) {
+                let _ = signal::kill(pid, Signal::SIGKILL);
+                let _ = reap(pid, false);
+            }
+        })
+        .ok()
+}
+
 /// Starts the worker by running the executable again: its pid and stderr.
 fn exec(spec: &WorkerSpec, channel: OwnedFd) -> Result<(Pid, StderrTail), Error> {
     // No `pre_exec`: std then starts the child with `posix_spawn` (a `vfork`-style clone
@@ -748,5 +789,61 @@ fn executable() -> std::path::PathBuf {
     } else {
         std::env::current_exe()
             .unwrap_or_else(|_| std::env::args_os().next().unwrap_or_default().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn ready_from(pid: u32) -> Vec<u8> {
+        protocol::control_frame(&Header::Ready {
+            version: protocol::PROTOCOL_VERSION,
+            digest: 0,
+            pid,
+        })
+    }
+
+    #[test]
+    fn a_worker_forked_for_a_lost_request_is_killed_and_reaped() {
+        // Stands in for the worker: a child of this process.
+        #[allow(clippy::zombie_processes, reason = "`reap_lost` reaps it by pid")]
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let (conn, mut worker_end) = UnixStream::pair().unwrap();
+        worker_end.write_all(&ready_from(pid)).unwrap();
+        reap_lost(conn).unwrap().join().unwrap();
+        assert_eq!(
+            reap(Pid::from_raw(pid.cast_signed()), true),
+            Err(nix::errno::Errno::ECHILD),
+            "reaped"
+        );
+    }
+
+    #[test]
+    fn a_lost_request_names_no_process_that_is_not_our_child() {
+        // A process of ours that is not our child: a shell's background job.
+        let out = Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let target = Pid::from_raw(pid.cast_signed());
+        let (conn, mut worker_end) = UnixStream::pair().unwrap();
+        worker_end.write_all(&ready_from(pid)).unwrap();
+        reap_lost(conn).unwrap().join().unwrap();
+        let alive = signal::kill(target, None);
+        let _ = signal::kill(target, Signal::SIGKILL);
+        assert_eq!(alive, Ok(()), "left alone");
+
+        // And a channel that closes without a word ends the thread at once.
+        let (conn, worker_end) = UnixStream::pair().unwrap();
+        drop(worker_end);
+        reap_lost(conn).unwrap().join().unwrap();
     }
 }
