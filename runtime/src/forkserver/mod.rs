@@ -440,7 +440,7 @@ impl Asked {
         {
             // Gone, stopped, confused, or unable to fork this way: never asked again. A
             // worker it may have forked before it failed holds the channel, which the
-            // caller gives up: the worker then ends (reaped when this process exits).
+            // caller gives up (the worker is reaped once it says who it is: `spawn::reap_lost`).
             if let Some(Server { conn, pid }) = guard.take() {
                 // Our end closes first: a server that still reads exits at end of stream.
                 drop(conn);
