@@ -313,13 +313,10 @@ impl Slot {
         };
         let deadline = std::time::Instant::now() + first.idle_grace();
         for slot in &mut slots {
-            if let Some(launched) = slot.pending.take() {
-                slot.worker = Some(launched.into_worker());
-            }
             if slot.inflight.is_empty()
-                && let Some(worker) = slot.worker.as_mut()
+                && let Some(worker) = slot.leaving_worker()
             {
-                worker.request_shutdown();
+                worker.request_shutdown(Duration::from_secs(1));
             }
         }
         for mut slot in slots {
@@ -471,9 +468,7 @@ impl Slot {
                 .call
                 .fail(first, left, &|index| terminated(task, index));
         }
-        if let Some(launched) = self.pending.take() {
-            self.worker = Some(launched.into_worker());
-        }
+        self.leaving_worker();
         if let Some(mut worker) = self.worker.take() {
             if busy {
                 // Terminated in the middle of work: stop now.
@@ -490,6 +485,15 @@ impl Slot {
             worker.stderr.pump();
         }
         self.shared.set_pid(self.index, None);
+    }
+
+    /// The worker, as the slot leaves: one whose start was never finished (see `pending`)
+    /// is stopped as any other.
+    fn leaving_worker(&mut self) -> Option<&mut WorkerProcess> {
+        if let Some(launched) = self.pending.take() {
+            self.worker = Some(launched.into_worker());
+        }
+        self.worker.as_mut()
     }
 
     /// How long an idle worker asked to exit may take before it is killed.

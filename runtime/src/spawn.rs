@@ -556,27 +556,29 @@ impl WorkerProcess {
         status
     }
 
-    /// Sends `Shutdown` without waiting: `shutdown` then waits for the exit. The frame is
-    /// small, and an idle worker's socket buffer empty, so this cannot block long; if it
-    /// fails, `shutdown` tries again.
-    pub(crate) fn request_shutdown(&mut self) {
+    /// Sends `Shutdown` (once), within `timeout`, without waiting for the exit: `shutdown`
+    /// does that. The frame is small, and an idle worker's socket buffer empty, so this
+    /// cannot block long; if it fails, `shutdown` tries again.
+    pub(crate) fn request_shutdown(&mut self, timeout: Duration) {
         use std::io::Write;
         let _ = self.conn.set_nonblocking(false);
-        let _ = self.conn.set_write_timeout(Some(Duration::from_secs(1)));
-        let frame = protocol::control_frame(&Header::Shutdown);
-        self.shutdown_sent = self.conn.write_all(&frame).is_ok();
+        if !self.shutdown_sent {
+            let _ = self
+                .conn
+                .set_write_timeout(Some(timeout.max(Duration::from_millis(1))));
+            let frame = protocol::control_frame(&Header::Shutdown);
+            self.shutdown_sent = self.conn.write_all(&frame).is_ok();
+        }
     }
 
     /// Asks the worker to exit (unless `request_shutdown` did), waits up to `grace` for it to
     /// close its end of the channel (which it does by exiting), then kills and reaps it: a
     /// worker stuck in a task cannot delay the caller by more than `grace`.
     pub(crate) fn shutdown(&mut self, grace: Duration) {
-        use std::io::{Read, Write};
+        use std::io::Read;
         let deadline = deadline_after(grace);
-        let _ = self.conn.set_nonblocking(false);
-        let _ = self.conn.set_write_timeout(Some(grace));
-        let frame = protocol::control_frame(&Header::Shutdown);
-        if self.shutdown_sent || self.conn.write_all(&frame).is_ok() {
+        self.request_shutdown(grace);
+        if self.shutdown_sent {
             let mut sink = [0u8; 256];
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
