@@ -188,6 +188,7 @@ fn scenario(which: &str) -> ! {
         "killed-before-use" => scenario_killed_before_use(builder),
         "concurrent-callers" => scenario_concurrent_callers(builder),
         "stuck-idle-workers" => scenario_stuck_idle_workers(builder),
+        "answers-later" => scenario_answers_later(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -451,6 +452,41 @@ fn scenario_large_pool(builder: PoolBuilder) {
     println!("ok");
 }
 
+/// `build` does not wait for the fork server's answers: it returns while the server is
+/// stopped (waiting for them would give the server up after 2 s and kill it), and the
+/// workers are forked once the server goes on; the first call reads the answer.
+fn scenario_answers_later(builder: PoolBuilder) {
+    let server = children(std::process::id());
+    assert_eq!(server.len(), 1, "the fork server");
+    let server_pid = nix::unistd::Pid::from_raw(server[0].cast_signed());
+    nix::sys::signal::kill(server_pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+    let pool = builder.processes(2).build().expect("pool");
+    assert_eq!(
+        children(std::process::id()),
+        server,
+        "built with nothing forked yet"
+    );
+    nix::sys::signal::kill(server_pid, nix::sys::signal::Signal::SIGCONT).expect("continue");
+    assert_eq!(pool.apply(square, (3,)).expect("apply"), 9);
+    let mut pids = pool.worker_pids();
+    pids.sort_unstable();
+    assert_eq!(pids.len(), 2, "two workers");
+    let own = std::fs::read("/proc/self/cmdline").expect("cmdline");
+    for &pid in &pids {
+        let theirs = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        assert_eq!(theirs, own, "worker {pid} was forked");
+    }
+    let mut expected = server.clone();
+    expected.extend(&pids);
+    expected.sort_unstable();
+    assert_eq!(
+        children(std::process::id()),
+        expected,
+        "the server and its two"
+    );
+    println!("ok");
+}
+
 fn scenario_forked_child(builder: PoolBuilder) {
     // A copy of the program made with `fork` has its parent's fork server, whose
     // workers would not be its children: it starts its own by `exec`.
@@ -559,6 +595,10 @@ fn stuck_idle_workers_share_one_grace() -> TestResult {
 
 fn concurrent_callers_share_the_workers() -> TestResult {
     ok_with_both("concurrent-callers")
+}
+
+fn a_pool_starts_without_waiting_for_the_fork_server() -> TestResult {
+    ok_forked("answers-later")
 }
 
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
@@ -675,5 +715,6 @@ fn main() {
         a_worker_killed_before_its_first_use_is_replaced,
         concurrent_callers_share_the_workers,
         stuck_idle_workers_share_one_grace,
+        a_pool_starts_without_waiting_for_the_fork_server,
     ]);
 }

@@ -328,13 +328,16 @@ impl PoolBuilder {
     /// cannot start is retried as a replacement would be; if it still cannot, the pool
     /// carries on with fewer workers ([`Pool::worker_pids`] lists those running).
     ///
-    /// Workers the fork server forked, in a pool without an initializer, are not waited
-    /// for at all: a copy of this program can hardly fail its handshake, so `build` returns
-    /// once the server has answered, and the first call to use a worker completes its start
-    /// (a worker that died meanwhile is replaced then, like one that dies while idle). Such
-    /// a pool also runs no thread of its own until its work needs one: `apply` (and the last
-    /// chunk of `map`) runs from the caller's thread on an idle worker, and the first work
-    /// queued for a worker starts the thread that serves it.
+    /// Workers the fork server forks, in a pool without an initializer, are not waited for
+    /// at all: a copy of this program can hardly fail its handshake, so `build` returns once
+    /// the server has the requests, and forks the workers while the program goes on. The
+    /// first call to use a worker reads the server's answer, sends its work at once and
+    /// reads the worker's handshake ahead of the reply. A worker that died meanwhile is
+    /// replaced then, like one that dies while idle, and so is one the server declined to
+    /// fork (see [`StartMethod::ForkServer`]: it is then started by running the
+    /// executable). Such a pool also runs no thread of its own until its work needs one:
+    /// `apply` (and the last chunk of `map`) runs from the caller's thread on an idle
+    /// worker, and the first work queued for a worker starts the thread that serves it.
     ///
     /// # Errors
     ///
@@ -447,7 +450,9 @@ fn start_slots(
     if config.spawn.initializer.is_none()
         && let Some(launching) = launching.take()
     {
-        forked = launching.launched(false)?;
+        // Without waiting for the server: each answer is read when its worker is first
+        // used (`Launched::adopt`), or asked for (`worker_pids`).
+        forked = launching.deferred()?;
     }
     let mut dormant = 0;
     let (ready_tx, ready_rx) = mpsc::channel();

@@ -102,8 +102,9 @@ impl Pool {
     /// The process ids of the workers running now (a replaced worker has a new pid). Right
     /// after [`Pool::new`], which may return before every worker is ready (see
     /// [`PoolBuilder::build`](crate::PoolBuilder::build)), this first waits for the others'
-    /// first start attempts; a worker the fork server forked counts as started from the
-    /// moment the server answered.
+    /// first start attempts; a worker the fork server forks counts as started once the
+    /// server has answered (read here if it was not yet). One the server declined to fork
+    /// is not listed until the pool first uses its place (and starts it then).
     ///
     /// ```no_run
     /// # use multiproc::Pool;

@@ -256,7 +256,11 @@ pub(crate) struct Shared {
 }
 
 struct Pids {
-    pids: Vec<Option<u32>>,
+    /// Each slot's, where known.
+    known: Vec<Option<u32>>,
+    /// Where a slot's pid is still to be read: the fork server's answer for its worker
+    /// (see `Slot::dormant`).
+    answers: Vec<Option<crate::forkserver::Answer>>,
     starting: usize,
 }
 
@@ -290,7 +294,8 @@ impl Shared {
             stop_write: Mutex::new(Some(stop_write)),
             stop_read,
             pids: Mutex::new(Pids {
-                pids: vec![None; slots],
+                known: vec![None; slots],
+                answers: vec![None; slots],
                 starting: slots,
             }),
             first_starts: Condvar::new(),
@@ -673,7 +678,16 @@ impl Shared {
     }
 
     pub(crate) fn set_pid(&self, slot: usize, pid: Option<u32>) {
-        self.lock_pids().pids[slot] = pid;
+        let mut pids = self.lock_pids();
+        pids.known[slot] = pid;
+        pids.answers[slot] = None;
+    }
+
+    /// The pid of slot `slot`'s worker is the fork server's `answer`, read when asked for.
+    pub(crate) fn set_pid_answer(&self, slot: usize, answer: crate::forkserver::Answer) {
+        let mut pids = self.lock_pids();
+        pids.known[slot] = None;
+        pids.answers[slot] = Some(answer);
     }
 
     /// A slot has finished its first start, with a worker or without.
@@ -687,7 +701,21 @@ impl Shared {
 
     /// The pids of the workers running now, without waiting for any to start.
     pub(crate) fn pids_now(&self) -> Vec<u32> {
-        self.lock_pids().pids.iter().flatten().copied().collect()
+        let pids = self.lock_pids();
+        let answered = pids
+            .answers
+            .iter()
+            .flatten()
+            .filter_map(|answer| match answer.get() {
+                Some(crate::forkserver::Forked::Pid(pid)) => Some(pid.as_raw().cast_unsigned()),
+                _ => None,
+            });
+        pids.known
+            .iter()
+            .flatten()
+            .copied()
+            .chain(answered)
+            .collect()
     }
 
     /// Waits `pause` before a failed worker start is tried again: false when it should not
@@ -719,7 +747,18 @@ impl Shared {
                 .wait(pids)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        pids.pids.iter().flatten().copied().collect()
+        // The fork server's answers for dormant slots' workers, read now if they are not
+        // yet (they are there as soon as it has forked).
+        let Pids { known, answers, .. } = &mut *pids;
+        for (pid, answer) in known.iter_mut().zip(answers.iter_mut()) {
+            if let Some(forked) = answer.take().map(|answer| answer.wait()) {
+                *pid = match forked {
+                    crate::forkserver::Forked::Pid(pid) => Some(pid.as_raw().cast_unsigned()),
+                    _ => None,
+                };
+            }
+        }
+        known.iter().flatten().copied().collect()
     }
 
     /// `terminate()` was called: a cheap check for a thread that polls.

@@ -23,7 +23,9 @@ use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, FrameReader, Header};
 use crate::region::{Region, SHARED_MIN};
 use crate::sched::{Chunk, Next, Shared, terminated};
-use crate::spawn::{Launched, SpawnOptions, WorkerProcess, describe_status, status_parts};
+use crate::spawn::{
+    Launched, SpawnOptions, WorkerProcess, check_ready, describe_status, status_parts,
+};
 use crate::status::{Published, monotonic_ns};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -143,12 +145,14 @@ enum Check {
     },
     /// Look at the status page again at `at`.
     Recheck { at: u64 },
+    /// Give the worker up at `at` if it has not said `Ready` (see `Slot::awaiting_ready`).
+    Start { at: u64 },
 }
 
 impl Check {
     fn at(&self) -> u64 {
         match self {
-            Check::Kill { at, .. } | Check::Recheck { at } => *at,
+            Check::Kill { at, .. } | Check::Recheck { at } | Check::Start { at } => *at,
         }
     }
 }
@@ -173,6 +177,10 @@ pub(crate) struct Slot {
     /// A worker launched and not yet past its handshake: the first of a slot that starts
     /// without a thread (see [`Slot::dormant`]), taken over by whoever runs the slot first.
     pending: Option<Launched>,
+    /// The worker has not said `Ready` yet, which it must by then (monotonic ns): a caller
+    /// that borrows a dormant slot sends its chunk first (`run_direct`), and the `Ready`
+    /// comes in ahead of the replies.
+    awaiting_ready: Option<u64>,
     inflight: VecDeque<InFlight>,
     /// `inflight[..sent_chunks]` are fully written; `sent_bytes` of the next one are.
     sent_chunks: usize,
@@ -209,6 +217,7 @@ impl Slot {
             config,
             worker: None,
             pending: None,
+            awaiting_ready: None,
             inflight: VecDeque::new(),
             sent_chunks: 0,
             sent_bytes: 0,
@@ -283,7 +292,10 @@ impl Slot {
     /// that only ever makes calls of one chunk at a time (`apply`) then runs no thread of
     /// its own.
     pub(crate) fn dormant(mut self, launched: Launched) -> Box<Slot> {
-        self.shared.set_pid(self.index, Some(launched.pid()));
+        match launched.pid_answer() {
+            Some(answer) => self.shared.set_pid_answer(self.index, answer),
+            None => self.shared.set_pid(self.index, launched.pid()),
+        }
         self.shared.first_start_done();
         self.pending = Some(launched);
         Box::new(self)
@@ -390,15 +402,28 @@ impl Slot {
     /// Runs `chunk` on this (lent, idle) slot's worker from the calling thread, until its
     /// outcomes are stored, the worker is lost (handled as the slot thread would: blame,
     /// re-queue) or the pool is terminated (the slot thread then fails what is in flight).
+    ///
+    /// A dormant slot's worker (forked, in a pool without an initializer) gets the chunk
+    /// before its `Ready` comes in: it runs the chunk as soon as it is up, instead of
+    /// waiting for the caller to see its `Ready` and send it.
     pub(crate) fn run_direct(&mut self, chunk: Chunk) {
-        if let Some(launched) = self.pending.take()
-            && self.start_worker(Some(launched), 1).is_err()
-        {
-            self.shared.set_pid(self.index, None);
-            // The slot's thread, which its return starts (it has no worker), tries again as
-            // for a replacement, and runs the chunk or leaves it to another slot.
-            self.shared.requeue_front(vec![chunk]);
-            return;
+        if let Some(launched) = self.pending.take() {
+            let adopted = launched.adopt(&self.config.spawn);
+            let Some((worker, deadline)) = adopted.filter(|(worker, _)| {
+                // Non-blocking, as `start_worker` leaves it (a failure: as if it died).
+                worker.conn.set_nonblocking(true).is_ok()
+            }) else {
+                self.shared.set_pid(self.index, None);
+                // The slot's thread, which its return starts (it has no worker), starts
+                // one as for a replacement, and runs the chunk or leaves it to another slot.
+                self.shared.requeue_front(vec![chunk]);
+                return;
+            };
+            self.shared.set_pid(self.index, Some(worker.pid()));
+            self.worker = Some(worker);
+            self.items_run = 0;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            self.awaiting_ready = Some(monotonic_ns().saturating_add(nanos(left)));
         }
         self.push(chunk);
         while !self.inflight.is_empty() {
@@ -491,7 +516,7 @@ impl Slot {
     /// is stopped as any other.
     fn leaving_worker(&mut self) -> Option<&mut WorkerProcess> {
         if let Some(launched) = self.pending.take() {
-            self.worker = Some(launched.into_worker());
+            self.worker = launched.into_worker();
         }
         self.worker.as_mut()
     }
@@ -569,6 +594,7 @@ impl Slot {
         self.replies = None;
         self.requests_sent = 0;
         self.want_replies = 0;
+        self.awaiting_ready = None;
         self.reader = FrameReader::new(self.config.spawn.max_frame_len);
         self.shared.set_pid(self.index, None);
     }
@@ -589,6 +615,10 @@ impl Slot {
     /// (arguments or outcomes in transit): after a short interval, to see whether one has; a
     /// deadline never counts from a guess.
     fn next_check(&self) -> Option<Check> {
+        if let Some(at) = self.awaiting_ready {
+            // Nothing runs before `Ready`.
+            return Some(Check::Start { at });
+        }
         let page = self.worker.as_ref()?.status.read();
         if let Some((chunk, item)) = self.running(page)
             && let Some(after) = self.inflight[chunk].chunk.timeout
@@ -615,16 +645,18 @@ impl Slot {
     /// While only replies are awaited, polls without sleeping for up to `spin` first (see
     /// `worker::SPIN`).
     fn pump(&mut self, spin: Duration) -> Pumped {
-        let mut spin_until = monotonic_ns().saturating_add(nanos(spin));
-        // Polling never delays a deadline check or a terminate.
-        if let Some(check) = self.next_check() {
-            spin_until = spin_until.min(check.at());
-        }
+        let mut spin_until = self.spin_until(spin);
         loop {
+            let awaiting = self.awaiting_ready.is_some();
             match self.drain_frames() {
                 Ok(true) => return Pumped::Progress,
                 Ok(false) => {}
                 Err(err) => return Pumped::Lost(Lost::Protocol(err)),
+            }
+            if awaiting && self.awaiting_ready.is_none() {
+                // The worker is up, with the chunk in its socket: the reply often follows
+                // within microseconds.
+                spin_until = self.spin_until(spin);
             }
             if let Err(lost) = self.write_some() {
                 return Pumped::Lost(lost);
@@ -652,6 +684,8 @@ impl Slot {
                     } if now >= at => {
                         return Pumped::Lost(Lost::TimedOut { chunk, item, after });
                     }
+                    // Killed as one that died before it started the chunk.
+                    Check::Start { at } if now >= at => return Pumped::Lost(Lost::Died),
                     check => check.at(),
                 };
                 // Round up so that we wake at or after the time, not just before it.
@@ -695,6 +729,14 @@ impl Slot {
                 return Pumped::Lost(lost);
             }
         }
+    }
+
+    /// Until when `pump` may poll without sleeping: `spin` from now, but never past a
+    /// deadline check (or a terminate, which it looks for as it polls).
+    fn spin_until(&self, spin: Duration) -> u64 {
+        let until = monotonic_ns().saturating_add(nanos(spin));
+        self.next_check()
+            .map_or(until, |check| until.min(check.at()))
     }
 
     /// Reads what the worker sent, without blocking. False when nothing was there.
@@ -926,6 +968,16 @@ impl Slot {
     /// replies region. True when it completed a chunk.
     fn on_frame(&mut self, body: &[u8], socket: bool) -> Result<bool, Error> {
         let (header, payload) = protocol::parse_body(body)?;
+        if self.awaiting_ready.is_some() {
+            let worker = self.worker.as_ref().expect("frames come from a worker");
+            check_ready(
+                &header,
+                worker.pid(),
+                crate::registry::Registry::get()?.digest(),
+            )?;
+            self.awaiting_ready = None;
+            return Ok(false);
+        }
         match header {
             Header::Results { seq, first, count } => {
                 if socket && body.len() >= SHARED_MIN {

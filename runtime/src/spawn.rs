@@ -4,7 +4,7 @@
 //! the parent's stdout and stderr.
 
 use crate::error::{Error, ErrorKind};
-use crate::forkserver::{Asked, Forked, WorkerFds};
+use crate::forkserver::{Answer, Asked, Forked, WorkerFds};
 use crate::protocol::{self, FrameReader, Header};
 use crate::registry::Registry;
 use crate::status::{StatusPage, deadline_after};
@@ -69,11 +69,54 @@ pub(crate) struct WorkerProcess {
 
 /// A worker process started, before its handshake ([`Launched::finish`]).
 pub(crate) struct Launched {
-    worker: WorkerProcess,
+    /// `None` once taken (dropped, it stops the worker: see `Drop`).
+    started: Option<Started>,
     started_at: Instant,
     /// Whether the worker has its status page already (a forked worker takes it with its
     /// other descriptors); else it is the first frame sent.
     status_sent: bool,
+}
+
+/// How far a launch is known.
+enum Started {
+    /// The worker, its pid known.
+    Process(WorkerProcess),
+    /// Asked of the fork server, whose answer (the pid, or no worker) is not read yet.
+    Asked(Unanswered),
+}
+
+/// A worker asked of the fork server, its answer not read yet ([`Launching::defer`]).
+struct Unanswered {
+    conn: UnixStream,
+    status: StatusPage,
+    stderr: StderrTail,
+    answer: Answer,
+}
+
+impl Started {
+    /// The worker: `None` when the fork server started none (declined, or its answer was
+    /// lost: a worker it may have forked then is reaped by `reap_lost`).
+    fn resolve(self) -> Option<WorkerProcess> {
+        let asked = match self {
+            Started::Process(worker) => return Some(worker),
+            Started::Asked(asked) => asked,
+        };
+        match asked.answer.wait() {
+            Forked::Pid(pid) => Some(WorkerProcess {
+                pid,
+                conn: asked.conn,
+                status: asked.status,
+                stderr: asked.stderr,
+                reaped: None,
+                shutdown_sent: false,
+            }),
+            Forked::Unavailable => None,
+            Forked::Lost => {
+                reap_lost(asked.conn);
+                None
+            }
+        }
+    }
 }
 
 impl WorkerProcess {
@@ -181,6 +224,50 @@ struct Parts {
 }
 
 impl Launching {
+    /// Completes the launch without waiting for the fork server: each worker it was asked
+    /// for, with its answer to be read when the worker is first used (by then long there).
+    /// `None` for a worker the answers read so far say it did not start. Where the server
+    /// did not take the requests (none, given up, unable to fork), as
+    /// [`launched`](Self::launched)`(false)`.
+    pub(crate) fn deferred(mut self) -> Result<Vec<Option<Launched>>, Error> {
+        let Some(answers) = self.asked.as_mut().and_then(Asked::defer) else {
+            return self.launched(false);
+        };
+        self.asked = None;
+        let parts = std::mem::take(&mut self.parts);
+        let mut launched = Vec::with_capacity(parts.len());
+        for (parts, answer) in parts.into_iter().zip(answers) {
+            let Parts {
+                conn,
+                child_end,
+                status,
+                stderr,
+            } = parts;
+            // The worker's exit must close the channel and its stderr: our copies of their
+            // ends go now.
+            drop(child_end);
+            let stderr = StderrTail::new(stderr.map(|(ours, _)| ours));
+            match answer.get() {
+                Some(Forked::Lost) => {
+                    reap_lost(conn);
+                    launched.push(None);
+                }
+                Some(Forked::Unavailable) => launched.push(None),
+                Some(Forked::Pid(_)) | None => launched.push(Some(Launched {
+                    started: Some(Started::Asked(Unanswered {
+                        conn,
+                        status,
+                        stderr,
+                        answer,
+                    })),
+                    started_at: self.started_at,
+                    status_sent: true,
+                })),
+            }
+        }
+        Ok(launched)
+    }
+
     /// Completes the launch: each worker the fork server started, or (with `exec_fallback`)
     /// the executable run again in its place; `None` for a worker the fork server could
     /// not start when `exec_fallback` is false.
@@ -250,33 +337,72 @@ impl Launching {
             shutdown_sent: false,
         };
         Ok(Some(Launched {
-            worker,
+            started: Some(Started::Process(worker)),
             started_at: self.started_at,
             status_sent,
         }))
     }
 }
 
+impl Drop for Launched {
+    fn drop(&mut self) {
+        // Never used: the worker is killed and reaped (as `WorkerProcess` drops).
+        if let Some(started) = self.started.take() {
+            drop(started.resolve());
+        }
+    }
+}
+
 impl Launched {
-    /// The worker's process id.
-    pub(crate) fn pid(&self) -> u32 {
-        self.worker.pid()
+    /// The worker's process id, when known: a forked worker's is known once the fork
+    /// server's answer is read ([`pid_answer`](Self::pid_answer)).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        match self.started.as_ref()? {
+            Started::Process(worker) => Some(worker.pid()),
+            Started::Asked(asked) => match asked.answer.get() {
+                Some(Forked::Pid(pid)) => Some(pid.as_raw().cast_unsigned()),
+                _ => None,
+            },
+        }
+    }
+
+    /// The fork server's answer that names the worker, when it is not read yet.
+    pub(crate) fn pid_answer(&self) -> Option<Answer> {
+        match self.started.as_ref()? {
+            Started::Asked(asked) => Some(asked.answer.clone()),
+            Started::Process(_) => None,
+        }
+    }
+
+    fn take(&mut self) -> Started {
+        self.started.take().expect("a launch is taken once")
     }
 
     /// The worker, without its start completed: to stop it (`WorkerProcess::shutdown`
-    /// reads past its `Ready`).
-    pub(crate) fn into_worker(self) -> WorkerProcess {
-        self.worker
+    /// reads past its `Ready`); `None` if the fork server started none.
+    pub(crate) fn into_worker(mut self) -> Option<WorkerProcess> {
+        self.take().resolve()
     }
 
-    /// Completes the start: the handshake, then the initializer. On failure the worker is
-    /// killed, and the error quotes its last words on stderr.
-    pub(crate) fn finish(self, options: &SpawnOptions) -> Result<WorkerProcess, Error> {
-        let Launched {
-            mut worker,
-            started_at,
-            status_sent,
-        } = self;
+    /// The worker, with its `Ready` still to come: for a worker the fork server forked, in
+    /// a pool without an initializer (the caller reads `Ready` before any reply, and checks
+    /// it with [`check_ready`]). `None` if the server started none. With the deadline of its
+    /// start.
+    pub(crate) fn adopt(mut self, options: &SpawnOptions) -> Option<(WorkerProcess, Instant)> {
+        debug_assert!(self.status_sent && options.initializer.is_none());
+        let deadline = later(self.started_at, options.start_timeout);
+        Some((self.take().resolve()?, deadline))
+    }
+
+    /// Completes the start: the handshake, then the initializer; a worker the fork server
+    /// did not start is started by running the executable (the caller is the slot's
+    /// thread). On failure the worker is killed, and the error quotes its last words on
+    /// stderr.
+    pub(crate) fn finish(mut self, options: &SpawnOptions) -> Result<WorkerProcess, Error> {
+        let Some(mut worker) = self.take().resolve() else {
+            return WorkerProcess::spawn(options);
+        };
+        let (started_at, status_sent) = (self.started_at, self.status_sent);
         let registry = Registry::get()?;
         let started = if status_sent {
             Ok(())
@@ -373,32 +499,7 @@ impl WorkerProcess {
         };
         let (header, _) = protocol::parse_body(reader.body(range)).map_err(spawn_kind)?;
         match header {
-            Header::Ready {
-                version,
-                digest: theirs,
-                pid,
-            } => {
-                if pid != self.pid() {
-                    return Err(Self::start_failure(format!(
-                        "process {pid} answered on the channel of worker {}",
-                        self.pid()
-                    )));
-                }
-                if version != protocol::PROTOCOL_VERSION {
-                    return Err(Self::start_failure(format!(
-                        "the worker speaks protocol version {version}, this process {}",
-                        protocol::PROTOCOL_VERSION
-                    )));
-                }
-                if theirs != digest {
-                    return Err(Self::start_failure(
-                        "the worker's task registry differs from this process's: it runs a \
-                         different build of the executable"
-                            .to_owned(),
-                    ));
-                }
-                Ok(())
-            }
+            Header::Ready { .. } => check_ready(&header, self.pid(), digest),
             Header::MissingEntry => Err(Self::start_failure(
                 "the worker process ran the program's `fn main` instead of serving tasks: mark \
                  `fn main` with #[multiproc::main] (in tests, use a `harness = false` target \
@@ -605,6 +706,40 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Checks a worker's `Ready`: from worker `pid`, in this process's protocol, with a
+/// registry whose digest is `digest` (the same build of the executable).
+pub(crate) fn check_ready(ready: &Header, pid: u32, digest: u64) -> Result<(), Error> {
+    let &Header::Ready {
+        version,
+        digest: theirs,
+        pid: from,
+    } = ready
+    else {
+        return Err(WorkerProcess::start_failure(format!(
+            "unexpected first frame from a worker: {ready:?}"
+        )));
+    };
+    if from != pid {
+        return Err(WorkerProcess::start_failure(format!(
+            "process {from} answered on the channel of worker {pid}"
+        )));
+    }
+    if version != protocol::PROTOCOL_VERSION {
+        return Err(WorkerProcess::start_failure(format!(
+            "the worker speaks protocol version {version}, this process {}",
+            protocol::PROTOCOL_VERSION
+        )));
+    }
+    if theirs != digest {
+        return Err(WorkerProcess::start_failure(
+            "the worker's task registry differs from this process's: it runs a different \
+             build of the executable"
+                .to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// A worker's channel: the parent's end and the worker's.

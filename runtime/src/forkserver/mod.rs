@@ -12,7 +12,9 @@
 //! which takes them and becomes the worker exactly as a re-executed worker would after its
 //! `exec`. A pool's requests go out back to back ([`ask`]): the server forks the next worker
 //! while the first sets itself up, and the parent sets the pool up meanwhile. `Pool::new`
-//! first sends an empty message ([`wake`]), so that the server is up when they arrive.
+//! first sends an empty message ([`wake`]), so that the server is up when they arrive, and
+//! need not wait for the answers ([`Asked::defer`]): each is read when its worker is first
+//! used ([`Answer`]), by then long there.
 //!
 //! The copy is made with `clone3(CLONE_PARENT)`: the worker is the *parent's* child, not the
 //! server's. So the parent reaps it, reads its exit status and signal, kills its process
@@ -40,11 +42,12 @@ use crate::worker::WorkerSpec;
 use nix::sys::socket::MsgFlags;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Set to `spawn` to start every worker by running the executable again, never from the fork
@@ -70,6 +73,9 @@ static OWNER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0
 struct Server {
     conn: UnixStream,
     pid: Pid,
+    /// The answers not read yet to requests already sent, oldest first (the server answers
+    /// in order): whoever reads answers next reads these first.
+    owed: VecDeque<Answer>,
 }
 
 /// What a forked worker shares with the program as it started, not with the thread that
@@ -187,7 +193,11 @@ pub(crate) fn start() {
             server::run(conn, &server_end, parent)
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
-            *lock() = Some(Server { conn, pid: child });
+            *lock() = Some(Server {
+                conn,
+                pid: child,
+                owed: VecDeque::new(),
+            });
             OWNER.store(parent.as_raw(), std::sync::atomic::Ordering::SeqCst);
             #[cfg(coverage)]
             // SAFETY: registers a plain function to run at exit.
@@ -214,7 +224,7 @@ extern "C" fn stop_server_at_exit() {
         // Another thread in the middle of a start: let the server be.
         Err(std::sync::TryLockError::WouldBlock) => None,
     };
-    let Some(Server { conn, pid }) = server else {
+    let Some(Server { conn, pid, .. }) = server else {
         return;
     };
     // End of stream, even where a copy of this program made by `fork` holds the socket too:
@@ -323,7 +333,9 @@ pub(crate) fn ask(spec: &WorkerSpec, workers: &[WorkerFds], deadline: Instant) -
         // original's, not ours to ask, kill or reap (see `OWNER`).
         return asked;
     }
-    let guard = lock();
+    let mut guard = lock();
+    // Their answers come before those to the requests below.
+    settle(&mut guard, None);
     if guard.is_none() {
         return asked;
     }
@@ -390,15 +402,43 @@ impl Asked {
     pub(crate) fn answers(mut self) -> Vec<Forked> {
         self.exchange(true);
         std::mem::take(&mut self.answers)
-            .into_iter()
-            .map(|answer| match answer {
-                Ok(pid) => Forked::Pid(pid),
-                // Too large to send, declined (see `Identity`, `env_settable`), no fork
-                // this time (a process limit), or no fork at all: `exec` this one.
-                Err(Refused::Once | Refused::Always) => Forked::Unavailable,
-                Err(Refused::Lost) => Forked::Lost,
-            })
+            .iter()
+            .map(forked)
             .collect()
+    }
+
+    /// Leaves the answers not read yet to be read when first needed ([`Answer::wait`]), and
+    /// lets the server go: the caller does not wait for the forks. One per worker asked
+    /// for, in order. `None`, with `self` as it was, when there is no server to read them
+    /// from (none was asked, it was given up, or an answer read already says it cannot
+    /// fork): [`answers`](Self::answers) then says what became of each request.
+    pub(crate) fn defer(&mut self) -> Option<Vec<Answer>> {
+        if self
+            .answers
+            .iter()
+            .any(|answer| matches!(answer, Err(Refused::Always)))
+        {
+            return None;
+        }
+        let mut guard = self.server.take()?;
+        let Some(server) = guard.as_mut() else {
+            self.server = Some(guard);
+            return None;
+        };
+        let mut answers: Vec<Answer> = self
+            .answers
+            .iter()
+            .map(|a| Answer::known(forked(a)))
+            .collect();
+        // Every request was sent (`ask` sends them all before it returns), and the answers
+        // read so far are in `self.answers`: the rest are owed.
+        self.answers.clear();
+        for _ in answers.len()..self.count {
+            let answer = Answer(Arc::new(OnceLock::new()));
+            server.owed.push_back(answer.clone());
+            answers.push(answer);
+        }
+        Some(answers)
     }
 
     /// Sends the requests the window allows, and reads answers: until every one is read
@@ -438,19 +478,93 @@ impl Asked {
             .iter()
             .any(|answer| matches!(answer, Err(Refused::Always | Refused::Lost)))
         {
-            // Gone, stopped, confused, or unable to fork this way: never asked again. A
-            // worker it may have forked before it failed holds the channel, which the
-            // caller gives up (the worker is reaped once it says who it is: `spawn::reap_lost`).
-            if let Some(Server { conn, pid }) = guard.take() {
-                // Our end closes first: a server that still reads exits at end of stream.
-                drop(conn);
-                // Reaped only if it could be killed: a server this process may no longer
-                // signal (it dropped privileges) dies with it, by the parent-death signal.
-                if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
-                    let _ = nix::sys::wait::waitpid(pid, None);
-                }
-            }
+            give_up(&mut guard);
         }
+    }
+}
+
+/// What became of a request, from its answer.
+fn forked(answer: &Result<Pid, Refused>) -> Forked {
+    match answer {
+        Ok(pid) => Forked::Pid(*pid),
+        // Too large to send, declined (see `Identity`, `env_settable`), no fork this time
+        // (a process limit), or no fork at all: `exec` this one.
+        Err(Refused::Once | Refused::Always) => Forked::Unavailable,
+        Err(Refused::Lost) => Forked::Lost,
+    }
+}
+
+/// Gives the server up: it is gone, stopped, confused, or unable to fork this way, and is
+/// never asked again. The answers still owed are lost. A worker it may have forked before
+/// it failed holds the channel, which the caller gives up (the worker is reaped once it says
+/// who it is: `spawn::reap_lost`).
+fn give_up(guard: &mut std::sync::MutexGuard<'static, Option<Server>>) {
+    if let Some(Server { conn, pid, owed }) = guard.take() {
+        for answer in owed {
+            let _ = answer.0.set(Forked::Lost);
+        }
+        // Our end closes first: a server that still reads exits at end of stream.
+        drop(conn);
+        // Reaped only if it could be killed: a server this process may no longer signal (it
+        // dropped privileges) dies with it, by the parent-death signal.
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+}
+
+/// Reads the answers owed ([`Server::owed`]), oldest first: until `until` is known, or all
+/// of them. Each is given [`ANSWER_LIMIT`]; one that does not come, or that says the server
+/// cannot fork at all, gives the server up.
+fn settle(guard: &mut std::sync::MutexGuard<'static, Option<Server>>, until: Option<&Answer>) {
+    while until.is_none_or(|answer| answer.get().is_none()) {
+        let Some(server) = guard.as_mut() else {
+            return;
+        };
+        let Some(next) = server.owed.pop_front() else {
+            return;
+        };
+        let read = server.answer(Instant::now() + ANSWER_LIMIT);
+        let failed = matches!(read, Err(()) | Ok(Err(Refused::Always)));
+        let _ = next
+            .0
+            .set(read.map_or(Forked::Lost, |answer| forked(&answer)));
+        if failed {
+            give_up(guard);
+        }
+    }
+}
+
+/// The fork server's answer to one request, read when it is first needed ([`Asked::defer`]):
+/// the server answers in order, so whoever needs one reads those owed before it too, under
+/// the server's lock.
+#[derive(Clone)]
+pub(crate) struct Answer(Arc<OnceLock<Forked>>);
+
+impl Answer {
+    fn known(forked: Forked) -> Answer {
+        Answer(Arc::new(OnceLock::from(forked)))
+    }
+
+    /// The answer, if it has been read.
+    pub(crate) fn get(&self) -> Option<Forked> {
+        self.0.get().copied()
+    }
+
+    /// The answer: read now if it has not been, with those owed before it, in
+    /// [`ANSWER_LIMIT`] each at most (the server answers as soon as it has forked).
+    pub(crate) fn wait(&self) -> Forked {
+        if let Some(forked) = self.get() {
+            return forked;
+        }
+        if OWNER.load(std::sync::atomic::Ordering::SeqCst) != nix::unistd::getpid().as_raw() {
+            // A copy of the program made by `fork`: the server and its workers are the
+            // original's (see `OWNER`), not ours to read, reap or kill.
+            return Forked::Unavailable;
+        }
+        settle(&mut lock(), Some(self));
+        // Not there after all: the server was given up, which loses what it owed.
+        *self.0.get_or_init(|| Forked::Lost)
     }
 }
 
@@ -537,23 +651,126 @@ mod tests {
         }
     }
 
-    /// One test: both cases use the one `SERVER` of this process.
-    #[test]
-    fn another_processs_server_is_left_alone_and_a_silent_one_is_given_up() {
-        let (conn, peer) = UnixStream::pair().unwrap();
-        // Stands in for the server's process: killed and reaped when it is given up.
-        #[allow(clippy::zombie_processes, reason = "`Asked::answers` reaps it by pid")]
+    /// The tests here take turns: they use the one `SERVER` of this process.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A process that stands in for the server: killed and reaped when it is given up.
+    fn stand_in() -> Pid {
+        #[allow(
+            clippy::zombie_processes,
+            reason = "giving the server up reaps it by pid"
+        )]
         let stand_in = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
-        let pid = Pid::from_raw(stand_in.id().cast_signed());
+        Pid::from_raw(stand_in.id().cast_signed())
+    }
+
+    fn answer_with(peer: &UnixStream, answers: &[i32]) {
+        for answer in answers {
+            (&*peer).write_all(&answer.to_le_bytes()).unwrap();
+        }
+    }
+
+    fn is_pid(forked: Option<Forked>, expected: i32) -> bool {
+        matches!(forked, Some(Forked::Pid(pid)) if pid.as_raw() == expected)
+    }
+
+    #[test]
+    fn owed_answers_are_read_in_order_when_first_needed() {
+        let _turn = one_at_a_time();
+        let (conn, peer) = UnixStream::pair().unwrap();
+        let pid = stand_in();
+        *lock() = Some(Server {
+            conn,
+            pid,
+            owed: VecDeque::new(),
+        });
+        OWNER.store(
+            nix::unistd::getpid().as_raw(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        let fds: Vec<(UnixStream, OwnedFd, OwnedFd)> = (0..3)
+            .map(|_| {
+                let (channel, _) = UnixStream::pair().unwrap();
+                let (_, stderr) = nix::unistd::pipe().unwrap();
+                let status = nix::unistd::dup(&stderr).unwrap();
+                (channel, stderr, status)
+            })
+            .collect();
+        let workers: Vec<WorkerFds> = fds
+            .iter()
+            .map(|(channel, stderr, status)| WorkerFds {
+                channel: channel.as_fd(),
+                stderr: stderr.as_fd(),
+                status: status.as_fd(),
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+
+        let answers = ask(&spec(), &workers, deadline).defer().expect("deferred");
+        assert!(answers.iter().all(|answer| answer.get().is_none()));
+        assert_eq!(lock().as_ref().map(|server| server.owed.len()), Some(3));
+        // The server answers in order; waiting for the last answer reads them all.
+        answer_with(&peer, &[4242, server::DECLINED, 4343]);
+        assert!(is_pid(Some(answers[2].wait()), 4343));
+        assert!(is_pid(answers[0].get(), 4242));
+        assert!(matches!(answers[1].get(), Some(Forked::Unavailable)));
+        assert_eq!(lock().as_ref().map(|server| server.owed.len()), Some(0));
+
+        // The next requests wait for what is owed: their answers come after it.
+        let owed = ask(&spec(), &workers[..1], deadline)
+            .defer()
+            .expect("deferred");
+        answer_with(&peer, &[4444]);
+        let next = ask(&spec(), &workers[..1], deadline)
+            .defer()
+            .expect("deferred");
+        assert!(is_pid(owed[0].get(), 4444), "read before the next requests");
+        assert!(next[0].get().is_none());
+
+        // A copy of this program made by `fork` reads nothing: the server is not its own.
+        OWNER.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(next[0].wait(), Forked::Unavailable));
+        assert!(next[0].get().is_none(), "left for the original");
+        OWNER.store(
+            nix::unistd::getpid().as_raw(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+
+        // A server that goes away loses what it owed, and is given up.
+        drop(peer);
+        assert!(matches!(next[0].wait(), Forked::Lost));
+        assert!(lock().is_none(), "given up");
+        assert_eq!(
+            nix::sys::signal::kill(pid, None),
+            Err(nix::errno::Errno::ESRCH),
+            "killed and reaped"
+        );
+    }
+
+    #[test]
+    fn another_processs_server_is_left_alone_and_a_silent_one_is_given_up() {
+        let _turn = one_at_a_time();
+        let (conn, peer) = UnixStream::pair().unwrap();
+        let pid = stand_in();
         let (channel, _) = UnixStream::pair().unwrap();
         let channel = OwnedFd::from(channel);
         let (_, stderr) = nix::unistd::pipe().unwrap();
         let soon = || Instant::now() + Duration::from_millis(100);
 
-        *lock() = Some(Server { conn, pid });
+        *lock() = Some(Server {
+            conn,
+            pid,
+            owed: VecDeque::new(),
+        });
         OWNER.store(1, std::sync::atomic::Ordering::SeqCst);
         let status = nix::unistd::dup(&stderr).unwrap();
         let workers = [WorkerFds {
