@@ -36,6 +36,11 @@ fn abort_with(note: String) -> u8 {
 }
 
 #[task]
+fn own_pid() -> u32 {
+    std::process::id()
+}
+
+#[task]
 fn square(x: u64) -> u64 {
     x * x
 }
@@ -189,6 +194,7 @@ fn scenario(which: &str) -> ! {
         "concurrent-callers" => scenario_concurrent_callers(builder),
         "stuck-idle-workers" => scenario_stuck_idle_workers(builder),
         "answers-later" => scenario_answers_later(builder),
+        "idle-past-start-timeout" => scenario_idle_past_start_timeout(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -487,6 +493,23 @@ fn scenario_answers_later(builder: PoolBuilder) {
     println!("ok");
 }
 
+/// A pool idle for longer than its start timeout before its first call: the call runs on
+/// the worker forked for it, whose `Ready` has waited in its socket all along (the timeout
+/// counts from the call, as a handshake's would).
+fn scenario_idle_past_start_timeout(builder: PoolBuilder) {
+    let timeout = std::time::Duration::from_millis(300);
+    let pool = builder.start_timeout(timeout).build().expect("pool");
+    let pids = pool.worker_pids();
+    // The idle time is what is tested here: nothing to wait for instead.
+    std::thread::sleep(timeout * 2);
+    assert_eq!(
+        pool.apply(own_pid, ()).expect("apply"),
+        pids[0],
+        "not replaced"
+    );
+    println!("ok");
+}
+
 fn scenario_forked_child(builder: PoolBuilder) {
     // A copy of the program made with `fork` has its parent's fork server, whose
     // workers would not be its children: it starts its own by `exec`.
@@ -599,6 +622,10 @@ fn concurrent_callers_share_the_workers() -> TestResult {
 
 fn a_pool_starts_without_waiting_for_the_fork_server() -> TestResult {
     ok_forked("answers-later")
+}
+
+fn a_worker_waits_for_its_first_call_past_the_start_timeout() -> TestResult {
+    ok_forked("idle-past-start-timeout")
 }
 
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
@@ -716,5 +743,6 @@ fn main() {
         concurrent_callers_share_the_workers,
         stuck_idle_workers_share_one_grace,
         a_pool_starts_without_waiting_for_the_fork_server,
+        a_worker_waits_for_its_first_call_past_the_start_timeout,
     ]);
 }

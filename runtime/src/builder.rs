@@ -86,6 +86,10 @@ pub enum StartMethod {
     /// - while the environment holds a name or value that `std::env::set_var` refuses;
     /// - once the server has not answered for 2 seconds, or cannot fork workers here.
     ///
+    /// A pool without an initializer does not wait for the server's answers, and learns
+    /// that it did not fork a worker when it first needs that worker: it starts one by
+    /// running the executable then.
+    ///
     /// What a forked worker still keeps from the program's start, unlike a spawned one:
     /// its arguments (a spawned worker's are the executable's path alone), resource
     /// limits, signal dispositions, scheduling priority, namespaces and security-module

@@ -748,17 +748,29 @@ impl Shared {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         // The fork server's answers for dormant slots' workers, read now if they are not
-        // yet (they are there as soon as it has forked).
-        let Pids { known, answers, .. } = &mut *pids;
-        for (pid, answer) in known.iter_mut().zip(answers.iter_mut()) {
-            if let Some(forked) = answer.take().map(|answer| answer.wait()) {
-                *pid = match forked {
+        // yet (they are there as soon as it has forked), without the lock: reading one
+        // waits for the server.
+        let owed: Vec<_> = pids.answers.iter().cloned().enumerate().collect();
+        drop(pids);
+        let read: Vec<_> = owed
+            .into_iter()
+            .filter_map(|(slot, answer)| answer.map(|answer| (slot, answer.wait(), answer)))
+            .collect();
+        let mut pids = self.lock_pids();
+        for (slot, forked, answer) in read {
+            // Unless the slot has moved on meanwhile (its worker used, or replaced).
+            if pids.answers[slot]
+                .as_ref()
+                .is_some_and(|now| now.is(&answer))
+            {
+                pids.answers[slot] = None;
+                pids.known[slot] = match forked {
                     crate::forkserver::Forked::Pid(pid) => Some(pid.as_raw().cast_unsigned()),
                     _ => None,
                 };
             }
         }
-        known.iter().flatten().copied().collect()
+        pids.known.iter().flatten().copied().collect()
     }
 
     /// `terminate()` was called: a cheap check for a thread that polls.

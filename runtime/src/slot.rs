@@ -409,7 +409,7 @@ impl Slot {
     pub(crate) fn run_direct(&mut self, chunk: Chunk) {
         if let Some(launched) = self.pending.take() {
             let adopted = launched.adopt(&self.config.spawn);
-            let Some((worker, deadline)) = adopted.filter(|(worker, _)| {
+            let Some(worker) = adopted.filter(|worker| {
                 // Non-blocking, as `start_worker` leaves it (a failure: as if it died).
                 worker.conn.set_nonblocking(true).is_ok()
             }) else {
@@ -422,8 +422,10 @@ impl Slot {
             self.shared.set_pid(self.index, Some(worker.pid()));
             self.worker = Some(worker);
             self.items_run = 0;
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            self.awaiting_ready = Some(monotonic_ns().saturating_add(nanos(left)));
+            // As long as a handshake would wait from now: a pool may sit idle for longer
+            // than that before its first call, with the `Ready` in the socket all along.
+            self.awaiting_ready =
+                Some(monotonic_ns().saturating_add(nanos(self.config.spawn.start_timeout)));
         }
         self.push(chunk);
         while !self.inflight.is_empty() {
@@ -651,6 +653,11 @@ impl Slot {
             match self.drain_frames() {
                 Ok(true) => return Pumped::Progress,
                 Ok(false) => {}
+                // Not the `Ready` of this worker (it cannot be, for a copy of this program):
+                // a worker that failed its start, killed, its chunk run elsewhere unless the
+                // status page shows it started. A replacement's handshake reports the cause
+                // if it persists.
+                Err(_) if self.awaiting_ready.is_some() => return Pumped::Lost(Lost::Died),
                 Err(err) => return Pumped::Lost(Lost::Protocol(err)),
             }
             if awaiting && self.awaiting_ready.is_none() {
@@ -684,8 +691,13 @@ impl Slot {
                     } if now >= at => {
                         return Pumped::Lost(Lost::TimedOut { chunk, item, after });
                     }
-                    // Killed as one that died before it started the chunk.
-                    Check::Start { at } if now >= at => return Pumped::Lost(Lost::Died),
+                    // Given up, as one that died before it started the chunk, unless its
+                    // `Ready` came in since the socket was last read.
+                    Check::Start { at } if now >= at => match self.receive() {
+                        Ok(true) => continue,
+                        Ok(false) => return Pumped::Lost(Lost::Died),
+                        Err(lost) => return Pumped::Lost(lost),
+                    },
                     check => check.at(),
                 };
                 // Round up so that we wake at or after the time, not just before it.

@@ -85,7 +85,7 @@ enum Started {
     Asked(Unanswered),
 }
 
-/// A worker asked of the fork server, its answer not read yet ([`Launching::defer`]).
+/// A worker asked of the fork server, its answer not read yet ([`Launching::deferred`]).
 struct Unanswered {
     conn: UnixStream,
     status: StatusPage,
@@ -386,12 +386,11 @@ impl Launched {
 
     /// The worker, with its `Ready` still to come: for a worker the fork server forked, in
     /// a pool without an initializer (the caller reads `Ready` before any reply, and checks
-    /// it with [`check_ready`]). `None` if the server started none. With the deadline of its
-    /// start.
-    pub(crate) fn adopt(mut self, options: &SpawnOptions) -> Option<(WorkerProcess, Instant)> {
+    /// it with [`check_ready`], within the start timeout from now, as a handshake would).
+    /// `None` if the server started none.
+    pub(crate) fn adopt(mut self, options: &SpawnOptions) -> Option<WorkerProcess> {
         debug_assert!(self.status_sent && options.initializer.is_none());
-        let deadline = later(self.started_at, options.start_timeout);
-        Some((self.take().resolve()?, deadline))
+        self.take().resolve()
     }
 
     /// Completes the start: the handshake, then the initializer; a worker the fork server

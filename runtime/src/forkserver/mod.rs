@@ -14,7 +14,9 @@
 //! while the first sets itself up, and the parent sets the pool up meanwhile. `Pool::new`
 //! first sends an empty message ([`wake`]), so that the server is up when they arrive, and
 //! need not wait for the answers ([`Asked::defer`]): each is read when its worker is first
-//! used ([`Answer`]), by then long there.
+//! used, `worker_pids` asks, or the pool drops ([`Answer`]), by then long there. The server
+//! answers in order, so whoever reads an answer reads those owed before it, and the next
+//! pool's requests wait for every answer still owed (16 at most, see [`WINDOW`]).
 //!
 //! The copy is made with `clone3(CLONE_PARENT)`: the worker is the *parent's* child, not the
 //! server's. So the parent reaps it, reads its exit status and signal, kills its process
@@ -281,7 +283,8 @@ pub(crate) struct WorkerFds<'a> {
 /// How many requests may wait for their answers at once. The answers the server writes
 /// meanwhile must fit in the socket's buffer (each is a small packet), or the server would
 /// block on them while the parent blocks sending: a few dozen would; the pools that ask for
-/// more than this wait for the first answers as they go.
+/// more than this wait for the first answers as they go. So at most this many answers are
+/// ever owed ([`Asked::defer`]), and they are read before the next requests go out.
 const WINDOW: usize = 16;
 
 /// Tells the server that a request follows soon, so that it wakes up while the caller gets
@@ -549,6 +552,11 @@ impl Answer {
     /// The answer, if it has been read.
     pub(crate) fn get(&self) -> Option<Forked> {
         self.0.get().copied()
+    }
+
+    /// Whether `other` is this same answer.
+    pub(crate) fn is(&self, other: &Answer) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// The answer: read now if it has not been, with those owed before it, in
