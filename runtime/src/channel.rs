@@ -1,4 +1,4 @@
-//! The transport under [`pipe`](crate::pipe), [`duplex`](crate::duplex) and
+//! The transport under [`pipe`](fn@crate::pipe), [`duplex`](crate::duplex) and
 //! [`Queue`](crate::Queue): one end of a Unix `SOCK_SEQPACKET` socket pair, and the format of
 //! one message on it.
 //!

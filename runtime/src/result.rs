@@ -378,7 +378,7 @@ type Finish<T> = Box<dyn FnOnce() -> Result<T, Error> + Send>;
 ///
 /// It owns what it needs: a result whose work completed stays readable after the pool was
 /// closed or dropped, and work the pool can no longer run resolves to an error of kind
-/// [`ErrorKind::Closed`](crate::ErrorKind::Closed). Waiting never hangs on a pool that is gone.
+/// [`ErrorKind::Closed`]. Waiting never hangs on a pool that is gone.
 ///
 /// # Examples
 ///
@@ -487,7 +487,7 @@ impl<T> AsyncResult<T> {
     /// # Errors
     ///
     /// The error of the first failing item by input position (for `apply_async`, of its one
-    /// call): [`ErrorKind::Panicked`](crate::ErrorKind::Panicked),
+    /// call): [`ErrorKind::Panicked`],
     /// [`Crashed`](crate::ErrorKind::Crashed), [`Timeout`](crate::ErrorKind::Timeout) (a
     /// task's deadline), [`Codec`](crate::ErrorKind::Codec),
     /// [`Closed`](crate::ErrorKind::Closed) (the pool stopped before the item ran) or
@@ -511,13 +511,13 @@ impl<T> AsyncResult<T> {
     }
 
     /// Like [`get`](Self::get), but gives up after `timeout` with an error of kind
-    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout). Python's semantics: nothing is
+    /// [`ErrorKind::Timeout`]. Python's semantics: nothing is
     /// killed, the work goes on and its worker is freed when it ends. To keep the result
     /// after a timeout, use [`wait_timeout`](Self::wait_timeout) and then `get`.
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) when the work is not done within
+    /// [`ErrorKind::Timeout`] when the work is not done within
     /// `timeout`; otherwise those of [`get`](Self::get).
     ///
     /// # Examples

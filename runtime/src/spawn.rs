@@ -1,5 +1,5 @@
 //! Starting a worker process: forked by the fork server (`forkserver`) where the program has
-//! one, else the current executable, run again with [`ENV`](crate::worker::ENV) set. Either
+//! one, else the current executable, run again with [`ENV`] set. Either
 //! way it is connected by a private socket, and a task reads an empty stdin and prints to
 //! the parent's stdout and stderr.
 
