@@ -195,6 +195,7 @@ fn scenario(which: &str) -> ! {
         "stuck-idle-workers" => scenario_stuck_idle_workers(builder),
         "answers-later" => scenario_answers_later(builder),
         "idle-past-start-timeout" => scenario_idle_past_start_timeout(builder),
+        "unused" => scenario_unused(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -510,6 +511,32 @@ fn scenario_idle_past_start_timeout(builder: PoolBuilder) {
     println!("ok");
 }
 
+/// Pools dropped or terminated before any use, their fork-server answers still unread: every
+/// worker forked for them is stopped and reaped, and the next pool's start reads past them.
+fn scenario_unused(builder: PoolBuilder) {
+    let server = children(std::process::id());
+    assert_eq!(server.len(), 1, "the fork server");
+    drop(builder.clone().processes(4).build().expect("pool"));
+    assert_eq!(children(std::process::id()), server, "dropped unused");
+    let pool = builder.clone().processes(3).build().expect("pool");
+    pool.terminate();
+    drop(pool);
+    assert_eq!(children(std::process::id()), server, "terminated unused");
+    // Two pools whose answers are owed at once: each reads its own.
+    let first = builder.clone().processes(2).build().expect("pool");
+    let second = builder.processes(2).build().expect("pool");
+    assert_eq!(second.apply(square, (5,)).expect("apply"), 25);
+    assert_eq!(first.apply(square, (6,)).expect("apply"), 36);
+    let mut pids = first.worker_pids();
+    pids.extend(second.worker_pids());
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 4, "four workers: {pids:?}");
+    drop((first, second));
+    assert_eq!(children(std::process::id()), server, "all stopped");
+    println!("ok");
+}
+
 fn scenario_forked_child(builder: PoolBuilder) {
     // A copy of the program made with `fork` has its parent's fork server, whose
     // workers would not be its children: it starts its own by `exec`.
@@ -628,6 +655,10 @@ fn a_worker_waits_for_its_first_call_past_the_start_timeout() -> TestResult {
     ok_forked("idle-past-start-timeout")
 }
 
+fn pools_dropped_before_use_leave_no_worker() -> TestResult {
+    ok_forked("unused")
+}
+
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
     let out = run_scenario("server-killed", "fork")?;
     ensure(out.contains("children=1") && out.contains("ok"), out)
@@ -744,5 +775,6 @@ fn main() {
         stuck_idle_workers_share_one_grace,
         a_pool_starts_without_waiting_for_the_fork_server,
         a_worker_waits_for_its_first_call_past_the_start_timeout,
+        pools_dropped_before_use_leave_no_worker,
     ]);
 }
