@@ -195,7 +195,7 @@ fn scenario(which: &str) -> ! {
         "stuck-idle-workers" => scenario_stuck_idle_workers(builder),
         "answers-later" => scenario_answers_later(builder),
         "idle-past-start-timeout" => scenario_idle_past_start_timeout(builder),
-        "unused" => scenario_unused(builder),
+        "unused" => scenario_unused(&builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -500,31 +500,40 @@ fn scenario_answers_later(builder: PoolBuilder) {
 fn scenario_idle_past_start_timeout(builder: PoolBuilder) {
     let timeout = std::time::Duration::from_millis(300);
     let pool = builder.start_timeout(timeout).build().expect("pool");
-    let pids = pool.worker_pids();
-    // The idle time is what is tested here: nothing to wait for instead.
+    let pid = *pool.worker_pids().first().expect("a forked worker");
+    // The idle time is what is tested here: nothing to wait for instead. (The worker's
+    // `Ready` has been in its socket all along; the call reads it within a start timeout
+    // from the call, and reads what is there before it gives the worker up.)
     std::thread::sleep(timeout * 2);
-    assert_eq!(
-        pool.apply(own_pid, ()).expect("apply"),
-        pids[0],
-        "not replaced"
-    );
+    assert_eq!(pool.apply(own_pid, ()).expect("apply"), pid, "not replaced");
     println!("ok");
 }
 
 /// Pools dropped or terminated before any use, their fork-server answers still unread: every
 /// worker forked for them is stopped and reaped, and the next pool's start reads past them.
-fn scenario_unused(builder: PoolBuilder) {
+fn scenario_unused(builder: &PoolBuilder) {
+    // This process's children once the fork server has forked every worker asked of it so
+    // far (it answers in order: a probe pool's answer comes after theirs), the probe's
+    // worker stopped again. Without it, a worker a drop failed to stop could be forked
+    // only after the check.
+    let settled = || {
+        let probe = builder.clone().build().expect("probe pool");
+        assert_eq!(probe.worker_pids().len(), 1, "the probe's worker");
+        drop(probe);
+        children(std::process::id())
+    };
     let server = children(std::process::id());
     assert_eq!(server.len(), 1, "the fork server");
     drop(builder.clone().processes(4).build().expect("pool"));
-    assert_eq!(children(std::process::id()), server, "dropped unused");
+    assert_eq!(settled(), server, "dropped unused");
     let pool = builder.clone().processes(3).build().expect("pool");
     pool.terminate();
     drop(pool);
-    assert_eq!(children(std::process::id()), server, "terminated unused");
-    // Two pools whose answers are owed at once: each reads its own.
+    assert_eq!(settled(), server, "terminated unused");
+    // A pool started while another's answers are owed reads them first, into that pool's
+    // own: each then has its own workers.
     let first = builder.clone().processes(2).build().expect("pool");
-    let second = builder.processes(2).build().expect("pool");
+    let second = builder.clone().processes(2).build().expect("pool");
     assert_eq!(second.apply(square, (5,)).expect("apply"), 25);
     assert_eq!(first.apply(square, (6,)).expect("apply"), 36);
     let mut pids = first.worker_pids();
@@ -533,7 +542,7 @@ fn scenario_unused(builder: PoolBuilder) {
     pids.dedup();
     assert_eq!(pids.len(), 4, "four workers: {pids:?}");
     drop((first, second));
-    assert_eq!(children(std::process::id()), server, "all stopped");
+    assert_eq!(settled(), server, "all stopped");
     println!("ok");
 }
 

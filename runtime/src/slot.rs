@@ -692,10 +692,12 @@ impl Slot {
                         return Pumped::Lost(Lost::TimedOut { chunk, item, after });
                     }
                     // Given up, as one that died before it started the chunk, unless its
-                    // `Ready` came in since the socket was last read.
+                    // `Ready` came in since the socket was last read (while the pool runs:
+                    // a worker that keeps sending without a `Ready` fills a frame, which is
+                    // then not its `Ready`).
                     Check::Start { at } if now >= at => match self.receive() {
-                        Ok(true) => continue,
-                        Ok(false) => return Pumped::Lost(Lost::Died),
+                        Ok(true) if !self.shared.stopping() => continue,
+                        Ok(_) => return Pumped::Lost(Lost::Died),
                         Err(lost) => return Pumped::Lost(lost),
                     },
                     check => check.at(),
