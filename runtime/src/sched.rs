@@ -309,10 +309,13 @@ impl Shared {
 
     /// Keeps a slot's thread for `join_threads`.
     pub(crate) fn add_thread(&self, handle: JoinHandle<()>) {
+        self.lock_threads().push(handle);
+    }
+
+    fn lock_threads(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
         self.threads
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(handle);
     }
 
     /// Parks a slot that has no thread ([`Slot::dormant`]).
@@ -405,12 +408,7 @@ impl Shared {
     pub(crate) fn join_threads(&self) {
         loop {
             self.finish_dormant();
-            let handles = std::mem::take(
-                &mut *self
-                    .threads
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+            let handles = std::mem::take(&mut *self.lock_threads());
             if handles.is_empty() {
                 let state = self.lock();
                 // A dormant slot still out with a caller comes back (and its return may
@@ -422,15 +420,8 @@ impl Shared {
                     .any(|parking| parking.dormant && parking.parked.is_none());
                 // A thread counted out of `threads_starting` is in `threads` already, perhaps
                 // since `handles` was taken.
-                let added = || {
-                    !self
-                        .threads
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .is_empty()
-                };
                 if !out && state.threads_starting == 0 && state.leaving == 0 {
-                    if added() {
+                    if !self.lock_threads().is_empty() {
                         continue;
                     }
                     return;
@@ -706,10 +697,7 @@ impl Shared {
             .answers
             .iter()
             .flatten()
-            .filter_map(|answer| match answer.get() {
-                Some(crate::forkserver::Forked::Pid(pid)) => Some(pid.as_raw().cast_unsigned()),
-                _ => None,
-            });
+            .filter_map(|answer| answer.get()?.pid());
         pids.known
             .iter()
             .flatten()
@@ -764,10 +752,7 @@ impl Shared {
                 .is_some_and(|now| now.is(&answer))
             {
                 pids.answers[slot] = None;
-                pids.known[slot] = match forked {
-                    crate::forkserver::Forked::Pid(pid) => Some(pid.as_raw().cast_unsigned()),
-                    _ => None,
-                };
+                pids.known[slot] = forked.pid();
             }
         }
         pids.known.iter().flatten().copied().collect()

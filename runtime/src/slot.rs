@@ -408,20 +408,17 @@ impl Slot {
     /// waiting for the caller to see its `Ready` and send it.
     pub(crate) fn run_direct(&mut self, chunk: Chunk) {
         if let Some(launched) = self.pending.take() {
-            let adopted = launched.adopt(&self.config.spawn);
-            let Some(worker) = adopted.filter(|worker| {
-                // Non-blocking, as `start_worker` leaves it (a failure: as if it died).
-                worker.conn.set_nonblocking(true).is_ok()
-            }) else {
+            // A failure to set the worker up is as if it died.
+            let installed = launched
+                .adopt(&self.config.spawn)
+                .is_some_and(|worker| self.install(worker).is_ok());
+            if !installed {
                 self.shared.set_pid(self.index, None);
                 // The slot's thread, which its return starts (it has no worker), starts
                 // one as for a replacement, and runs the chunk or leaves it to another slot.
                 self.shared.requeue_front(vec![chunk]);
                 return;
-            };
-            self.shared.set_pid(self.index, Some(worker.pid()));
-            self.worker = Some(worker);
-            self.items_run = 0;
+            }
             // As long as a handshake would wait from now: a pool may sit idle for longer
             // than that before its first call, with the `Ready` in the socket all along.
             self.awaiting_ready =
@@ -549,15 +546,9 @@ impl Slot {
             };
             match started {
                 Ok(worker) => {
-                    let pid = worker.pid();
-                    worker
-                        .conn
-                        .set_nonblocking(true)
-                        .map_err(|err| Error::io("configuring a worker channel failed", err))?;
-                    self.worker = Some(worker);
-                    self.items_run = 0;
-                    self.shared.set_pid(self.index, Some(pid));
-                    return Ok(pid);
+                    return self
+                        .install(worker)
+                        .map_err(|err| Error::io("configuring a worker channel failed", err));
                 }
                 Err(err) if attempt >= attempts || self.shared.is_terminated() => return Err(err),
                 Err(err) => {
@@ -570,6 +561,18 @@ impl Slot {
                 }
             }
         }
+    }
+
+    /// Makes `worker`, whose start is done (or, from `run_direct`, whose `Ready` is still to
+    /// come), this slot's: its channel non-blocking, its pid published. Its pid; on failure
+    /// the worker is dropped, which kills it.
+    fn install(&mut self, worker: WorkerProcess) -> std::io::Result<u32> {
+        worker.conn.set_nonblocking(true)?;
+        let pid = worker.pid();
+        self.worker = Some(worker);
+        self.items_run = 0;
+        self.shared.set_pid(self.index, Some(pid));
+        Ok(pid)
     }
 
     /// `max_tasks_per_child` reached: the idle worker exits cleanly and the next loop starts

@@ -359,10 +359,7 @@ impl Launched {
     pub(crate) fn pid(&self) -> Option<u32> {
         match self.started.as_ref()? {
             Started::Process(worker) => Some(worker.pid()),
-            Started::Asked(asked) => match asked.answer.get() {
-                Some(Forked::Pid(pid)) => Some(pid.as_raw().cast_unsigned()),
-                _ => None,
-            },
+            Started::Asked(asked) => asked.answer.get()?.pid(),
         }
     }
 

@@ -166,6 +166,16 @@ pub(crate) enum Forked {
     Lost,
 }
 
+impl Forked {
+    /// The worker's process id, if the server forked one.
+    pub(crate) fn pid(self) -> Option<u32> {
+        match self {
+            Forked::Pid(pid) => Some(pid.as_raw().cast_unsigned()),
+            Forked::Unavailable | Forked::Lost => None,
+        }
+    }
+}
+
 /// Starts the server. Called by `worker_main` in a parent, first thing in `main`.
 pub(crate) fn start() {
     if !cfg!(target_os = "linux")
@@ -385,8 +395,9 @@ pub(crate) fn ask(spec: &WorkerSpec, workers: &[WorkerFds], deadline: Instant) -
 }
 
 /// Requests on their way to the server, sent by [`ask`]. It holds the server's lock until
-/// every answer is read, so no other start's requests come in between; dropped early, it
-/// reads them still (the descriptors named in `fds` must stay open until then).
+/// every answer is read or owed ([`defer`](Self::defer)), so no other start's requests come
+/// in between; dropped early, it reads them still (the descriptors named in `fds` must stay
+/// open until the last request is sent).
 pub(crate) struct Asked {
     /// The server's lock, while there are requests to send or answers to read.
     server: Option<std::sync::MutexGuard<'static, Option<Server>>>,

@@ -313,7 +313,7 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec
     if inherited != request.env {
         // SAFETY: this process is single-threaded (a fresh copy of the server), so nothing
         // reads the environment while it is replaced. Every name and value is one `set_var`
-        // takes: the parent checked (`env_settable`), before it started the server too.
+        // takes: the server checked this request's (`env_settable`), and its own at start.
         unsafe {
             for (key, _) in inherited {
                 std::env::remove_var(OsString::from_vec(key));
