@@ -29,6 +29,64 @@ fn echo(x: u64) -> u64 {
     x
 }
 
+/// Crosses to the worker, where its decoding panics when it is 13.
+#[derive(Debug, Serialize)]
+struct Fussy(u64);
+
+impl<'de> Deserialize<'de> for Fussy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = u64::deserialize(deserializer)?;
+        assert!(value != 13, "fussy about 13");
+        Ok(Fussy(value))
+    }
+}
+
+#[task]
+fn fussy(x: Fussy) -> u64 {
+    x.0
+}
+
+/// Aborts its worker on 0: the items of its chunk behind that are sent again, which means
+/// finding their arguments in the chunk, in the parent.
+#[task]
+fn fussy_abort_on_zero(x: Fussy) -> u64 {
+    if x.0 == 0 {
+        std::process::abort();
+    }
+    x.0
+}
+
+/// A result whose encoding in the worker panics when it is 13.
+#[derive(Debug, Deserialize)]
+struct Picky(u64);
+
+impl Serialize for Picky {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        assert!(self.0 != 13, "picky about 13");
+        serializer.serialize_u64(self.0)
+    }
+}
+
+#[task]
+fn picky(x: u64) -> Picky {
+    Picky(x)
+}
+
+/// A result whose drop in the worker, once it is encoded, panics when it is 13.
+#[derive(Debug, Serialize, Deserialize)]
+struct Brittle(u64);
+
+impl Drop for Brittle {
+    fn drop(&mut self) {
+        assert!(self.0 != 13 || std::thread::panicking(), "brittle at 13");
+    }
+}
+
+#[task]
+fn brittle(x: u64) -> Brittle {
+    Brittle(x)
+}
+
 #[task]
 fn bytes(len: usize) -> Vec<u8> {
     vec![7; len]
@@ -184,6 +242,85 @@ fn undecodable_result_is_a_codec_error() -> TestResult {
         err.to_string(),
     )?;
     assert_eq!(err.index(), Some(0));
+    assert_eq!(pool.map(echo, [5, 6])?, vec![5, 6]);
+    Ok(())
+}
+
+/// The user's code around a task in the worker (the arguments' `Deserialize`, the result's
+/// `Serialize` and `Drop`) may panic as the task may: that fails its item, with the panic's
+/// message, and the worker goes on.
+fn a_panic_in_the_workers_serde_fails_its_item_not_the_worker() -> TestResult {
+    let pool = Pool::new(1)?;
+    let worker = pool.worker_pids();
+    let one = pool.with_chunking(Chunking::Fixed(1));
+    // The middle item's error, the others' values.
+    let middle = |out: Vec<Result<u64, multiproc::Error>>| -> Result<multiproc::Error, String> {
+        match <[_; 3]>::try_from(out) {
+            Ok([Ok(1), Err(err), Ok(3)]) if err.index() == Some(1) => Ok(err),
+            other => Err(format!("expected 1, an error, 3: {other:?}")),
+        }
+    };
+    let err = middle(one.imap(fussy, [1, 13, 3].map(Fussy)).collect())?;
+    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    let text = err.to_string();
+    ensure(
+        text.contains("decoding them panicked") && text.contains("fussy about 13"),
+        text,
+    )?;
+    let err = middle(
+        one.imap(picky, [1, 13, 3])
+            .map(|r| r.map(|p| p.0))
+            .collect(),
+    )?;
+    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    let text = err.to_string();
+    ensure(
+        text.contains("encoding it panicked") && text.contains("picky about 13"),
+        text,
+    )?;
+    let err = middle(
+        one.imap(brittle, [1, 13, 3])
+            .map(|r| r.map(|b| b.0))
+            .collect(),
+    )?;
+    assert_eq!(err.kind(), ErrorKind::Panicked, "{err}");
+    ensure(err.to_string().contains("brittle at 13"), err.to_string())?;
+    // In one chunk, where the next item's arguments start after a panicking decode is
+    // unknown: the items after it fail with it.
+    let out: Vec<_> = pool
+        .with_chunking(Chunking::Fixed(3))
+        .imap(fussy, [1, 13, 3].map(Fussy))
+        .collect();
+    ensure(
+        matches!(&out[..], [Ok(1), Err(a), Err(b)]
+            if a.kind() == ErrorKind::Codec && b.kind() == ErrorKind::Codec),
+        format!("{out:?}"),
+    )?;
+    assert_eq!(pool.worker_pids(), worker, "no worker died");
+    assert_eq!(pool.map(echo, [5, 6])?, vec![5, 6]);
+    Ok(())
+}
+
+/// Items sent again after their worker died are found in their chunk by decoding the
+/// arguments before them, in the parent, with the user's `Deserialize`: one that panics
+/// there fails the items it leaves unplaced, and the pool goes on.
+fn items_whose_arguments_cannot_be_found_again_fail_after_a_crash() -> TestResult {
+    let pool = Pool::new(1)?;
+    let out: Vec<_> = pool
+        .with_chunking(Chunking::Fixed(3))
+        .imap(fussy_abort_on_zero, [0, 13, 3].map(Fussy))
+        .collect();
+    let [Err(crashed), Err(first), Err(second)] = &out[..] else {
+        return Err(format!("expected three errors: {out:?}").into());
+    };
+    assert_eq!(crashed.kind(), ErrorKind::Crashed, "{crashed}");
+    for (err, index) in [(first, 1), (second, 2)] {
+        assert_eq!((err.kind(), err.index()), (ErrorKind::Codec, Some(index)));
+        ensure(
+            err.to_string().contains("could not be sent again"),
+            err.to_string(),
+        )?;
+    }
     assert_eq!(pool.map(echo, [5, 6])?, vec![5, 6]);
     Ok(())
 }
@@ -361,6 +498,8 @@ fn a_forged_shared_frame_is_an_error() -> TestResult {
 fn main() {
     support::run(tests![
         undecodable_result_is_a_codec_error,
+        a_panic_in_the_workers_serde_fails_its_item_not_the_worker,
+        items_whose_arguments_cannot_be_found_again_fail_after_a_crash,
         corrupt_frame_from_a_worker_fails_its_item_and_the_pool_goes_on,
         oversized_results_and_arguments_are_item_errors,
         auto_chunks_of_large_items_stay_small,

@@ -68,13 +68,18 @@ pub(crate) struct ChunkSpec {
     pub skip: SkipArgs,
 }
 
-/// [`SkipArgs`] for argument tuples of type `A`.
+/// [`SkipArgs`] for argument tuples of type `A`. It decodes them with the user's
+/// `Deserialize`, which may panic: that is `None` too, never an unwind into the pool.
 pub(crate) fn skip_args<A: DeserializeOwned + 'static>(payload: &[u8], n: u32) -> Option<usize> {
-    let mut rest = payload;
-    for _ in 0..n {
-        rest = codec::decode_value::<A>(rest).ok()?.1;
-    }
-    Some(payload.len() - rest.len())
+    std::panic::catch_unwind(|| {
+        let mut rest = payload;
+        for _ in 0..n {
+            rest = codec::decode_value::<A>(rest).ok()?.1;
+        }
+        Some(payload.len() - rest.len())
+    })
+    .ok()
+    .flatten()
 }
 
 /// A `Run` frame, its arguments, and the descriptors of the channel handles among them.

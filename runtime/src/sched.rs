@@ -69,37 +69,44 @@ impl Chunk {
         (self.frame.len() - self.payload_at) / (self.count.max(1) as usize)
     }
 
-    /// A new chunk of items `from..to` of this one (positions within the chunk), for work
-    /// that must run again after its worker died. `None` if the range is empty or the
-    /// arguments cannot be re-split (which cannot happen for frames we encoded).
-    pub(crate) fn sub(&self, shared: &Shared, from: u32, to: u32, attempt: u32) -> Option<Chunk> {
-        if from >= to {
-            return None;
-        }
+    /// A new chunk of items `from..to` (not empty; positions within the chunk) of this one,
+    /// for work that must run again after its worker died; or why it cannot be made.
+    pub(crate) fn sub(
+        &self,
+        shared: &Shared,
+        from: u32,
+        to: u32,
+        attempt: u32,
+    ) -> Result<Chunk, Unsent> {
         let payload = &self.frame[self.payload_at..];
-        let start = (self.skip)(payload, from)?;
-        let end = start + (self.skip)(&payload[start..], to - from)?;
+        // Decodes the arguments before `from..to` and within it to find where they are: a
+        // user's `Deserialize` that fails or panics on them, which the worker reported for
+        // the items it reached, leaves them unplaced.
+        let start = (self.skip)(payload, from).ok_or(Unsent::Split)?;
+        let count = to.saturating_sub(from);
+        let end = start + (self.skip)(&payload[start..], count).ok_or(Unsent::Split)?;
         let seq = shared.next_seq();
         let timed = self.timeout.is_some();
         let header = Header::Run {
             seq,
             task: self.task,
-            count: to - from,
+            count,
             timed,
         };
-        let fds = crate::fdpass::duplicate(&self.fds).ok()?;
+        let fds = crate::fdpass::duplicate(&self.fds).map_err(|_| Unsent::Descriptors)?;
         let mut frame = Vec::with_capacity(32 + end - start);
         protocol::descriptors_frame(&mut frame, fds.len());
         let begin = protocol::begin_frame(&mut frame, &header);
         let payload_at = frame.len();
         frame.extend_from_slice(&payload[start..end]);
-        protocol::end_frame(&mut frame, begin, u32::MAX).ok()?;
-        Some(Chunk {
+        // A part is never larger than the frame it comes from, which had a valid length.
+        protocol::end_frame(&mut frame, begin, u32::MAX).map_err(|_| Unsent::Split)?;
+        Ok(Chunk {
             call: Arc::clone(&self.call),
             seq,
             task: self.task,
             first: self.first + from as usize,
-            count: to - from,
+            count,
             timeout: self.timeout,
             retries: self.retries,
             attempt,
@@ -114,6 +121,33 @@ impl Chunk {
     /// Fails every item of this chunk with `make(index)`.
     pub(crate) fn fail_all(&self, make: &dyn Fn(usize) -> Error) {
         self.call.fail(self.first, self.count, make);
+    }
+}
+
+/// Why items of a chunk could not be sent again ([`Chunk::sub`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unsent {
+    /// Their arguments could not be found in the chunk: decoding those before them, or
+    /// theirs, failed or panicked.
+    Split,
+    /// The channel handles among their arguments could not be duplicated.
+    Descriptors,
+}
+
+impl Unsent {
+    pub(crate) fn error(self) -> Error {
+        match self {
+            Unsent::Split => Error::new(
+                ErrorKind::Codec,
+                "its worker died and it could not be sent again: the arguments of the items \
+                 before it or its own could not be decoded to find it",
+            ),
+            Unsent::Descriptors => Error::new(
+                ErrorKind::Io,
+                "its worker died and it could not be sent again (duplicating its channel \
+                 handles failed: out of file descriptors?)",
+            ),
+        }
     }
 }
 

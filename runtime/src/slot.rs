@@ -1159,8 +1159,8 @@ impl Slot {
         self.shared.requeue_front(again);
     }
 
-    /// Queues items `from..to` of `chunk` to run again; if they cannot be re-sent (their
-    /// channel handles could not be duplicated), they fail instead of being lost.
+    /// Queues items `from..to` of `chunk` to run again; if they cannot be re-sent (see
+    /// [`Unsent`]), they fail instead of being lost.
     fn resend(
         &self,
         chunk: &Chunk,
@@ -1173,22 +1173,19 @@ impl Slot {
         if from >= to {
             return;
         }
-        if let Some(mut part) = chunk.sub(&self.shared, from, to, attempt) {
-            part.unblamed_deaths = deaths;
-            again.push(part);
-        } else {
-            let task = chunk.call.task_name();
-            chunk
-                .call
-                .fail(chunk.first + from as usize, to - from, &|index| {
-                    Error::new(
-                        ErrorKind::Io,
-                        "its worker died and it could not be sent again (duplicating its channel \
-                     handles failed: out of file descriptors?)",
-                    )
-                    .with_task(task)
-                    .with_index(index)
-                });
+        match chunk.sub(&self.shared, from, to, attempt) {
+            Ok(mut part) => {
+                part.unblamed_deaths = deaths;
+                again.push(part);
+            }
+            Err(unsent) => {
+                let task = chunk.call.task_name();
+                chunk
+                    .call
+                    .fail(chunk.first + from as usize, to - from, &|index| {
+                        unsent.error().with_task(task).with_index(index)
+                    });
+            }
         }
     }
 }

@@ -640,7 +640,10 @@ fn guard_against_orphaning(parent: u32) -> Result<(), Error> {
 }
 
 /// Runs a chunk of items of task `T`. Each item's panic is caught and reported as that item's
-/// outcome; the worker goes on with the next item.
+/// outcome; the worker goes on with the next item. That holds for the user's code around the
+/// call too: a `Deserialize` of the arguments, a `Serialize` or a `Drop` of the result that
+/// panics fails the item, never the worker (one catch per item, at no cost while nothing
+/// panics).
 pub(crate) fn run_chunk<T: Task>(
     input: &[u8],
     count: u32,
@@ -650,40 +653,82 @@ pub(crate) fn run_chunk<T: Task>(
     let mut rest = input;
     for index in 0..count {
         (hooks.before_item)(index);
-        let args = match codec::decode_value::<T::Args>(rest) {
-            Ok((args, tail)) => {
-                rest = tail;
-                args
-            }
-            Err(err) => {
-                let message = format!("could not decode the arguments: {err}");
-                for _ in index..count {
-                    outcome::encode_failed(&message, output);
-                }
-                return;
-            }
-        };
-        match run_caught(|| T::call(args)) {
-            Ok(value) => {
-                let mark = output.len();
-                crate::fdpass::forget_refusal();
-                if let Err(err) = outcome::encode_ok(&value, output) {
+        let mark = output.len();
+        let mut stage = Stage::Decode;
+        let item = run_caught(|| run_item::<T>(&mut rest, &mut stage, output));
+        let failure = match item {
+            Ok(Ok(())) => continue,
+            Ok(Err(err)) => format!("could not decode the arguments: {err}"),
+            Err(panic) => match stage {
+                Stage::Decode => format!(
+                    "could not decode the arguments: decoding them panicked{}",
+                    panic.at()
+                ),
+                Stage::Encode => {
                     output.truncate(mark);
-                    let reason = crate::fdpass::refusal_or(&err);
                     outcome::encode_failed(
-                        &format!("could not encode the result: {reason}"),
+                        &format!(
+                            "could not encode the result: encoding it panicked{}",
+                            panic.at()
+                        ),
                         output,
                     );
+                    continue;
                 }
-            }
-            Err(panic) => outcome::encode_panicked(
-                &panic.message,
-                panic.location.as_deref(),
-                panic.backtrace.as_deref(),
-                output,
-            ),
+                // The task, or its value's `Drop` once encoded: the task's own panic.
+                Stage::Call | Stage::Drop => {
+                    output.truncate(mark);
+                    outcome::encode_panicked(
+                        &panic.message,
+                        panic.location.as_deref(),
+                        panic.backtrace.as_deref(),
+                        output,
+                    );
+                    continue;
+                }
+            },
+        };
+        // Arguments that do not decode: where the next item's start is is unknown, so the
+        // rest of the chunk fails with them.
+        for _ in index..count {
+            outcome::encode_failed(&failure, output);
         }
+        return;
     }
+}
+
+/// Where in an item a panic happened (see [`run_item`]).
+#[derive(Clone, Copy)]
+enum Stage {
+    Decode,
+    Call,
+    Encode,
+    Drop,
+}
+
+/// One item: decodes its arguments from the front of `rest` (and moves `rest` past them),
+/// calls the task, encodes its outcome; `stage` says how far it got.
+#[inline]
+fn run_item<T: Task>(
+    rest: &mut &[u8],
+    stage: &mut Stage,
+    output: &mut Vec<u8>,
+) -> Result<(), postcard::Error> {
+    let (args, tail) = codec::decode_value::<T::Args>(rest)?;
+    *rest = tail;
+    *stage = Stage::Call;
+    let value = T::call(args);
+    *stage = Stage::Encode;
+    let mark = output.len();
+    crate::fdpass::forget_refusal();
+    if let Err(err) = outcome::encode_ok(&value, output) {
+        output.truncate(mark);
+        let reason = crate::fdpass::refusal_or(&err);
+        outcome::encode_failed(&format!("could not encode the result: {reason}"), output);
+    }
+    *stage = Stage::Drop;
+    drop(value);
+    Ok(())
 }
 
 /// A caught panic: its message and where it happened.
@@ -691,6 +736,16 @@ struct CaughtPanic {
     message: String,
     location: Option<String>,
     backtrace: Option<String>,
+}
+
+impl CaughtPanic {
+    /// " at LOCATION: MESSAGE", to follow what panicked in a failure's message.
+    fn at(&self) -> String {
+        match &self.location {
+            Some(location) => format!(" at {location}: {}", self.message),
+            None => format!(": {}", self.message),
+        }
+    }
 }
 
 thread_local! {
