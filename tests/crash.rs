@@ -5,7 +5,7 @@ mod support;
 
 use multiproc::{Chunking, ErrorKind, Pool, task};
 use std::time::Duration;
-use support::{TestResult, ensure, wait_gone};
+use support::{TestResult, ensure, fork_then_abort, wait_gone};
 
 #[task]
 fn square(x: u64) -> u64 {
@@ -201,6 +201,65 @@ fn abort_segfault_exit_are_crashes_of_one_item() -> TestResult {
         pool.map(square, 0..10)?,
         (0..10).map(|x| x * x).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+/// A worker that dies while a process its task forked holds its end of the channel open (so
+/// the channel never ends) is seen dead at once: its item is `Crashed`, also under a
+/// deadline (not `Timeout`), and the forked process goes with the worker's process group.
+fn a_crash_is_seen_while_a_process_the_task_forked_holds_the_channel() -> TestResult {
+    let pool = Pool::new(1)?;
+    let outcome = support::within(Duration::from_mins(1), "two crashing calls", move || {
+        let mut seen = Vec::new();
+        for timeout in [None, Some(Duration::from_secs(30))] {
+            let pid_file = temp_path("forked-child");
+            let err = match timeout {
+                None => pool.apply(fork_then_abort, (pid_file.clone(),)),
+                Some(after) => pool
+                    .with_timeout(after)
+                    .apply(fork_then_abort, (pid_file.clone(),)),
+            }
+            .expect_err("the worker aborted");
+            let child: u32 = std::fs::read_to_string(&pid_file)
+                .expect("pid file")
+                .parse()
+                .expect("pid");
+            let _ = std::fs::remove_file(&pid_file);
+            seen.push((err.kind(), err.signal(), child));
+        }
+        assert_eq!(pool.apply(square, (3,)).expect("the pool goes on"), 9);
+        seen
+    })?;
+    for (kind, signal, child) in outcome {
+        assert_eq!((kind, signal), (ErrorKind::Crashed, Some(6)), "SIGABRT");
+        ensure(
+            wait_gone(child, Duration::from_secs(30)),
+            format!("the forked process {child} was killed with the worker"),
+        )?;
+    }
+    Ok(())
+}
+
+/// An initializer that kills its worker while a process it forked holds the worker's end of
+/// the channel open fails the start at once, not at the start timeout; the forked process
+/// goes with the worker's process group.
+fn an_initializer_crashing_behind_a_forked_process_fails_the_start_at_once() -> TestResult {
+    let pid_file = temp_path("forked-by-initializer");
+    let builder = Pool::builder()
+        .processes(1)
+        .start_timeout(Duration::from_mins(10))
+        .initializer(fork_then_abort, (pid_file.clone(),));
+    let err = support::within(Duration::from_mins(1), "a failing start", move || {
+        builder.build().map(drop)
+    })?
+    .expect_err("the initializer aborts its worker");
+    assert_eq!(err.kind(), ErrorKind::Spawn, "{err}");
+    let child: u32 = std::fs::read_to_string(&pid_file)?.parse()?;
+    std::fs::remove_file(&pid_file)?;
+    ensure(
+        wait_gone(child, Duration::from_secs(30)),
+        format!("the forked process {child} was killed with the worker"),
+    )?;
     Ok(())
 }
 
@@ -658,6 +717,8 @@ fn main() {
         crashes_in_a_row_fail_no_innocent_item,
         an_initializer_that_execs_away_is_bounded_by_the_start_timeout,
         abort_segfault_exit_are_crashes_of_one_item,
+        a_crash_is_seen_while_a_process_the_task_forked_holds_the_channel,
+        an_initializer_crashing_behind_a_forked_process_fails_the_start_at_once,
         timeout_kills_the_task_and_what_it_started,
         per_call_timeout,
         memory_cap_ends_a_runaway_task,

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::{Gate, TestResult, ensure, pass_gate, wait_gone, within};
+use support::{Gate, TestResult, ensure, fork_then_abort, pass_gate, wait_gone, within};
 
 const LIMIT: Duration = Duration::from_mins(1);
 const SCENARIO: &str = "MULTIPROC_TEST_PROCESS_SCENARIO";
@@ -226,6 +226,26 @@ fn a_process_outlives_the_thread_that_started_it() -> TestResult {
     Ok(())
 }
 
+/// A child that dies while a process it forked holds its end of the channel open (so the
+/// channel never ends): `join` reports the crash at once.
+fn a_crash_is_seen_while_a_process_the_child_forked_holds_the_channel() -> TestResult {
+    let pid_file = std::env::temp_dir()
+        .join(format!("multiproc-process-{}-forked", std::process::id()))
+        .to_string_lossy()
+        .into_owned();
+    let mut p = Process::spawn(fork_then_abort, (pid_file.clone(),))?;
+    let err = within(LIMIT, "join", move || p.join())?.expect_err("the child aborted");
+    let forked: i32 = std::fs::read_to_string(&pid_file)?.parse()?;
+    std::fs::remove_file(&pid_file)?;
+    kill(Pid::from_raw(forked), Signal::SIGKILL)?;
+    assert_eq!(
+        (err.kind(), err.signal()),
+        (ErrorKind::Crashed, Some(6)),
+        "{err}"
+    );
+    Ok(())
+}
+
 fn a_child_that_starts_a_long_lived_process_still_joins() -> TestResult {
     let mut p = Process::spawn(start_sleeper, ())?;
     let (sleeper, status) = within(LIMIT, "join", move || (p.join(), p.exit_status()))?;
@@ -280,6 +300,7 @@ fn main() {
         dropping_a_running_process_kills_it_and_what_it_started,
         a_process_outlives_the_thread_that_started_it,
         a_child_that_starts_a_long_lived_process_still_joins,
+        a_crash_is_seen_while_a_process_the_child_forked_holds_the_channel,
         children_die_with_a_killed_parent,
     ]);
 }

@@ -714,11 +714,16 @@ impl Slot {
             if self.sent_chunks < self.inflight.len() {
                 events |= PollFlags::POLLOUT;
             }
-            let (conn_events, stop, stderr_ready) = {
+            let (conn_events, stop, exited, stderr_ready) = {
                 let mut fds = vec![
                     PollFd::new(worker.conn.as_fd(), events),
                     PollFd::new(self.shared.stop_read.as_fd(), PollFlags::POLLIN),
                 ];
+                let exit_at = fds.len();
+                if let Some(fd) = worker.exit_fd() {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                }
+                let stderr_at = fds.len();
                 if let Some(fd) = worker.stderr.fd() {
                     fds.push(PollFd::new(fd, PollFlags::POLLIN));
                 }
@@ -730,7 +735,8 @@ impl Slot {
                 (
                     fds[0].revents().unwrap_or(PollFlags::empty()),
                     ready(&fds[1]),
-                    fds.get(2).is_some_and(ready),
+                    exit_at < stderr_at && ready(&fds[exit_at]),
+                    fds.get(stderr_at).is_some_and(ready),
                 )
             };
             if stop {
@@ -739,6 +745,16 @@ impl Slot {
             let worker = self.worker.as_mut().expect("pump runs with a worker");
             if stderr_ready {
                 worker.stderr.pump();
+            }
+            if exited {
+                // The worker is gone, though a process it forked may keep its end of the
+                // channel open (no end of stream then). What it sent before is read first:
+                // the top of the loop takes it, and the next poll comes back here at once.
+                match self.receive() {
+                    Ok(true) => continue,
+                    Ok(false) => return Pumped::Lost(Lost::Died),
+                    Err(lost) => return Pumped::Lost(lost),
+                }
             }
             if conn_events.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
                 && let Err(lost) = self.receive()

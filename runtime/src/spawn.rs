@@ -14,7 +14,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
@@ -65,6 +65,8 @@ pub(crate) struct WorkerProcess {
     reaped: Option<ExitStatus>,
     /// `Shutdown` was sent ([`WorkerProcess::request_shutdown`]).
     shutdown_sent: bool,
+    /// Readable once the worker has exited ([`exit_watch`]).
+    exit: Option<OwnedFd>,
 }
 
 /// A worker process started, before its handshake ([`Launched::finish`]).
@@ -102,14 +104,12 @@ impl Started {
             Started::Asked(asked) => asked,
         };
         match asked.answer.wait() {
-            Forked::Pid(pid) => Some(WorkerProcess {
+            Forked::Pid(pid) => Some(WorkerProcess::new(
                 pid,
-                conn: asked.conn,
-                status: asked.status,
-                stderr: asked.stderr,
-                reaped: None,
-                shutdown_sent: false,
-            }),
+                asked.conn,
+                asked.status,
+                asked.stderr,
+            )),
             Forked::Unavailable => None,
             Forked::Lost => {
                 reap_lost(asked.conn);
@@ -120,6 +120,26 @@ impl Started {
 }
 
 impl WorkerProcess {
+    fn new(pid: Pid, conn: UnixStream, status: StatusPage, stderr: StderrTail) -> WorkerProcess {
+        WorkerProcess {
+            pid,
+            conn,
+            status,
+            stderr,
+            reaped: None,
+            shutdown_sent: false,
+            exit: exit_watch(pid),
+        }
+    }
+
+    /// A descriptor that turns readable once the worker has exited, where the kernel has
+    /// one: poll it with the channel. A process the worker forked (a task may) inherits the
+    /// worker's end of the channel and can keep it open after the worker is gone, so the
+    /// end of the stream does not tell that the worker exited.
+    pub(crate) fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.exit.as_ref().map(AsFd::as_fd)
+    }
+
     /// Starts a worker and completes the handshake: protocol version and registry digest must
     /// match this process's, or the worker is killed and the error says why.
     pub(crate) fn spawn(options: &SpawnOptions) -> Result<WorkerProcess, Error> {
@@ -328,14 +348,7 @@ impl Launching {
                 (pid, stderr, false)
             }
         };
-        let worker = WorkerProcess {
-            pid,
-            conn,
-            status,
-            stderr,
-            reaped: None,
-            shutdown_sent: false,
-        };
+        let worker = WorkerProcess::new(pid, conn, status, stderr);
         Ok(Some(Launched {
             started: Some(Started::Process(worker)),
             started_at: self.started_at,
@@ -458,7 +471,7 @@ impl WorkerProcess {
         deadline: Instant,
         stop: Option<&OwnedFd>,
     ) -> Result<Range<usize>, StartEnd> {
-        read_start_frame(&self.conn, reader, deadline, stop)
+        read_start_frame(&self.conn, reader, deadline, stop, self.exit_fd())
     }
 
     fn handshake(&mut self, digest: u64, options: &SpawnOptions) -> Result<(), Error> {
@@ -602,16 +615,57 @@ impl WorkerProcess {
     }
 
     /// Waits for the worker to exit until `deadline` (or for 100 ms, if that is later: a
-    /// process closes its descriptors a little before it can be reaped), and reaps it; if it
-    /// is still running then, kills it and returns `None`. Polls, with pauses that grow to
-    /// 10 ms: only a failed start waits here.
+    /// process closes its descriptors a little before it can be reaped), kills what it
+    /// started (its process group) and reaps it; if it is still running then, kills it with
+    /// its group and returns `None`. Only a failed start waits here.
     fn reap_or_kill(&mut self, deadline: Instant) -> Option<ExitStatus> {
         let deadline = deadline.max(deadline_after(Duration::from_millis(100)));
-        let status = self.reap_until(deadline);
-        if status.is_none() {
+        if !self.exited_by(deadline) {
             self.kill();
+            return None;
         }
-        status
+        // Not reaped yet, so its process group id is still its own: what it started (an
+        // initializer may fork) goes with it, as with every worker that is killed.
+        if self.reaped.is_none() {
+            let _ = signal::killpg(self.pid, Signal::SIGKILL);
+        }
+        Some(self.wait())
+    }
+
+    /// Whether the worker has exited by `deadline`, without reaping it: through its exit
+    /// watch where there is one, else polling, with pauses that grow to 10 ms.
+    fn exited_by(&self, deadline: Instant) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+        if self.reaped.is_some() {
+            return true;
+        }
+        if let Some(exit) = self.exit_fd() {
+            let mut fds = [PollFd::new(exit, PollFlags::POLLIN)];
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+                    Ok(n) => return n > 0,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        let mut pause = Duration::from_micros(100);
+        loop {
+            match waitid(Id::Pid(self.pid), flags) {
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
+                // Exited, or not our child any more (`wait` reports that).
+                Ok(_) | Err(_) => return true,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
     }
 
     /// Reaps the worker if it exits by `deadline`; `None` if it still runs then.
@@ -672,6 +726,7 @@ impl WorkerProcess {
     /// close its end of the channel (which it does by exiting), then kills and reaps it: a
     /// worker stuck in a task cannot delay the caller by more than `grace`.
     pub(crate) fn shutdown(&mut self, grace: Duration) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::io::Read;
         let deadline = deadline_after(grace);
         self.request_shutdown(grace);
@@ -679,8 +734,27 @@ impl WorkerProcess {
             let mut sink = [0u8; 256];
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() || self.conn.set_read_timeout(Some(left)).is_err() {
+                if left.is_zero() {
                     break;
+                }
+                let mut fds = vec![PollFd::new(self.conn.as_fd(), PollFlags::POLLIN)];
+                if let Some(exit) = self.exit_fd() {
+                    fds.push(PollFd::new(exit, PollFlags::POLLIN));
+                }
+                match poll(
+                    &mut fds,
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+                ) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+                // Exited (its at-exit work done), whoever else holds its end of the channel.
+                if fds.get(1).is_some_and(ready) {
+                    break;
+                }
+                if !ready(&fds[0]) {
+                    continue;
                 }
                 match self.conn.read(&mut sink) {
                     Ok(0) => break,
@@ -738,6 +812,25 @@ pub(crate) fn check_ready(ready: &Header, pid: u32, digest: u64) -> Result<(), E
     Ok(())
 }
 
+/// A pidfd of our child `pid` (not reaped yet, so the pid is still its own): it turns
+/// readable once the child has exited. `None` where the kernel has no `pidfd_open` (before
+/// Linux 5.3): the end of the child's channel alone tells then.
+fn exit_watch(pid: Pid) -> Option<OwnedFd> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: `pidfd_open(pid, 0)` returns a new close-on-exec descriptor, or -1.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: a descriptor just made for us, which nothing else owns.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = pid;
+        None
+    }
+}
+
 /// A worker's channel: the parent's end and the worker's.
 fn channel() -> Result<(UnixStream, OwnedFd), Error> {
     let (conn, child_end) = UnixStream::pair()
@@ -746,15 +839,18 @@ fn channel() -> Result<(UnixStream, OwnedFd), Error> {
     Ok((conn, OwnedFd::from(child_end)))
 }
 
-/// Reads one frame from a starting worker's channel: until `deadline`, and no longer
-/// than the pool lives (`stop`).
+/// Reads one frame from a starting worker's channel: until `deadline`, no longer than the
+/// pool lives (`stop`), and no longer than the worker does (`exit`, see
+/// [`WorkerProcess::exit_fd`]; what it sent before is read first).
 fn read_start_frame(
     mut conn: &UnixStream,
     reader: &mut FrameReader,
     deadline: Instant,
     stop: Option<&OwnedFd>,
+    exit: Option<BorrowedFd<'_>>,
 ) -> Result<Range<usize>, StartEnd> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut exited = false;
     loop {
         if let Some(range) = reader.next_frame().map_err(StartEnd::Failed)? {
             return Ok(range);
@@ -765,10 +861,20 @@ fn read_start_frame(
         }
         let (readable, stopped) = {
             let mut fds = vec![PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+            let exit_at = fds.len();
+            if let Some(exit) = exit.filter(|_| !exited) {
+                fds.push(PollFd::new(exit, PollFlags::POLLIN));
+            }
+            let stop_at = fds.len();
             if let Some(stop) = stop {
                 fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
             }
-            let wait = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            // Once the worker has exited, only what is in the socket already is read.
+            let wait = if exited {
+                PollTimeout::ZERO
+            } else {
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+            };
             match poll(&mut fds, wait) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(err) => {
@@ -779,12 +885,16 @@ fn read_start_frame(
                 }
             }
             let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+            exited |= exit_at < stop_at && ready(&fds[exit_at]);
+            (ready(&fds[0]), fds.get(stop_at).is_some_and(ready))
         };
         if stopped {
             return Err(StartEnd::Stopped);
         }
         if !readable {
+            if exited {
+                return Err(StartEnd::Exited);
+            }
             continue;
         }
         match reader.read_from(&mut conn) {
@@ -815,7 +925,7 @@ fn reap_lost(conn: UnixStream) -> Option<std::thread::JoinHandle<()>> {
         .spawn(move || {
             let mut reader = FrameReader::new(1024);
             let deadline = deadline_after(Duration::from_secs(2));
-            let Ok(range) = read_start_frame(&conn, &mut reader, deadline, None) else {
+            let Ok(range) = read_start_frame(&conn, &mut reader, deadline, None, None) else {
                 return;
             };
             let Ok((Header::Ready { pid, .. }, _)) = protocol::parse_body(reader.body(range))

@@ -238,29 +238,46 @@ fn write_frame(conn: &UnixStream, frame: &[u8], fds: &[OwnedFd]) -> io::Result<(
     conn.write_all(&frame[sent..])
 }
 
-/// Reads until the child's end of the channel closes (it exited), forwarding its stderr
-/// meanwhile. The encoded outcome, if it sent one (it is then told to exit); `Err` for a
-/// reply that breaks the protocol.
+/// Reads until the child has exited (its end of the channel closes, or its exit watch
+/// says so: a process it forked may hold that end open), forwarding its stderr meanwhile.
+/// The encoded outcome, if it sent one (it is then told to exit); `Err` for a reply that
+/// breaks the protocol.
 fn read_reply(worker: &mut WorkerProcess) -> Result<Option<Vec<u8>>, Error> {
     let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
     let mut reply = None;
+    let mut exited = false;
     loop {
         let (conn_ready, stderr_ready) = {
             let mut fds = vec![PollFd::new(worker.conn.as_fd(), PollFlags::POLLIN)];
+            let exit_at = fds.len();
+            if let Some(fd) = worker.exit_fd().filter(|_| !exited) {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            let stderr_at = fds.len();
             if let Some(fd) = worker.stderr.fd() {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
-            match poll(&mut fds, PollTimeout::NONE) {
+            // Once the child has exited, only what is in the socket already is read.
+            let wait = if exited {
+                PollTimeout::ZERO
+            } else {
+                PollTimeout::NONE
+            };
+            match poll(&mut fds, wait) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(err) => return Err(Error::io("waiting on a child process failed", err.into())),
             }
             let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+            exited |= exit_at < stderr_at && ready(&fds[exit_at]);
+            (ready(&fds[0]), fds.get(stderr_at).is_some_and(ready))
         };
         if stderr_ready {
             worker.stderr.pump();
         }
         if !conn_ready {
+            if exited {
+                return Ok(reply);
+            }
             continue;
         }
         match reader.read_from(&mut worker.conn) {

@@ -175,3 +175,22 @@ pub fn children(pid: u32) -> Vec<u32> {
     children.sort_unstable();
     children
 }
+
+/// A task: forks a child that keeps the process's descriptors, its channel among them, open for two
+/// minutes (unless it is killed first); writes the child's pid to `pid_file`; then aborts
+/// the process.
+#[multiproc::task]
+pub fn fork_then_abort(pid_file: String) -> u64 {
+    // SAFETY: the process runs one thread, so the child is a whole copy of it.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            std::thread::sleep(Duration::from_mins(2));
+            // SAFETY: ends the copy at once, as a forked child should.
+            unsafe { nix::libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            std::fs::write(&pid_file, child.to_string()).expect("write pid");
+            std::process::abort()
+        }
+    }
+}
