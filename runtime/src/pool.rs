@@ -103,8 +103,9 @@ impl Pool {
     /// after [`Pool::new`], which may return before every worker is ready (see
     /// [`PoolBuilder::build`](crate::PoolBuilder::build)), this first waits for the others'
     /// first start attempts; a worker the fork server forks counts as started once the
-    /// server has answered (read here if it was not yet). One the server declined to fork
-    /// is not listed until the pool first uses its place (and starts it then).
+    /// server has answered (read here if it was not yet). One the server did not fork (it
+    /// declined, or it stopped answering or died before it did) is not listed until the
+    /// pool first uses its place, and starts a worker there by running the executable.
     ///
     /// ```no_run
     /// # use multiproc::Pool;
