@@ -13,9 +13,10 @@
 //!
 //! The slot is also the worker's supervisor. It forwards the worker's stderr, keeping the
 //! last lines for error reports; it wakes at the running item's deadline and kills the worker
-//! (and its process group) past it; it notices the worker's death (end of stream), reads the
-//! status page to blame exactly the item that was running, puts the rest back in the queue,
-//! and starts a replacement; it replaces a worker that has run `max_tasks_per_child` items.
+//! (and its process group) past it; it notices the worker's death (its pidfd, or the end of
+//! the channel), reads the status page to blame exactly the item that was running, puts the
+//! rest back in the queue, and starts a replacement; it replaces a worker that has run
+//! `max_tasks_per_child` items.
 //! Workers are spawned from this thread, which lives as long as the pool: on Linux the
 //! parent-death signal fires when the spawning *thread* exits.
 

@@ -644,7 +644,10 @@ impl WorkerProcess {
             let mut fds = [PollFd::new(exit, PollFlags::POLLIN)];
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+                match poll(
+                    &mut fds,
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+                ) {
                     Ok(n) => return n > 0,
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(_) => break,

@@ -189,7 +189,8 @@ fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), E
     install_panic_hook();
     let registry = Registry::get()?;
     // Never closed here: it closes as the process exits, after its at-exit work (a coverage
-    // runtime writing its profile, say). The parent takes its end of stream for the exit.
+    // runtime writing its profile, say). The parent takes its end of stream, or its pidfd
+    // turning readable, for the exit.
     let mut conn = ManuallyDrop::new(UnixStream::from(fd));
     let mut reader = FrameReader::new(spec.max_frame_len);
     let mut received = VecDeque::new();
