@@ -5,7 +5,7 @@
 mod support;
 
 use multiproc::{
-    Connection, ErrorKind, Pool, Process, Queue, Receiver, Sender, duplex, pipe, task,
+    Chunking, Connection, ErrorKind, Pool, Process, Queue, Receiver, Sender, duplex, pipe, task,
 };
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -29,6 +29,16 @@ fn send_range(tx: Sender<u32>, from: u32, to: u32) -> u32 {
 }
 
 /// Receives until the pipe ends; returns what it got.
+/// Sends `x` on `tx` and returns it; aborts its worker on 0 instead.
+#[task]
+fn send_or_abort((tx, x): (Sender<u32>, u32)) -> u32 {
+    if x == 0 {
+        std::process::abort();
+    }
+    tx.send(x).expect("send");
+    x
+}
+
 #[task]
 fn drain(rx: Receiver<u32>) -> Vec<u32> {
     rx.iter().map(|message| message.expect("recv")).collect()
@@ -293,6 +303,31 @@ fn handles_through_pool_tasks() -> TestResult {
     Ok(())
 }
 
+/// Items whose arguments carry channel handles run again after their worker dies, as any
+/// item does: the ones behind the crash in its chunk, and the crashed one with retries.
+fn items_with_handles_run_again_after_a_crash() -> TestResult {
+    let pool = Pool::new(1)?;
+    let (tx, rx) = pipe::<u32>()?;
+    let out: Vec<_> = pool
+        .with_chunking(Chunking::Fixed(3))
+        .imap(send_or_abort, (0..3).map(|x| (tx.clone(), x)))
+        .collect();
+    let [Err(crashed), Ok(1), Ok(2)] = &out[..] else {
+        return Err(format!("expected a crash, then 1 and 2: {out:?}").into());
+    };
+    assert_eq!(crashed.kind(), ErrorKind::Crashed, "{crashed}");
+    let mut sent = vec![rx.recv()?, rx.recv()?];
+    sent.sort_unstable();
+    assert_eq!(sent, [1, 2]);
+    let err = pool
+        .with_retries(1)
+        .apply(send_or_abort, ((tx.clone(), 0),))
+        .expect_err("aborts every time");
+    assert_eq!(err.kind(), ErrorKind::Crashed, "{err}");
+    ensure(err.to_string().contains("2 attempts"), err.to_string())?;
+    Ok(())
+}
+
 fn handles_travel_inside_messages() -> TestResult {
     let handles = Queue::<Sender<String>>::new()?;
     let mut child = Process::spawn(send_through_received_handle, (handles.clone(),))?;
@@ -385,6 +420,7 @@ fn main() {
         duplex_both_ways_with_a_process,
         duplex_peer_killed_disconnects,
         handles_through_pool_tasks,
+        items_with_handles_run_again_after_a_crash,
         handles_travel_inside_messages,
         a_handle_as_output_is_a_clear_error,
         a_result_error_does_not_quote_an_old_handle_refusal,

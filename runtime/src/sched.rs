@@ -79,12 +79,17 @@ impl Chunk {
         attempt: u32,
     ) -> Result<Chunk, Unsent> {
         let payload = &self.frame[self.payload_at..];
-        // Decodes the arguments before `from..to` and within it to find where they are: a
-        // user's `Deserialize` that fails or panics on them, which the worker reported for
-        // the items it reached, leaves them unplaced.
-        let start = (self.skip)(payload, from).ok_or(Unsent::Split)?;
         let count = to.saturating_sub(from);
-        let end = start + (self.skip)(&payload[start..], count).ok_or(Unsent::Split)?;
+        // Decodes the arguments before `from..to` and within it to find where they are, with
+        // copies of the chunk's descriptors at hand for the channel handles among them (the
+        // handles decoded here close their copies as they drop). A user's `Deserialize` that
+        // fails or panics on them leaves them unplaced.
+        let supplied = crate::fdpass::duplicate(&self.fds).map_err(|_| Unsent::Descriptors)?;
+        let (start, end) = crate::fdpass::supply(supplied, || {
+            let start = (self.skip)(payload, from)?;
+            Some((start, start + (self.skip)(&payload[start..], count)?))
+        })
+        .ok_or(Unsent::Split)?;
         let seq = shared.next_seq();
         let timed = self.timeout.is_some();
         let header = Header::Run {
@@ -128,7 +133,7 @@ impl Chunk {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Unsent {
     /// Their arguments could not be found in the chunk: decoding those before them, or
-    /// theirs, failed or panicked.
+    /// theirs, failed or panicked (a user's `Deserialize`).
     Split,
     /// The channel handles among their arguments could not be duplicated.
     Descriptors,
