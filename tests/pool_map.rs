@@ -5,7 +5,7 @@
 
 mod support;
 
-use multiproc::{ErrorKind, Pool, task};
+use multiproc::{Chunking, ErrorKind, Pool, task};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -87,6 +87,17 @@ fn shout(words: Vec<String>, suffix: Option<char>) -> Option<String> {
 fn fragile(x: u64) -> u64 {
     assert!(x != 13, "unlucky number {x}");
     x + 1
+}
+
+/// Item 1 panics and catches its own panic; item 2 unwinds with `resume_unwind`, which
+/// skips the panic hook; the others return.
+#[task]
+fn catch_then_resume(x: u64) -> u64 {
+    match x {
+        1 => std::panic::catch_unwind(|| panic!("caught in item 1")).unwrap_or(1),
+        2 => std::panic::resume_unwind(Box::new("resumed in item 2")),
+        _ => x,
+    }
 }
 
 #[task(name = "custom::renamed")]
@@ -305,6 +316,23 @@ fn structs_strings_vecs_options() -> TestResult {
         ],
     )?;
     assert_eq!(phrases, vec![Some("HI THERE!".to_string()), None]);
+    Ok(())
+}
+
+/// Another item's panic never stands for this one's: a panic the task caught itself (item 1)
+/// is not reported for a later one that skips the panic hook (item 2, `resume_unwind`).
+fn a_panic_is_reported_as_its_own() -> TestResult {
+    let pool = Pool::new(1)?;
+    let out: Vec<_> = pool
+        .with_chunking(Chunking::Fixed(3))
+        .imap(catch_then_resume, [1, 2, 3])
+        .collect();
+    let [Ok(1), Err(err), Ok(3)] = &out[..] else {
+        return Err(format!("expected 1, an error, 3: {out:?}").into());
+    };
+    assert_eq!((err.kind(), err.index()), (ErrorKind::Panicked, Some(1)));
+    assert_eq!(err.message(), "resumed in item 2");
+    assert_eq!(err.location(), None, "{err}");
     Ok(())
 }
 
@@ -528,6 +556,7 @@ fn main() {
         zero_and_eight_arguments_and_unit,
         structs_strings_vecs_options,
         panic_is_an_error_and_pool_lives_on,
+        a_panic_is_reported_as_its_own,
         killed_idle_worker_is_replaced,
         tasks_run_in_other_processes,
         names_override_and_nesting,

@@ -759,11 +759,18 @@ fn run_caught<R>(f: impl FnOnce() -> R) -> Result<R, CaughtPanic> {
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     IN_TASK.set(false);
     result.map_err(|payload| {
-        LAST_PANIC.take().unwrap_or_else(|| CaughtPanic {
-            message: panic_message(&*payload),
-            location: None,
-            backtrace: None,
-        })
+        let message = panic_message(&*payload);
+        match LAST_PANIC.take() {
+            // The hook's record of this panic. A panic the task caught itself leaves a record
+            // too, which a later `resume_unwind` of another payload (no hook then) must not
+            // take for its own.
+            Some(recorded) if recorded.message == message => recorded,
+            _ => CaughtPanic {
+                message,
+                location: None,
+                backtrace: None,
+            },
+        }
     })
 }
 
