@@ -63,6 +63,10 @@ const INLINE: u8 = 0;
 const IN_FILE: u8 = 1;
 /// Tag and length of a message whose value is in a memory file.
 const FILE_HEADER: usize = 1 + 8;
+/// The largest value a channel carries, encoded: as large as a pool's frames may be by
+/// default. The sender refuses a larger one; the receiver checks the length a message
+/// claims against it before it allocates (a forged message could claim any length).
+pub(crate) const MAX_MESSAGE: usize = crate::protocol::DEFAULT_MAX_FRAME_LEN as usize;
 
 /// One end of a `SOCK_SEQPACKET` socket pair. Duplicates (in this or other processes) share
 /// the socket.
@@ -110,6 +114,16 @@ impl Endpoint {
         let len = datagram.len() - 1;
         if len <= INLINE_MAX {
             return self.send_datagram(&datagram, &handles);
+        }
+        if len > MAX_MESSAGE {
+            return Err(Error::new(
+                ErrorKind::Codec,
+                format!(
+                    "a message of type `{}` encodes to {len} bytes, more than the {MAX_MESSAGE} \
+                     a channel carries",
+                    std::any::type_name::<T>()
+                ),
+            ));
         }
         // Checked before the file is written: the file takes one of the descriptors.
         if handles.len() >= fdpass::MAX_FDS {
@@ -171,9 +185,12 @@ impl Endpoint {
                 return Ok(Some(value));
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !self.wait_readable(Some(left))? {
+            if left.is_zero() {
                 return Ok(None);
             }
+            // A wait longer than `poll` takes (about 24 days) comes back early: the loop
+            // waits again for what is left.
+            self.wait_readable(Some(left))?;
         }
     }
 
@@ -213,6 +230,16 @@ impl Endpoint {
         }
     }
 
+    /// Whether the other end is closed, in every process (the socket reports a hang-up).
+    fn hung_up(&self) -> bool {
+        // The last close of the other end shuts this end down both ways: `POLLHUP`.
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1..))
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+    }
+
     /// One `recvmsg`, blocking unless `flags` has `MSG_DONTWAIT`; `Ok(None)` when it would
     /// block.
     fn recv_now<T: DeserializeOwned + 'static>(&self, flags: MsgFlags) -> Result<Option<T>, Error> {
@@ -224,8 +251,13 @@ impl Endpoint {
             Err(err) => return Err(Error::io("receiving a message failed", err.into())),
         };
         if received.bytes == 0 {
-            // Every message is at least its tag byte: an empty read is the end of the channel.
-            return Err(disconnected());
+            // Every message is at least its tag byte: an empty read is the end of the channel,
+            // or an empty datagram that something else wrote (the channel goes on then).
+            return Err(if self.hung_up() {
+                disconnected()
+            } else {
+                malformed()
+            });
         }
         if received
             .flags
@@ -259,10 +291,17 @@ impl Endpoint {
     }
 }
 
-/// Decodes a value, handing it the descriptors of the handles it contains.
+/// Decodes a value, handing it the descriptors of the handles it contains. The value must
+/// take the whole payload: bytes left over mean the message is not what was sent.
 fn decode<T: DeserializeOwned + 'static>(payload: &[u8], fds: Vec<OwnedFd>) -> Result<T, Error> {
     fdpass::supply(fds, || codec::decode_value::<T>(payload))
-        .map(|(value, _)| value)
+        .and_then(|(value, rest)| {
+            if rest.is_empty() {
+                Ok(value)
+            } else {
+                Err(postcard::Error::DeserializeBadEncoding)
+            }
+        })
         .map_err(|err| {
             Error::codec(
                 format!(
@@ -289,12 +328,20 @@ fn read_memory_file(fd: OwnedFd, len: u64) -> Result<Vec<u8>, Error> {
         .metadata()
         .map_err(|err| Error::io("reading a large message failed", err))?
         .len();
-    // The length comes from the datagram: check it against the file before allocating.
+    // The length comes from the datagram, and the file's size from the sender: check both
+    // against what a channel carries before allocating, and allocate without aborting.
     let len = usize::try_from(len)
         .ok()
-        .filter(|_| len <= size)
+        .filter(|&len| len <= MAX_MESSAGE && len as u64 <= size)
         .ok_or_else(malformed)?;
-    let mut payload = vec![0; len];
+    let mut payload = Vec::new();
+    payload.try_reserve_exact(len).map_err(|_| {
+        Error::new(
+            ErrorKind::Codec,
+            format!("no memory for a message of {len} bytes"),
+        )
+    })?;
+    payload.resize(len, 0);
     // At offset 0: the sender's writes moved the offset these duplicates share.
     file.read_exact_at(&mut payload, 0)
         .map_err(|err| Error::io("reading a large message failed", err))?;
@@ -429,6 +476,35 @@ mod tests {
         let err = a.send(&many).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Codec);
         assert!(err.to_string().contains("at most 253"), "{err}");
+    }
+
+    /// What another writer could put on the socket: raw bytes, descriptors riding along.
+    fn forge(end: &Endpoint, bytes: &[u8], fds: &[OwnedFd]) {
+        fdpass::send_with(end.fd.as_fd(), bytes, fds, MsgFlags::MSG_NOSIGNAL).unwrap();
+    }
+
+    #[test]
+    fn forged_messages_are_codec_errors_and_the_channel_goes_on() {
+        let (a, b) = endpoint_pair().unwrap();
+        // A memory file that claims 1 TiB, and (sparse) is that large: refused before any
+        // allocation, as one that claims more than its size is.
+        let huge = crate::status::anonymous_file(c"forged").unwrap();
+        nix::unistd::ftruncate(&huge, 1 << 40).unwrap();
+        let mut header = vec![IN_FILE];
+        header.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        forge(&a, &header, &[huge]);
+        // An empty datagram, while the other end is open: not the end of the channel.
+        forge(&a, &[], &[]);
+        // A value with bytes left over.
+        forge(&a, &[INLINE, 5, 6], &[]);
+        a.send(&7u8).unwrap();
+        for forged in ["a 1 TiB file", "an empty datagram", "bytes left over"] {
+            let err = b.recv::<u8>().expect_err(forged);
+            assert_eq!(err.kind(), ErrorKind::Codec, "{forged}: {err}");
+        }
+        assert_eq!(b.recv::<u8>().unwrap(), 7);
+        drop(a);
+        assert_eq!(b.recv::<u8>().unwrap_err().kind(), ErrorKind::Disconnected);
     }
 
     #[test]
