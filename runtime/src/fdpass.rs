@@ -15,6 +15,7 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 use std::cell::RefCell;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::thread::LocalKey;
 
 /// The most descriptors one message can carry (Linux's `SCM_MAX_FD`).
 pub(crate) const MAX_FDS: usize = 253;
@@ -33,18 +34,52 @@ thread_local! {
 /// Runs `f` (an encoding) with descriptor collection on; returns what it attached.
 pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
     REFUSAL.take();
-    let outer = OUTGOING.replace(Some(Vec::new()));
+    let scope = Scope::enter(&OUTGOING, Vec::new());
     let result = f();
-    let fds = OUTGOING.replace(outer).unwrap_or_default();
-    (result, fds)
+    (result, scope.leave().unwrap_or_default())
 }
 
 /// Runs `f` (a decoding) with `fds` available to [`take`] by index.
 pub(crate) fn supply<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
-    let outer = INCOMING.replace(Some(fds.into_iter().map(Some).collect()));
+    let scope = Scope::enter(&INCOMING, fds.into_iter().map(Some).collect());
     let result = f();
-    INCOMING.replace(outer);
+    drop(scope.leave());
     result
+}
+
+/// A thread-local list set for the length of a scope; what it replaced is put back as the
+/// scope ends, also when a `Serialize` or `Deserialize` inside panics (else handles would
+/// go on being collected, or taken, outside any message on that thread).
+struct Scope<T: 'static> {
+    key: &'static LocalKey<RefCell<Option<T>>>,
+    /// What the scope replaced.
+    outer: Option<T>,
+    ended: bool,
+}
+
+impl<T: 'static> Scope<T> {
+    fn enter(key: &'static LocalKey<RefCell<Option<T>>>, value: T) -> Scope<T> {
+        let outer = key.replace(Some(value));
+        Scope {
+            key,
+            outer,
+            ended: false,
+        }
+    }
+
+    /// Ends the scope: the list it set, as it is now.
+    fn leave(mut self) -> Option<T> {
+        self.ended = true;
+        self.key.replace(self.outer.take())
+    }
+}
+
+impl<T: 'static> Drop for Scope<T> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.key.replace(self.outer.take());
+        }
+    }
 }
 
 /// Serialize side of a handle: duplicates `fd` into the message being encoded and returns
@@ -228,6 +263,25 @@ pub(crate) fn duplicate(fds: &[OwnedFd]) -> std::io::Result<Vec<OwnedFd>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_inside_a_scope_ends_it() {
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let panicked = std::panic::catch_unwind(|| {
+            collect(|| {
+                attach(r.as_fd()).unwrap();
+                panic!("a Serialize that panics");
+            })
+        });
+        assert!(panicked.is_err());
+        assert!(
+            attach(r.as_fd()).is_err(),
+            "collection ended with the panic"
+        );
+        let panicked = std::panic::catch_unwind(|| supply(Vec::new(), || panic!("in Deserialize")));
+        assert!(panicked.is_err());
+        assert!(take(0).unwrap_err().contains("can only be decoded"));
+    }
 
     #[test]
     fn attach_outside_collect_is_an_error() {
