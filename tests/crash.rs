@@ -220,24 +220,30 @@ fn a_crash_is_seen_while_a_process_the_task_forked_holds_the_channel() -> TestRe
                     .apply(fork_then_abort, (pid_file.clone(),)),
             }
             .expect_err("the worker aborted");
-            let child: u32 = std::fs::read_to_string(&pid_file)
-                .expect("pid file")
-                .parse()
-                .expect("pid");
-            let _ = std::fs::remove_file(&pid_file);
-            seen.push((err.kind(), err.signal(), child));
+            seen.push((err.kind(), err.signal(), forked_by(&pid_file)));
         }
         assert_eq!(pool.apply(square, (3,)).expect("the pool goes on"), 9);
         seen
     })?;
-    for (kind, signal, child) in outcome {
+    for (kind, signal, forked) in outcome {
         assert_eq!((kind, signal), (ErrorKind::Crashed, Some(6)), "SIGABRT");
-        ensure(
-            wait_gone(child, Duration::from_secs(30)),
-            format!("the forked process {child} was killed with the worker"),
-        )?;
+        killed_with_the_worker(forked?)?;
     }
     Ok(())
+}
+
+/// The pid `fork_then_abort` wrote to `pid_file`, which goes.
+fn forked_by(pid_file: &str) -> Result<u32, String> {
+    let pid = std::fs::read_to_string(pid_file).map_err(|err| err.to_string())?;
+    let _ = std::fs::remove_file(pid_file);
+    pid.parse().map_err(|_| format!("not a pid: {pid:?}"))
+}
+
+fn killed_with_the_worker(forked: u32) -> TestResult {
+    ensure(
+        wait_gone(forked, Duration::from_secs(30)),
+        format!("the forked process {forked} was killed with the worker"),
+    )
 }
 
 /// An initializer that kills its worker while a process it forked holds the worker's end of
@@ -254,13 +260,7 @@ fn an_initializer_crashing_behind_a_forked_process_fails_the_start_at_once() -> 
     })?
     .expect_err("the initializer aborts its worker");
     assert_eq!(err.kind(), ErrorKind::Spawn, "{err}");
-    let child: u32 = std::fs::read_to_string(&pid_file)?.parse()?;
-    std::fs::remove_file(&pid_file)?;
-    ensure(
-        wait_gone(child, Duration::from_secs(30)),
-        format!("the forked process {child} was killed with the worker"),
-    )?;
-    Ok(())
+    killed_with_the_worker(forked_by(&pid_file)?)
 }
 
 fn timeout_kills_the_task_and_what_it_started() -> TestResult {

@@ -260,31 +260,33 @@ fn a_panic_in_the_workers_serde_fails_its_item_not_the_worker() -> TestResult {
             other => Err(format!("expected 1, an error, 3: {other:?}")),
         }
     };
+    // Its kind, and what its text says.
+    let says = |err: multiproc::Error, kind: ErrorKind, what: &[&str]| {
+        let text = err.to_string();
+        ensure(
+            err.kind() == kind && what.iter().all(|part| text.contains(part)),
+            format!("expected {kind:?} saying {what:?}: {text}"),
+        )
+    };
     let err = middle(one.imap(fussy, [1, 13, 3].map(Fussy)).collect())?;
-    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
-    let text = err.to_string();
-    ensure(
-        text.contains("decoding them panicked") && text.contains("fussy about 13"),
-        text,
+    says(
+        err,
+        ErrorKind::Codec,
+        &["decoding them panicked", "fussy about 13"],
     )?;
-    let err = middle(
-        one.imap(picky, [1, 13, 3])
-            .map(|r| r.map(|p| p.0))
-            .collect(),
+    let picked = one.imap(picky, [1, 13, 3]).map(|r| r.map(|p| p.0));
+    let err = middle(picked.collect())?;
+    says(
+        err,
+        ErrorKind::Codec,
+        &["encoding it panicked", "picky about 13"],
     )?;
-    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
-    let text = err.to_string();
-    ensure(
-        text.contains("encoding it panicked") && text.contains("picky about 13"),
-        text,
+    let dropped = one.imap(brittle, [1, 13, 3]).map(|r| r.map(|b| b.0));
+    says(
+        middle(dropped.collect())?,
+        ErrorKind::Panicked,
+        &["brittle at 13"],
     )?;
-    let err = middle(
-        one.imap(brittle, [1, 13, 3])
-            .map(|r| r.map(|b| b.0))
-            .collect(),
-    )?;
-    assert_eq!(err.kind(), ErrorKind::Panicked, "{err}");
-    ensure(err.to_string().contains("brittle at 13"), err.to_string())?;
     // In one chunk, where the next item's arguments start after a panicking decode is
     // unknown: the items after it fail with it.
     let out: Vec<_> = pool
