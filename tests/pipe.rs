@@ -303,28 +303,71 @@ fn handles_through_pool_tasks() -> TestResult {
     Ok(())
 }
 
-/// Items whose arguments carry channel handles run again after their worker dies, as any
-/// item does: the ones behind the crash in its chunk, and the crashed one with retries.
-fn items_with_handles_run_again_after_a_crash() -> TestResult {
+/// Items whose arguments carry channel handles run again after their worker dies when the
+/// call has retries (the pool keeps copies of the handles for that): the crashed one, and
+/// the ones behind it in its chunk. Without retries the handles went to the dead worker,
+/// and those items fail, saying so.
+fn items_with_handles_run_again_after_a_crash_given_retries() -> TestResult {
     let pool = Pool::new(1)?;
     let (tx, rx) = pipe::<u32>()?;
     let out: Vec<_> = pool
         .with_chunking(Chunking::Fixed(3))
+        .with_retries(1)
         .imap(send_or_abort, (0..3).map(|x| (tx.clone(), x)))
         .collect();
     let [Err(crashed), Ok(1), Ok(2)] = &out[..] else {
         return Err(format!("expected a crash, then 1 and 2: {out:?}").into());
     };
     assert_eq!(crashed.kind(), ErrorKind::Crashed, "{crashed}");
+    ensure(
+        crashed.to_string().contains("2 attempts"),
+        crashed.to_string(),
+    )?;
     let mut sent = vec![rx.recv()?, rx.recv()?];
     sent.sort_unstable();
     assert_eq!(sent, [1, 2]);
-    let err = pool
-        .with_retries(1)
-        .apply(send_or_abort, ((tx.clone(), 0),))
-        .expect_err("aborts every time");
-    assert_eq!(err.kind(), ErrorKind::Crashed, "{err}");
-    ensure(err.to_string().contains("2 attempts"), err.to_string())?;
+    let out: Vec<_> = pool
+        .with_chunking(Chunking::Fixed(3))
+        .imap(send_or_abort, (0..3).map(|x| (tx.clone(), x)))
+        .collect();
+    let [Err(crashed), Err(first), Err(second)] = &out[..] else {
+        return Err(format!("expected three errors: {out:?}").into());
+    };
+    assert_eq!(crashed.signal(), Some(6), "{crashed}");
+    for err in [first, second] {
+        assert_eq!(err.kind(), ErrorKind::Crashed, "{err}");
+        ensure(
+            err.to_string().contains("cannot run again"),
+            err.to_string(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Sends 1, 2, 3 on `tx`, drops it, then waits for the parent's word on `ack`.
+#[task]
+fn send_then_wait((tx, ack): (Sender<u32>, Receiver<()>)) -> u32 {
+    for x in 1..=3 {
+        tx.send(x).expect("send");
+    }
+    drop(tx);
+    ack.recv().expect("the parent's word");
+    3
+}
+
+/// A `Sender` given to a pool task is dropped when the task drops it: the parent sees the
+/// end of the pipe while the task still runs (the pool keeps no copy of it).
+fn a_pool_task_that_drops_its_sender_ends_the_pipe() -> TestResult {
+    let pool = Pool::new(1)?;
+    let (tx, rx) = pipe::<u32>()?;
+    let (ack_tx, ack_rx) = pipe::<()>()?;
+    let result = pool.apply_async(send_then_wait, ((tx, ack_rx),));
+    let got = within(LIMIT, "receiving until disconnected", move || {
+        rx.iter().collect::<Result<Vec<u32>, _>>()
+    })??;
+    assert_eq!(got, [1, 2, 3]);
+    ack_tx.send(())?;
+    assert_eq!(result.get()?, 3);
     Ok(())
 }
 
@@ -420,7 +463,8 @@ fn main() {
         duplex_both_ways_with_a_process,
         duplex_peer_killed_disconnects,
         handles_through_pool_tasks,
-        items_with_handles_run_again_after_a_crash,
+        items_with_handles_run_again_after_a_crash_given_retries,
+        a_pool_task_that_drops_its_sender_ends_the_pipe,
         handles_travel_inside_messages,
         a_handle_as_output_is_a_clear_error,
         a_result_error_does_not_quote_an_old_handle_refusal,

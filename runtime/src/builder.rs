@@ -176,7 +176,9 @@ impl PoolBuilder {
 
     /// Runs a task again, up to `retries` more times, when its worker crashed or it timed out
     /// (panics are not retried: they are the task's own answer). Only for idempotent tasks.
-    /// Default: 0. [`Pool::with_retries`] sets it per call.
+    /// Default: 0. [`Pool::with_retries`] sets it per call. With retries, the pool keeps
+    /// copies of the channel handles among a task's arguments until its outcome is in (to
+    /// send them again), so a handle the task drops counts as open until then.
     ///
     /// ```no_run
     /// # use multiproc::Pool;

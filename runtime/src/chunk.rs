@@ -181,5 +181,6 @@ pub(crate) fn encode_chunk<A: Serialize + 'static>(
         payload_at,
         skip: spec.skip,
         fds,
+        handles_gone: false,
     })
 }

@@ -16,10 +16,9 @@
 //! every `Sender` is dropped, in every process (a process that dies drops its handles), and
 //! the messages sent before are received, `recv` returns an error of kind
 //! [`Disconnected`](crate::ErrorKind::Disconnected) instead of blocking forever. Likewise
-//! `send` once every `Receiver` is gone. A [`Pool`](crate::Pool) keeps a copy of the handles
-//! in a chunk's arguments until the chunk's results are in (to send its items again should
-//! their worker die): a handle given to a pool task is dropped, for this purpose, when the
-//! task has returned.
+//! `send` once every `Receiver` is gone. A handle given to a [`Pool`](crate::Pool) task goes
+//! to its worker, and the pool keeps no copy (unless the call has retries: then it keeps
+//! one until the item's outcome is in, to send the item again if its worker dies).
 
 use crate::channel::{Endpoint, endpoint_pair};
 use crate::error::{Error, ErrorKind};

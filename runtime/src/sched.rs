@@ -61,9 +61,23 @@ pub(crate) struct Chunk {
     pub skip: SkipArgs,
     /// Descriptors the arguments refer to (channel handles), sent with the frame.
     pub fds: Vec<OwnedFd>,
+    /// The descriptors went to a worker and the pool kept no copy ([`Chunk::sent`]): the
+    /// chunk cannot be sent again.
+    pub handles_gone: bool,
 }
 
 impl Chunk {
+    /// Called once the whole chunk is written to a worker. Its channel handles are the
+    /// worker's now: the pool keeps no copy of them, so that a handle counts as dropped
+    /// when the worker drops it (a `Receiver` then sees its pipe end when the task drops
+    /// its `Sender`). With retries the pool keeps them, to send the items again.
+    pub(crate) fn sent(&mut self) {
+        if self.retries == 0 && !self.fds.is_empty() {
+            self.fds.clear();
+            self.handles_gone = true;
+        }
+    }
+
     /// The encoded arguments per item, on average, for sizing later chunks by bytes.
     pub(crate) fn item_bytes(&self) -> usize {
         (self.frame.len() - self.payload_at) / (self.count.max(1) as usize)
@@ -78,6 +92,9 @@ impl Chunk {
         to: u32,
         attempt: u32,
     ) -> Result<Chunk, Unsent> {
+        if self.handles_gone {
+            return Err(Unsent::HandlesGone);
+        }
         let payload = &self.frame[self.payload_at..];
         let count = to.saturating_sub(from);
         // Decodes the arguments before `from..to` and within it to find where they are, with
@@ -120,6 +137,7 @@ impl Chunk {
             payload_at,
             skip: self.skip,
             fds,
+            handles_gone: false,
         })
     }
 
@@ -137,6 +155,9 @@ pub(crate) enum Unsent {
     Split,
     /// The channel handles among their arguments could not be duplicated.
     Descriptors,
+    /// The channel handles among their arguments went to the worker that died, and the
+    /// pool kept no copy (the call has no retries: see [`Chunk::sent`]).
+    HandlesGone,
 }
 
 impl Unsent {
@@ -151,6 +172,12 @@ impl Unsent {
                 ErrorKind::Io,
                 "its worker died and it could not be sent again (duplicating its channel \
                  handles failed: out of file descriptors?)",
+            ),
+            Unsent::HandlesGone => Error::new(
+                ErrorKind::Crashed,
+                "its worker process died before its outcome came in, and it cannot run again: \
+                 the channel handles among its arguments went to that worker (the pool keeps \
+                 copies of them only for a call with retries)",
             ),
         }
     }

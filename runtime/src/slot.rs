@@ -836,6 +836,7 @@ impl Slot {
                         let left = self.inflight[self.sent_chunks].wire_len() - self.sent_bytes;
                         if n >= left {
                             n -= left;
+                            self.inflight[self.sent_chunks].chunk.sent();
                             self.sent_chunks += 1;
                             self.sent_bytes = 0;
                         } else {
@@ -1156,7 +1157,7 @@ impl Slot {
                                 .with_status(signal, code)
                                 .with_stderr_tail(stderr_tail.clone())
                         });
-                    } else if flight.done == 0 {
+                    } else if flight.done == 0 && !chunk.handles_gone {
                         let mut whole = flight.chunk;
                         whole.unblamed_deaths = deaths;
                         again.push(whole);
