@@ -344,6 +344,30 @@ fn items_with_handles_run_again_after_a_crash_given_retries() -> TestResult {
     Ok(())
 }
 
+/// Holds a handle and returns `x`; aborts its worker on 300 instead.
+#[task]
+fn hold_or_abort((_held, x): (Sender<u32>, u32)) -> u32 {
+    if x == 300 {
+        std::process::abort();
+    }
+    x
+}
+
+/// Short chunks whose handles go with them are not queued behind the running one: only the
+/// item that crashed fails, as without handles.
+fn a_crash_fails_only_its_item_among_short_chunks_with_handles() -> TestResult {
+    let pool = Pool::new(1)?;
+    let (tx, _rx) = pipe::<u32>()?;
+    let failed: Vec<usize> = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap(hold_or_abort, (0..600).map(|x| (tx.clone(), x)))
+        .enumerate()
+        .filter_map(|(index, out)| out.is_err().then_some(index))
+        .collect();
+    assert_eq!(failed, [300]);
+    Ok(())
+}
+
 /// Sends 1, 2, 3 on `tx`, drops it, then waits for the parent's word on `ack`.
 #[task]
 fn send_then_wait((tx, ack): (Sender<u32>, Receiver<()>)) -> u32 {
@@ -465,6 +489,7 @@ fn main() {
         handles_through_pool_tasks,
         items_with_handles_run_again_after_a_crash_given_retries,
         a_pool_task_that_drops_its_sender_ends_the_pipe,
+        a_crash_fails_only_its_item_among_short_chunks_with_handles,
         handles_travel_inside_messages,
         a_handle_as_output_is_a_clear_error,
         a_result_error_does_not_quote_an_old_handle_refusal,

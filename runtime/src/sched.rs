@@ -67,15 +67,20 @@ pub(crate) struct Chunk {
 }
 
 impl Chunk {
-    /// Called once the whole chunk is written to a worker. Its channel handles are the
-    /// worker's now: the pool keeps no copy of them, so that a handle counts as dropped
+    /// Called once the whole chunk is written to a worker that has said `Ready`. Its channel
+    /// handles are the worker's now: the pool keeps no copy of them, so that a handle counts as dropped
     /// when the worker drops it (a `Receiver` then sees its pipe end when the task drops
     /// its `Sender`). With retries the pool keeps them, to send the items again.
     pub(crate) fn sent(&mut self) {
-        if self.retries == 0 && !self.fds.is_empty() {
+        if self.gives_handles_away() {
             self.fds.clear();
             self.handles_gone = true;
         }
+    }
+
+    /// Whether its channel handles go to the worker it is sent to, with no copy kept.
+    pub(crate) fn gives_handles_away(&self) -> bool {
+        self.retries == 0 && !self.fds.is_empty()
     }
 
     /// The encoded arguments per item, on average, for sizing later chunks by bytes.
@@ -700,7 +705,10 @@ impl Shared {
             return None;
         }
         Self::drop_abandoned(&mut state);
-        if state.queue.front()?.call.id() != call {
+        let front = state.queue.front()?;
+        // A chunk whose channel handles would go with it (no retries: see `Chunk::sent`)
+        // waits until its worker is free: queued behind a crash, it could not run again.
+        if front.call.id() != call || front.gives_handles_away() {
             return None;
         }
         state.queue.pop_front()

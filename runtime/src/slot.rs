@@ -836,7 +836,11 @@ impl Slot {
                         let left = self.inflight[self.sent_chunks].wire_len() - self.sent_bytes;
                         if n >= left {
                             n -= left;
-                            self.inflight[self.sent_chunks].chunk.sent();
+                            // A worker not known to be up yet may fail its start: the
+                            // chunk then runs elsewhere, its handles with it.
+                            if self.awaiting_ready.is_none() {
+                                self.inflight[self.sent_chunks].chunk.sent();
+                            }
                             self.sent_chunks += 1;
                             self.sent_bytes = 0;
                         } else {
@@ -1011,6 +1015,9 @@ impl Slot {
                 crate::registry::Registry::get()?.digest(),
             )?;
             self.awaiting_ready = None;
+            for flight in self.inflight.iter_mut().take(self.sent_chunks) {
+                flight.chunk.sent();
+            }
             return Ok(false);
         }
         match header {
