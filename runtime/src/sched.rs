@@ -180,7 +180,7 @@ impl Unsent {
             ),
             Unsent::HandlesGone => Error::new(
                 ErrorKind::Crashed,
-                "its worker process died before its outcome came in, and it cannot run again: \
+                "its worker process ended before its outcome came in, and it cannot run again: \
                  the channel handles among its arguments went to that worker (the pool keeps \
                  copies of them only for a call with retries)",
             ),
