@@ -147,7 +147,8 @@ impl<T: Payload> Sender<T> {
     ///
     /// [`ErrorKind::Disconnected`] when every [`Receiver`] of the pipe is dropped, in every
     /// process; [`ErrorKind::Codec`] when `value` cannot be encoded (its `Serialize` fails,
-    /// or it holds more channel handles than one message can carry).
+    /// it holds more channel handles than one message can carry, or it encodes to more
+    /// than 1 GiB).
     ///
     /// # Examples
     ///
