@@ -218,8 +218,7 @@ impl Endpoint {
     fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool, Error> {
         let timeout = match timeout {
             // Round up, so that a wait never returns just before its deadline.
-            Some(timeout) => PollTimeout::try_from(timeout.as_nanos().div_ceil(1_000_000))
-                .unwrap_or(PollTimeout::MAX),
+            Some(timeout) => crate::status::poll_timeout(timeout),
             None => PollTimeout::NONE,
         };
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];

@@ -635,7 +635,7 @@ impl WorkerProcess {
     /// Whether the worker has exited by `deadline`, without reaping it: through its exit
     /// watch where there is one, else polling, with pauses that grow to 10 ms.
     fn exited_by(&self, deadline: Instant) -> bool {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use nix::poll::{PollFd, PollFlags, poll};
         use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
         if self.reaped.is_some() {
             return true;
@@ -644,10 +644,7 @@ impl WorkerProcess {
             let mut fds = [PollFd::new(exit, PollFlags::POLLIN)];
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                match poll(
-                    &mut fds,
-                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
-                ) {
+                match poll(&mut fds, crate::status::poll_timeout(left)) {
                     Ok(n) => return n > 0,
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(_) => break,
@@ -729,7 +726,7 @@ impl WorkerProcess {
     /// close its end of the channel (which it does by exiting), then kills and reaps it: a
     /// worker stuck in a task cannot delay the caller by more than `grace`.
     pub(crate) fn shutdown(&mut self, grace: Duration) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use nix::poll::{PollFd, PollFlags, poll};
         use std::io::Read;
         let deadline = deadline_after(grace);
         self.request_shutdown(grace);
@@ -744,10 +741,7 @@ impl WorkerProcess {
                 if let Some(exit) = self.exit_fd() {
                     fds.push(PollFd::new(exit, PollFlags::POLLIN));
                 }
-                match poll(
-                    &mut fds,
-                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
-                ) {
+                match poll(&mut fds, crate::status::poll_timeout(left)) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(_) => break,
                 }
@@ -876,7 +870,7 @@ fn read_start_frame(
             let wait = if exited {
                 PollTimeout::ZERO
             } else {
-                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                crate::status::poll_timeout(left)
             };
             match poll(&mut fds, wait) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}

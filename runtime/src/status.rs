@@ -121,6 +121,13 @@ pub(crate) fn deadline_after(timeout: Duration) -> std::time::Instant {
         .unwrap_or_else(|| now + Duration::from_secs(1 << 32))
 }
 
+/// A `poll` timeout for `left`, rounded up to the next millisecond: a wait then never ends
+/// just before its deadline (to poll again at once, a busy loop for the rest of it).
+pub(crate) fn poll_timeout(left: Duration) -> nix::poll::PollTimeout {
+    nix::poll::PollTimeout::try_from(left.as_nanos().div_ceil(1_000_000))
+        .unwrap_or(nix::poll::PollTimeout::MAX)
+}
+
 /// `CLOCK_MONOTONIC` now, in nanoseconds: one clock for every process of the machine.
 pub(crate) fn monotonic_ns() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
