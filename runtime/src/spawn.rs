@@ -603,12 +603,12 @@ impl WorkerProcess {
             let alone = signal::kill(self.pid, Signal::SIGKILL);
             // Judged on the worker alone: one that left its group makes the group ESRCH.
             if alone == Err(nix::errno::Errno::EPERM) {
+                if self.exited_by(deadline_after(Duration::from_secs(1))) {
+                    return self.wait();
+                }
                 let abandoned = ExitStatus::from_raw(Signal::SIGKILL as i32);
-                let status = self
-                    .reap_until(deadline_after(Duration::from_secs(1)))
-                    .unwrap_or(abandoned);
-                self.reaped = Some(status);
-                return status;
+                self.reaped = Some(abandoned);
+                return abandoned;
             }
         }
         self.wait()
@@ -662,31 +662,6 @@ impl WorkerProcess {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
-            }
-            std::thread::sleep(pause.min(left));
-            pause = (pause * 2).min(Duration::from_millis(10));
-        }
-    }
-
-    /// Reaps the worker if it exits by `deadline`; `None` if it still runs then.
-    fn reap_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
-        let mut pause = Duration::from_micros(100);
-        loop {
-            if let Some(status) = self.reaped {
-                return Some(status);
-            }
-            match reap(self.pid, true) {
-                Ok(Some(status)) => {
-                    self.reaped = Some(status);
-                    return Some(status);
-                }
-                Ok(None) => {}
-                // Not our child any more: `wait` reports that.
-                Err(_) => return Some(self.wait()),
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
             }
             std::thread::sleep(pause.min(left));
             pause = (pause * 2).min(Duration::from_millis(10));
