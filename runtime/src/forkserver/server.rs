@@ -75,6 +75,9 @@ struct Origin {
     /// The program's, as it started.
     identity: Identity,
     thread: ThreadRecord,
+    /// The environment every worker inherits: the program's as it started (the server
+    /// changes nothing in it). A worker replaces it only when the parent's differs.
+    env: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The server's process, from the fork that made it: `parent_end` is the parent's end of the
@@ -111,10 +114,13 @@ fn serve(conn: &UnixStream, parent: Pid) -> ! {
     }
     // Workers inherit the registry built once here instead of each building its own.
     let _ = crate::registry::Registry::get();
+    let env = environment();
     let origin = match (Identity::now(), ThreadRecord::read()) {
-        (Some(identity), Some(thread)) if env_settable(&environment()) => {
-            Some(Origin { identity, thread })
-        }
+        (Some(identity), Some(thread)) if env_settable(&env) => Some(Origin {
+            identity,
+            thread,
+            env,
+        }),
         _ => None,
     };
     loop {
@@ -134,7 +140,7 @@ fn serve(conn: &UnixStream, parent: Pid) -> ! {
                         drop(fds);
                         DECLINED
                     }
-                    Some(origin) => fork_one(conn, origin.thread, request, fds),
+                    Some(origin) => fork_one(conn, origin, request, fds),
                 };
                 if (&*conn).write_all(&pid.to_le_bytes()).is_err() {
                     exit(1);
@@ -219,15 +225,22 @@ struct CloneArgs {
 
 /// Forks a worker for `request`; its pid, or minus the error number. The worker's
 /// descriptors are closed here before this returns: the server holds none of them.
-fn fork_one(
-    conn: &UnixStream,
-    thread: ThreadRecord,
-    mut request: Request,
-    fds: Vec<OwnedFd>,
-) -> i32 {
-    let Ok(spec) = WorkerSpec::decode(&OsString::from(std::mem::take(&mut request.spec))) else {
+fn fork_one(conn: &UnixStream, origin: &Origin, request: Request, fds: Vec<OwnedFd>) -> i32 {
+    let Ok(spec) = WorkerSpec::decode(&OsString::from(request.spec)) else {
         return -libc::EINVAL;
     };
+    // What the worker must change after the fork, found out here once, not in each worker
+    // (where every page written is a page copied): most programs change neither their
+    // environment nor their directory before they start a pool. The server's directory is
+    // read again for each request, as it may have been removed since (and the parent's
+    // found again by its path).
+    let setting = Setting {
+        env: (request.env != origin.env).then_some(request.env),
+        cwd: (!request.cwd.is_empty()
+            && !std::env::current_dir().is_ok_and(|dir| dir.as_os_str().as_bytes() == request.cwd))
+        .then_some(request.cwd),
+    };
+    let thread = origin.thread;
     // `fork` would make the worker the server's child; `CLONE_PARENT` makes it the parent's.
     // With no new stack, `clone3` returns in both processes like `fork`.
     let args = CloneArgs {
@@ -258,7 +271,7 @@ fn fork_one(
         0 => {
             #[cfg(coverage)]
             profile::reset_counters();
-            child(conn, thread, spec, request, fds)
+            child(conn, thread, spec, setting, fds)
         }
         -1 => -nix::errno::Errno::last_raw(),
         pid => i32::try_from(pid).unwrap_or(-libc::EOVERFLOW),
@@ -270,7 +283,7 @@ fn child(
     conn: &UnixStream,
     thread: ThreadRecord,
     spec: WorkerSpec,
-    request: Request,
+    setting: Setting,
     fds: Vec<OwnedFd>,
 ) -> ! {
     // SAFETY: the child's robust-mutex list is empty (the server holds no mutex across a
@@ -284,14 +297,22 @@ fn child(
     }
     // Nothing may unwind out of the child into the server's loop.
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        become_worker(conn, spec, request, fds)
+        become_worker(conn, spec, setting, fds)
     }));
     exit(1)
 }
 
+/// What a forked worker changes in itself to match its parent: `None`, nothing.
+struct Setting {
+    /// The parent's environment, where it differs from the program's at start.
+    env: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// The parent's working directory, where it is not the server's.
+    cwd: Option<Vec<u8>>,
+}
+
 /// In the forked child: take the descriptors, the environment and the directory the parent
 /// sent, then serve as a worker; never returns.
-fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec<OwnedFd>) -> ! {
+fn become_worker(conn: &UnixStream, spec: WorkerSpec, setting: Setting, fds: Vec<OwnedFd>) -> ! {
     // Its own process group first, as `exec`'d workers get from `Command::process_group`:
     // the parent kills the group (see `WorkerProcess::kill`).
     let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
@@ -307,26 +328,21 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, request: Request, fds: Vec
     }
     let _ = nix::unistd::dup2_stderr(&stderr);
     drop(stderr);
-    // Most programs change neither before they start a pool: then nothing is written (each
-    // page written is a page copied from the server).
-    let inherited = environment();
-    if inherited != request.env {
+    if let Some(env) = setting.env {
         // SAFETY: this process is single-threaded (a fresh copy of the server), so nothing
         // reads the environment while it is replaced. Every name and value is one `set_var`
         // takes: the server checked this request's (`env_settable`), and its own at start.
         unsafe {
-            for (key, _) in inherited {
+            for (key, _) in environment() {
                 std::env::remove_var(OsString::from_vec(key));
             }
-            for (key, value) in request.env {
+            for (key, value) in env {
                 std::env::set_var(OsString::from_vec(key), OsString::from_vec(value));
             }
         }
     }
-    // Unless it is there already (a directory removed since the program started is not).
-    let cwd = std::ffi::OsStr::from_bytes(&request.cwd);
-    if !cwd.is_empty() && !std::env::current_dir().is_ok_and(|dir| dir.as_os_str() == cwd) {
-        let _ = std::env::set_current_dir(cwd);
+    if let Some(cwd) = setting.cwd {
+        let _ = std::env::set_current_dir(std::ffi::OsStr::from_bytes(&cwd));
     }
     #[cfg(coverage)]
     profile::name_own_file();
