@@ -246,6 +246,8 @@ fn imap_memory_stays_flat_over_a_long_stream() -> TestResult {
         }
     }
     assert_eq!(checked, total);
+    // (No test of this binary panics in the parent: with RUST_BACKTRACE set, printing a
+    // backtrace loads the debug symbols, tens of MiB of this process's memory.)
     let growth_kib = support::rss_kib().saturating_sub(baseline);
     // Generous: holding every result, or reading the input ahead, would take far more
     // (3 million results alone are over 20 MiB).
@@ -343,6 +345,22 @@ fn a_stream_outliving_its_pool_ends_with_closed_errors() -> TestResult {
     Ok(())
 }
 
+/// A fixed chunk larger than any input is one chunk, as for `map` (the window it sets must
+/// not overflow).
+fn a_fixed_chunk_larger_than_any_input_streams() -> TestResult {
+    let pool = Pool::new(2)?;
+    let out = within(
+        Duration::from_mins(1),
+        "imap with Fixed(usize::MAX)",
+        move || {
+            pool.with_chunking(Chunking::Fixed(usize::MAX))
+                .imap(square, 0..10u64)
+                .collect::<Result<Vec<_>, _>>()
+        },
+    )??;
+    ensure(out == (0..10).map(|x| x * x).collect::<Vec<_>>(), "values")
+}
+
 #[multiproc::main]
 fn main() {
     support::run(tests![
@@ -356,5 +374,6 @@ fn main() {
         dropping_a_stream_early_then_using_the_pool,
         chunk_sizes_do_not_change_results,
         a_stream_outliving_its_pool_ends_with_closed_errors,
+        a_fixed_chunk_larger_than_any_input_streams,
     ]);
 }

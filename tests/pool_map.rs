@@ -11,6 +11,26 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use support::{TestResult, ensure, within};
 
+/// An argument whose `Serialize` fails for 5 and panics for 7 (both in the parent, while
+/// the call encodes its input).
+#[derive(Deserialize, Debug)]
+struct Awkward(u64);
+
+impl Serialize for Awkward {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            5 => Err(serde::ser::Error::custom("five refuses to be encoded")),
+            7 => panic!("seven explodes while being encoded"),
+            x => s.serialize_u64(x),
+        }
+    }
+}
+
+#[task]
+fn unwrap_awkward(value: Awkward) -> u64 {
+    value.0
+}
+
 #[task]
 fn square(x: u64) -> u64 {
     x * x
@@ -523,6 +543,75 @@ fn explicit_chunking() -> TestResult {
     Ok(())
 }
 
+/// Arguments that cannot be encoded fail their own items, whatever the chunking, and the
+/// stream goes on: neither the items that share their chunk nor the caller (a panicking
+/// `Serialize`) suffer for it.
+fn an_argument_that_cannot_be_encoded_fails_only_its_item() -> TestResult {
+    let pool = Pool::new(2)?;
+    for chunking in [Chunking::Auto, Chunking::Fixed(1), Chunking::Fixed(4)] {
+        for ordered in [true, false] {
+            let call = pool.with_chunking(chunking);
+            let input = (0..12).map(Awkward);
+            let out: Vec<(u64, Result<u64, multiproc::Error>)> = if ordered {
+                (0..12).zip(call.imap(unwrap_awkward, input)).collect()
+            } else {
+                // Unordered: the item comes from the value, or from the error's index.
+                call.imap_unordered(unwrap_awkward, input)
+                    .map(|r| match &r {
+                        Ok(x) => (*x, r),
+                        Err(err) => (err.index().expect("an index") as u64, r),
+                    })
+                    .collect()
+            };
+            let mut seen: Vec<u64> = out.iter().map(|(x, _)| *x).collect();
+            seen.sort_unstable();
+            ensure(
+                seen == (0..12).collect::<Vec<_>>(),
+                format!("{chunking:?}, ordered {ordered}: items {seen:?}"),
+            )?;
+            for (x, result) in out {
+                match (x, result) {
+                    (5 | 7, Err(err)) => {
+                        ensure(
+                            err.kind() == ErrorKind::Codec && err.index() == Some(x as usize),
+                            format!("{chunking:?}: item {x}: {err}"),
+                        )?;
+                        // (postcard keeps no message for a custom error: only the panic's.)
+                        if x == 7 {
+                            ensure(
+                                err.to_string().contains("seven explodes"),
+                                format!("item 7: {err}"),
+                            )?;
+                        }
+                    }
+                    (x, Ok(value)) if x != 5 && x != 7 => ensure(value == x, "value")?,
+                    (x, other) => {
+                        return Err(format!("{chunking:?}: item {x}: {other:?}").into());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `map` returns the error of the first item whose arguments cannot be encoded, by its
+/// position.
+fn map_names_the_item_whose_arguments_cannot_be_encoded() -> TestResult {
+    let pool = Pool::new(2)?;
+    for chunking in [Chunking::Auto, Chunking::Fixed(4)] {
+        let err = pool
+            .with_chunking(chunking)
+            .map(unwrap_awkward, (0..12).map(Awkward))
+            .expect_err("items 5 and 7 cannot be encoded");
+        ensure(
+            err.kind() == ErrorKind::Codec && err.index() == Some(5),
+            format!("{chunking:?}: {err}"),
+        )?;
+    }
+    Ok(())
+}
+
 #[multiproc::main]
 fn main() {
     if std::env::var_os(PLAIN_MAIN).is_some() {
@@ -546,6 +635,8 @@ fn main() {
         return;
     }
     support::run(tests![
+        an_argument_that_cannot_be_encoded_fails_only_its_item,
+        map_names_the_item_whose_arguments_cannot_be_encoded,
         a_task_can_start_another_multiproc_program,
         a_task_reads_an_empty_stdin_and_ignores_sigint,
         workers_start_from_the_executable_named_by_the_environment,

@@ -1,7 +1,7 @@
 //! [`Call`]: one call's options, and how a call's input becomes queued chunks.
 
 use crate::builder::Policy;
-use crate::chunk::{ChunkSpec, Chunking, byte_cap, encode_chunk, skip_args};
+use crate::chunk::{ChunkSpec, Chunking, byte_cap, encode_chunks, skip_args};
 use crate::error::Error;
 use crate::imap::IMap;
 use crate::pool::Pool;
@@ -342,49 +342,48 @@ impl Call<'_> {
         let mut first = 0;
         let mut refused = false;
         loop {
-            let chunk: Vec<A> = items.by_ref().take(size).collect();
-            let count = chunk.len();
+            let batch: Vec<A> = items.by_ref().take(size).collect();
+            let count = batch.len();
             if count == 0 {
                 break;
             }
             state.expect(count, false);
             let sink: Arc<dyn CallSink> = state.clone();
-            let encoded = match &task {
-                Ok(task) => encode_chunk(
-                    shared,
-                    sink,
-                    self.chunk_spec::<T>(*task),
-                    first,
-                    chunk.into_iter(),
-                ),
-                Err(err) => Err((sink, count, clone_error(err, T::NAME, first))),
+            let mut chunks = match &task {
+                Ok(task) => {
+                    encode_chunks(shared, &sink, self.chunk_spec::<T>(*task), first, &batch)
+                }
+                Err(err) => {
+                    sink.fail(first, count, &|index| clone_error(err, T::NAME, index));
+                    Vec::new()
+                }
             };
-            if let (true, Ok(chunk)) = (auto, &encoded) {
+            drop(batch);
+            if auto && let Some(chunk) = chunks.first() {
                 size = by_len.min(byte_cap(chunk.item_bytes()));
             }
-            match encoded {
+            first += count;
+            if refused {
                 // Once refused (a closed pool), the rest fails without being offered.
-                Ok(chunk) if !refused => {
-                    let last = first + count >= len;
-                    refused = if blocking && last {
-                        shared.submit_and_wait(chunk)
-                    } else {
-                        shared.submit([chunk])
-                    }
-                    .is_err();
-                }
-                Ok(chunk) => chunk.fail_all(&|index| {
-                    Error::closed("the pool is closed")
-                        .with_task(T::NAME)
-                        .with_index(index)
-                }),
-                Err((sink, count, err)) => {
-                    sink.fail(first, count as u32, &|index| {
-                        clone_error(&err, T::NAME, index)
+                for chunk in chunks {
+                    chunk.fail_all(&|index| {
+                        Error::closed("the pool is closed")
+                            .with_task(T::NAME)
+                            .with_index(index)
                     });
                 }
+                continue;
             }
-            first += count;
+            let last = (blocking && first >= len).then(|| chunks.pop()).flatten();
+            refused = shared.submit(chunks).is_err();
+            if let Some(last) = last {
+                refused |= if refused {
+                    shared.submit([last])
+                } else {
+                    shared.submit_and_wait(last)
+                }
+                .is_err();
+            }
         }
         state.expect(0, true);
         result

@@ -91,22 +91,21 @@ pub(crate) struct RunFrame {
 }
 
 /// Builds a `Run` frame for `header` of at most `max_len` bytes: `encode` writes the
-/// arguments straight into it (an error says what could not be encoded), collecting the
-/// descriptors of any channel handles among them; only then, and only if there are some, a
-/// `Descriptors` frame is put in front (one copy, in that rare case alone).
+/// arguments straight into it (its error says what could not be encoded: see
+/// [`fdpass::encode_error`](crate::fdpass::encode_error)), collecting the descriptors of any
+/// channel handles among them; only then, and only if there are some, a `Descriptors` frame
+/// is put in front (one copy, in that rare case alone).
 pub(crate) fn run_frame(
     header: &Header,
     capacity: usize,
     max_len: u32,
-    encode: impl FnOnce(&mut Vec<u8>) -> Result<(), (String, postcard::Error)>,
+    encode: impl FnOnce(&mut Vec<u8>) -> Result<(), Error>,
 ) -> Result<RunFrame, Error> {
     let mut frame = Vec::with_capacity(capacity);
     let mut start = protocol::begin_frame(&mut frame, header);
     let mut payload_at = frame.len();
     let (encoded, fds) = crate::fdpass::collect(|| encode(&mut frame));
-    if let Err((context, err)) = encoded {
-        return Err(crate::fdpass::encode_error(context, err));
-    }
+    encoded?;
     if !fds.is_empty() {
         let mut with_fds = Vec::with_capacity(16 + frame.len());
         protocol::descriptors_frame(&mut with_fds, fds.len());
@@ -124,14 +123,58 @@ pub(crate) fn run_frame(
     })
 }
 
-/// Encodes `items` (the input positions `first..`) as one chunk of `call`.
-pub(crate) fn encode_chunk<A: Serialize + 'static>(
+/// Encodes `items` (the input positions `first..`) as chunks of `call`: one, unless the
+/// arguments of an item cannot be encoded (their `Serialize` fails or panics). That item
+/// alone then fails, with a [`Codec`](ErrorKind::Codec) error that names it, as Python's
+/// pool fails the one task it cannot pickle; the items before and after it go in chunks of
+/// their own. A chunk too large for a frame fails as a whole.
+pub(crate) fn encode_chunks<A: Serialize + 'static>(
     shared: &Shared,
-    call: Arc<dyn CallSink>,
+    call: &Arc<dyn CallSink>,
     spec: ChunkSpec,
     first: usize,
-    items: impl ExactSizeIterator<Item = A>,
-) -> Result<Chunk, (Arc<dyn CallSink>, usize, Error)> {
+    items: &[A],
+) -> Vec<Chunk> {
+    let mut chunks = Vec::with_capacity(1);
+    // Runs of items still to encode (offset, length), the next one last.
+    let mut todo = vec![(0, items.len())];
+    while let Some((at, len)) = todo.pop() {
+        if len == 0 {
+            continue;
+        }
+        match encode_chunk(shared, call, spec, first + at, &items[at..at + len]) {
+            Ok(chunk) => chunks.push(chunk),
+            Err((Some(bad), err)) => {
+                call.fail(first + at + bad, 1, &|index| {
+                    Error::new(err.kind(), err.message().to_owned())
+                        .with_task(call.task_name())
+                        .with_index(index)
+                });
+                // Those before it encoded once already: encoded again, on their own.
+                todo.push((at + bad + 1, len - bad - 1));
+                todo.push((at, bad));
+            }
+            Err((None, err)) => {
+                call.fail(first + at, len, &|index| {
+                    Error::new(err.kind(), err.message().to_owned())
+                        .with_task(call.task_name())
+                        .with_index(index)
+                });
+            }
+        }
+    }
+    chunks
+}
+
+/// Encodes `items` (the input positions `first..`) as one chunk of `call`; on failure, the
+/// offset of the item whose arguments could not be encoded, if it was one item's fault.
+fn encode_chunk<A: Serialize + 'static>(
+    shared: &Shared,
+    call: &Arc<dyn CallSink>,
+    spec: ChunkSpec,
+    first: usize,
+    items: &[A],
+) -> Result<Chunk, (Option<usize>, Error)> {
     let count = items.len();
     let seq = shared.next_seq();
     let Ok(count32) = u32::try_from(count) else {
@@ -139,7 +182,7 @@ pub(crate) fn encode_chunk<A: Serialize + 'static>(
             ErrorKind::Codec,
             "a chunk cannot hold more than u32::MAX items",
         );
-        return Err((call, count, err));
+        return Err((None, err));
     };
     let header = Header::Run {
         seq,
@@ -147,17 +190,35 @@ pub(crate) fn encode_chunk<A: Serialize + 'static>(
         count: count32,
         timed: spec.timeout.is_some(),
     };
+    let mut reached = 0;
     let encoded = run_frame(&header, 32 + count * 8, spec.max_frame_len, |frame| {
-        for (offset, item) in items.enumerate() {
-            codec::encode_value(&item, frame).map_err(|err| {
-                let index = first + offset;
-                (
-                    format!("the arguments of item {index} could not be encoded"),
-                    err,
-                )
-            })?;
+        // A `Serialize` of the user's may panic: that item fails, as one that returns an
+        // error does, and the caller does not unwind through the pool.
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for item in items {
+                codec::encode_value(item, frame)?;
+                reached += 1;
+            }
+            Ok(())
+        }));
+        let context = || {
+            format!(
+                "the arguments of item {} could not be encoded",
+                first + reached
+            )
+        };
+        match encoded {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(crate::fdpass::encode_error(context(), err)),
+            Err(panic) => Err(Error::new(
+                ErrorKind::Codec,
+                format!(
+                    "{}: their Serialize panicked: {}",
+                    context(),
+                    crate::worker::panic_message(&*panic)
+                ),
+            )),
         }
-        Ok(())
     });
     let RunFrame {
         frame,
@@ -165,10 +226,10 @@ pub(crate) fn encode_chunk<A: Serialize + 'static>(
         fds,
     } = match encoded {
         Ok(encoded) => encoded,
-        Err(err) => return Err((call, count, err)),
+        Err(err) => return Err(((reached < count).then_some(reached), err)),
     };
     Ok(Chunk {
-        call,
+        call: Arc::clone(call),
         seq,
         task: spec.task,
         first,

@@ -5,7 +5,7 @@
 //! (an infinite iterator included), unlike Python's `imap`, which reads its input ahead.
 
 use crate::call::clone_error;
-use crate::chunk::{ChunkSpec, Chunking, byte_cap, encode_chunk};
+use crate::chunk::{ChunkSpec, Chunking, byte_cap, encode_chunks};
 use crate::error::Error;
 use crate::pool::Pool;
 use crate::result::{CallState, Outcomes, OutcomesIter};
@@ -123,7 +123,7 @@ where
     // Float arithmetic on counts far below 2^52, and a positive, clamped result.
     #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
     fn window(&self, chunk: usize) -> usize {
-        let by_chunks = chunk * self.workers * 10;
+        let by_chunks = chunk.saturating_mul(self.workers).saturating_mul(10);
         // Not before results have come back, which says how large they are and times the
         // items (automatic chunks start at one item: a deep window then would fill with
         // one-item chunks).
@@ -199,27 +199,20 @@ where
             let spec = match &self.spec {
                 Ok(spec) => *spec,
                 Err(err) => {
-                    sink.fail(first, count as u32, &|index| {
-                        clone_error(err, T::NAME, index)
-                    });
+                    sink.fail(first, count, &|index| clone_error(err, T::NAME, index));
                     continue;
                 }
             };
-            match encode_chunk(&self.shared, sink, spec, first, items.into_iter()) {
-                Ok(chunk) => {
-                    self.item_bytes = chunk.item_bytes();
-                    self.largest_item_bytes = self.largest_item_bytes.max(self.item_bytes);
-                    if self.shared.submit([chunk]).is_err() {
-                        // The pool is gone: the refused items come out as errors; stop there.
-                        self.input = None;
-                        self.state.expect(0, true);
-                    }
-                }
-                Err((sink, count, err)) => {
-                    sink.fail(first, count as u32, &|index| {
-                        clone_error(&err, T::NAME, index)
-                    });
-                }
+            let chunks = encode_chunks(&self.shared, &sink, spec, first, &items);
+            drop(items);
+            for chunk in &chunks {
+                self.item_bytes = chunk.item_bytes();
+                self.largest_item_bytes = self.largest_item_bytes.max(self.item_bytes);
+            }
+            if self.shared.submit(chunks).is_err() {
+                // The pool is gone: the refused items come out as errors; stop there.
+                self.input = None;
+                self.state.expect(0, true);
             }
         }
     }

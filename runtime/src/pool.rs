@@ -183,7 +183,8 @@ impl Pool {
     /// returned, naming the task and that position: [`ErrorKind::Panicked`](crate::ErrorKind::Panicked) (the task
     /// panicked), [`ErrorKind::Crashed`](crate::ErrorKind::Crashed) (its worker died), [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) (it ran
     /// past a [deadline](Self::with_timeout)), [`ErrorKind::Codec`](crate::ErrorKind::Codec) (an argument or output
-    /// could not be encoded or decoded), [`ErrorKind::Closed`](crate::ErrorKind::Closed) (the pool was closed or
+    /// could not be encoded or decoded: an item whose arguments' `Serialize` fails or panics
+    /// fails alone, and the others run), [`ErrorKind::Closed`](crate::ErrorKind::Closed) (the pool was closed or
     /// terminated first) or [`ErrorKind::Spawn`](crate::ErrorKind::Spawn) (no worker could be started).
     ///
     /// # Examples

@@ -386,8 +386,9 @@ fn run_frame<T: Task>(task: u32, args: &T::Args) -> Result<(Vec<u8>, Vec<OwnedFd
         timed: false,
     };
     let encoded = chunk::run_frame(&header, 64, DEFAULT_MAX_FRAME_LEN, |frame| {
-        codec::encode_value(args, frame)
-            .map_err(|err| ("the arguments could not be encoded".to_owned(), err))
+        codec::encode_value(args, frame).map_err(|err| {
+            crate::fdpass::encode_error("the arguments could not be encoded".to_owned(), err)
+        })
     })
     .map_err(|err| err.with_task(T::NAME))?;
     Ok((encoded.frame, encoded.fds))

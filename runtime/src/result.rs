@@ -319,8 +319,8 @@ impl<O: Payload> CallSink for CallState<O> {
         self.store(Batch { first, outcomes });
     }
 
-    fn fail(&self, first: usize, count: u32, error: &dyn Fn(usize) -> Error) {
-        let outcomes = (first..first + count as usize)
+    fn fail(&self, first: usize, count: usize, error: &dyn Fn(usize) -> Error) {
+        let outcomes = (first..first + count)
             .map(|index| Err(error(index)))
             .collect();
         self.store(Batch {

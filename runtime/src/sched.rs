@@ -27,7 +27,7 @@ pub(crate) trait CallSink: Send + Sync {
     /// Decodes `count` encoded outcomes for items `first..` and stores them.
     fn deliver(&self, first: usize, count: u32, outcomes: &[u8]);
     /// Stores `error(index)` as the outcome of items `first..first + count`.
-    fn fail(&self, first: usize, count: u32, error: &dyn Fn(usize) -> Error);
+    fn fail(&self, first: usize, count: usize, error: &dyn Fn(usize) -> Error);
     /// True once nobody can read the outcomes (a dropped `imap`): its queued chunks are
     /// dropped instead of run.
     fn abandoned(&self) -> bool;
@@ -148,7 +148,7 @@ impl Chunk {
 
     /// Fails every item of this chunk with `make(index)`.
     pub(crate) fn fail_all(&self, make: &dyn Fn(usize) -> Error) {
-        self.call.fail(self.first, self.count, make);
+        self.call.fail(self.first, self.count as usize, make);
     }
 }
 

@@ -491,7 +491,7 @@ impl Slot {
             flight
                 .chunk
                 .call
-                .fail(first, left, &|index| terminated(task, index));
+                .fail(first, left as usize, &|index| terminated(task, index));
         }
         self.leaving_worker();
         if let Some(mut worker) = self.worker.take() {
@@ -1134,11 +1134,13 @@ impl Slot {
                         describe_status(status)
                     );
                     let first = chunk.first + flight.done as usize;
-                    chunk.call.fail(first, chunk.count - flight.done, &|index| {
-                        Error::new(ErrorKind::Codec, message.clone())
-                            .with_task(task)
-                            .with_index(index)
-                    });
+                    chunk
+                        .call
+                        .fail(first, (chunk.count - flight.done) as usize, &|index| {
+                            Error::new(ErrorKind::Codec, message.clone())
+                                .with_task(task)
+                                .with_index(index)
+                        });
                 }
                 // Not started, or finished with its outcomes lost: run it (again), unblamed;
                 // but a chunk first in line when worker after worker dies fails in the end.
@@ -1157,13 +1159,15 @@ impl Slot {
                              `max_memory_per_child` does this"
                         );
                         let first = chunk.first + flight.done as usize;
-                        chunk.call.fail(first, chunk.count - flight.done, &|index| {
-                            Error::new(ErrorKind::Crashed, message.clone())
-                                .with_task(task)
-                                .with_index(index)
-                                .with_status(signal, code)
-                                .with_stderr_tail(stderr_tail.clone())
-                        });
+                        chunk
+                            .call
+                            .fail(first, (chunk.count - flight.done) as usize, &|index| {
+                                Error::new(ErrorKind::Crashed, message.clone())
+                                    .with_task(task)
+                                    .with_index(index)
+                                    .with_status(signal, code)
+                                    .with_stderr_tail(stderr_tail.clone())
+                            });
                     } else if flight.done == 0 && !chunk.handles_gone {
                         let mut whole = flight.chunk;
                         whole.unblamed_deaths = deaths;
@@ -1205,11 +1209,11 @@ impl Slot {
             }
             Err(unsent) => {
                 let task = chunk.call.task_name();
-                chunk
-                    .call
-                    .fail(chunk.first + from as usize, to - from, &|index| {
-                        unsent.error().with_task(task).with_index(index)
-                    });
+                chunk.call.fail(
+                    chunk.first + from as usize,
+                    (to - from) as usize,
+                    &|index| unsent.error().with_task(task).with_index(index),
+                );
             }
         }
     }
