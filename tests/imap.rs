@@ -361,6 +361,55 @@ fn a_fixed_chunk_larger_than_any_input_streams() -> TestResult {
     ensure(out == (0..10).map(|x| x * x).collect::<Vec<_>>(), "values")
 }
 
+/// An `imap` made before `close()` runs to its end, whether it had started or not (as
+/// Python's does); `join` then returns.
+fn an_imap_made_before_close_runs_to_its_end() -> TestResult {
+    let pool = Pool::new(2)?;
+    let fresh = pool.imap(square, 0..20u64);
+    let mut started = pool
+        .with_chunking(Chunking::Fixed(1))
+        .imap(square, 0..200u64);
+    ensure(started.next().expect("a first output")? == 0, "first")?;
+    pool.close();
+    let (fresh, started) = within(Duration::from_mins(1), "reading after close", move || {
+        (
+            fresh.collect::<Result<Vec<_>, _>>(),
+            started.collect::<Result<Vec<_>, _>>(),
+        )
+    })?;
+    ensure(
+        fresh? == (0..20).map(|x| x * x).collect::<Vec<_>>(),
+        "fresh",
+    )?;
+    ensure(
+        started? == (1..200).map(|x| x * x).collect::<Vec<_>>(),
+        "started",
+    )?;
+    within(Duration::from_mins(1), "join", move || pool.join())?;
+    Ok(())
+}
+
+/// `join` ends a stream made before `close()` that is still to be read: it does not wait for
+/// a reader that may never come, and the stream then ends with `Closed` errors.
+fn join_ends_a_stream_made_before_close() -> TestResult {
+    let pool = Pool::new(2)?;
+    let stream = pool.imap(square, 0..);
+    pool.close();
+    within(Duration::from_mins(1), "join", move || pool.join())?;
+    let rest = within(Duration::from_mins(1), "reading after join", move || {
+        stream.collect::<Vec<_>>()
+    })?;
+    ensure(!rest.is_empty(), "the stream says why it ended")?;
+    for item in rest {
+        ensure(
+            item.as_ref()
+                .is_err_and(|err| err.kind() == ErrorKind::Closed),
+            format!("{item:?}"),
+        )?;
+    }
+    Ok(())
+}
+
 #[multiproc::main]
 fn main() {
     support::run(tests![
@@ -375,5 +424,7 @@ fn main() {
         chunk_sizes_do_not_change_results,
         a_stream_outliving_its_pool_ends_with_closed_errors,
         a_fixed_chunk_larger_than_any_input_streams,
+        an_imap_made_before_close_runs_to_its_end,
+        join_ends_a_stream_made_before_close,
     ]);
 }

@@ -339,6 +339,13 @@ impl Call<'_> {
         let auto = self.policy.chunking == Chunking::Auto;
         let mut size = if auto { 1 } else { by_len };
         let shared = self.pool.shared();
+        // An input of several batches goes on being queued if the pool closes meanwhile (a
+        // call of one batch queues it at once).
+        let stream = if len > size {
+            shared.open_stream()
+        } else {
+            None
+        };
         let mut first = 0;
         let mut refused = false;
         loop {
@@ -375,16 +382,17 @@ impl Call<'_> {
                 continue;
             }
             let last = (blocking && first >= len).then(|| chunks.pop()).flatten();
-            refused = shared.submit(chunks).is_err();
+            refused = shared.submit(stream.as_ref(), chunks).is_err();
             if let Some(last) = last {
                 refused |= if refused {
-                    shared.submit([last])
+                    shared.submit(stream.as_ref(), [last])
                 } else {
-                    shared.submit_and_wait(last)
+                    shared.submit_and_wait(stream.as_ref(), last)
                 }
                 .is_err();
             }
         }
+        drop(stream);
         state.expect(0, true);
         result
     }

@@ -9,7 +9,7 @@ use crate::chunk::{ChunkSpec, Chunking, byte_cap, encode_chunks};
 use crate::error::Error;
 use crate::pool::Pool;
 use crate::result::{CallState, Outcomes, OutcomesIter};
-use crate::sched::{CallSink, Shared};
+use crate::sched::{CallSink, Shared, Stream};
 use crate::task::Task;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -38,7 +38,11 @@ const WINDOW_TIME: Duration = Duration::from_millis(4);
 ///
 /// It pulls its input lazily, keeps a bounded number of items in flight, and does not borrow
 /// the pool: it may outlive it, in which case the items the pool could not finish come out
-/// as errors of kind [`ErrorKind::Closed`](crate::ErrorKind::Closed). Dropping it stops
+/// as errors of kind [`ErrorKind::Closed`](crate::ErrorKind::Closed). A stream made before
+/// [`Pool::close`] runs to its end, as Python's does, until [`Pool::join`] begins: read it
+/// before joining. (Its input is pulled on the thread that reads it, so an input that waits
+/// for the stream's own outputs, a crawler's frontier fed by its results, say, waits
+/// forever: feed such work with `apply_async` instead.) Dropping it stops
 /// feeding and discards outstanding outputs without waiting for them. An item's error is
 /// one of those listed for [`Pool::map`], and names the task and the item's input position.
 ///
@@ -59,6 +63,9 @@ pub struct IMap<T: Task, I> {
     shared: Arc<Shared>,
     state: Arc<CallState<T::Output>>,
     input: Option<I>,
+    /// While there is input to pull, if the pool was running when the stream was made: its
+    /// work is queued after `close()` too, until `join()`.
+    stream: Option<Stream>,
     spec: Result<ChunkSpec, Error>,
     chunking: Chunking,
     ordered: bool,
@@ -99,6 +106,7 @@ where
             shared: Arc::clone(pool.shared()),
             state: CallState::new(T::NAME, pool.shared().spin),
             input: Some(input),
+            stream: pool.shared().open_stream(),
             spec,
             chunking,
             ordered,
@@ -175,6 +183,7 @@ where
     fn feed(&mut self) {
         loop {
             if self.input.is_none() {
+                self.stream = None;
                 return;
             }
             let size = self.chunk_size();
@@ -190,6 +199,7 @@ where
             let count = items.len();
             self.state.expect(count, exhausted);
             if count == 0 {
+                self.stream = None;
                 return;
             }
             let first = self.submitted;
@@ -209,7 +219,7 @@ where
                 self.item_bytes = chunk.item_bytes();
                 self.largest_item_bytes = self.largest_item_bytes.max(self.item_bytes);
             }
-            if self.shared.submit(chunks).is_err() {
+            if self.shared.submit(self.stream.as_ref(), chunks).is_err() {
                 // The pool is gone: the refused items come out as errors; stop there.
                 self.input = None;
                 self.state.expect(0, true);

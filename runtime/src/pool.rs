@@ -355,8 +355,10 @@ impl Pool {
     }
 
     /// Stops accepting new work (calls made after it resolve to an error of kind
-    /// [`ErrorKind::Closed`](crate::ErrorKind::Closed)); work already submitted still runs. Follow with
-    /// [`join`](Self::join) to wait for it. Python's `Pool.close`.
+    /// [`ErrorKind::Closed`](crate::ErrorKind::Closed)); work already submitted still runs, and so
+    /// does the rest of a call made before it: an [`imap`](Self::imap) goes on pulling its
+    /// input as it is read, until [`join`](Self::join) begins. Follow with `join` to wait
+    /// for the work. Python's `Pool.close`.
     ///
     /// ```no_run
     /// # use multiproc::{Pool, task};
@@ -398,7 +400,10 @@ impl Pool {
 
     /// Waits for the workers to exit, after [`close`](Self::close) or
     /// [`terminate`](Self::terminate). Without either it would wait forever, so it closes
-    /// the pool first.
+    /// the pool first. The work already queued runs first; a stream
+    /// ([`imap`](Self::imap)) still being read queues no more: it yields what was queued,
+    /// then errors of kind [`ErrorKind::Closed`](crate::ErrorKind::Closed), and ends. So read
+    /// streams to their end before joining.
     ///
     /// ```no_run
     /// # use multiproc::Pool;
@@ -411,6 +416,7 @@ impl Pool {
     /// ```
     pub fn join(&self) {
         self.shared.close();
+        self.shared.end_streams();
         // The lock is held while joining, so that a second caller waits for the slots too
         // instead of returning while the first still joins. Slot threads never take it.
         let _joining = self.joining.lock().unwrap_or_else(PoisonError::into_inner);

@@ -209,6 +209,38 @@ struct State {
     threads_starting: usize,
     /// Dormant slots whose workers `finish_dormant` is stopping.
     leaving: usize,
+    /// Live [`Stream`]s: calls made while the pool ran that may still queue work.
+    streams: usize,
+    /// `join()` has begun: streams may queue no more.
+    joining: bool,
+}
+
+impl State {
+    /// A closing pool waits for the work its live streams may still queue.
+    fn awaits_streams(&self) -> bool {
+        self.phase == Phase::Closing && self.streams > 0 && !self.joining
+    }
+}
+
+/// A call made while the pool ran that may go on queueing its work: an `imap` pulling its
+/// input as it is read, a `map` encoding its input. It may queue after `close()` (a closing
+/// pool's slots wait for it), until `join()` begins; as Python's `imap` made before `close`
+/// runs to its end. Dropped once it has queued all it will.
+pub(crate) struct Stream {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.streams -= 1;
+        let last = state.streams == 0 && state.phase == Phase::Closing;
+        drop(state);
+        if last {
+            // Idle slots of a closing pool now leave.
+            self.shared.wake_all();
+        }
+    }
 }
 
 /// Where a slot waits for work. While its thread waits, the slot itself (its worker, with an
@@ -359,6 +391,8 @@ impl Shared {
                 fatal: None,
                 threads_starting: 0,
                 leaving: 0,
+                streams: 0,
+                joining: false,
             }),
             wakers: (0..slots).map(|_| Condvar::new()).collect(),
             next_seq: AtomicU64::new(1),
@@ -522,11 +556,29 @@ impl Shared {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Queues chunks at the back. Fails them (and returns the error) if the pool no longer
-    /// accepts work.
-    pub(crate) fn submit(&self, chunks: impl IntoIterator<Item = Chunk>) -> Result<(), Error> {
+    /// A [`Stream`] for a call starting now; `None` once the pool is closed or terminated
+    /// (the call's work is then refused).
+    pub(crate) fn open_stream(self: &Arc<Self>) -> Option<Stream> {
         let mut state = self.lock();
-        if let Some(error) = Self::refusal(&state) {
+        if state.phase != Phase::Running {
+            return None;
+        }
+        state.streams += 1;
+        Some(Stream {
+            shared: Arc::clone(self),
+        })
+    }
+
+    /// Queues chunks at the back. Fails them (and returns the error) if the pool no longer
+    /// accepts work: it is closed (unless they come from a `stream` made before, and `join`
+    /// has not begun) or terminated.
+    pub(crate) fn submit(
+        &self,
+        stream: Option<&Stream>,
+        chunks: impl IntoIterator<Item = Chunk>,
+    ) -> Result<(), Error> {
+        let mut state = self.lock();
+        if let Some(error) = Self::refusal(&state, stream.is_some()) {
             drop(state);
             for chunk in chunks {
                 chunk.fail_all(&|index| clone_for(&error, chunk.call.task_name(), index));
@@ -544,9 +596,13 @@ impl Shared {
         Ok(())
     }
 
-    fn refusal(state: &State) -> Option<Error> {
+    fn refusal(state: &State, streamed: bool) -> Option<Error> {
         match state.phase {
             Phase::Running => state
+                .fatal
+                .as_ref()
+                .map(|message| Error::new(ErrorKind::Spawn, message.clone())),
+            Phase::Closing if streamed && !state.joining => state
                 .fatal
                 .as_ref()
                 .map(|message| Error::new(ErrorKind::Spawn, message.clone())),
@@ -560,9 +616,13 @@ impl Shared {
     /// queued, else queues it. For a caller that blocks on the chunk's outcomes right away
     /// (`apply`, the last chunk of `map`): the round trip then wakes two threads, the worker
     /// and the caller, instead of four.
-    pub(crate) fn submit_and_wait(&self, chunk: Chunk) -> Result<(), Error> {
+    pub(crate) fn submit_and_wait(
+        &self,
+        stream: Option<&Stream>,
+        chunk: Chunk,
+    ) -> Result<(), Error> {
         let Some(slot) = self.lend() else {
-            return self.submit([chunk]);
+            return self.submit(stream, [chunk]);
         };
         let mut lent = Lent {
             shared: self,
@@ -614,7 +674,9 @@ impl Shared {
                     Some(Next::Resume)
                 } else if let Some(chunk) = Self::pop_live(&mut state) {
                     Some(Next::Run(chunk))
-                } else if state.phase == Phase::Closing || state.fatal.is_some() {
+                } else if (state.phase == Phase::Closing && !state.awaits_streams())
+                    || state.fatal.is_some()
+                {
                     Some(Next::Exit)
                 } else {
                     None
@@ -794,7 +856,7 @@ impl Shared {
         let state = self.lock();
         match state.phase {
             Phase::Running => true,
-            Phase::Closing => !state.queue.is_empty(),
+            Phase::Closing => !state.queue.is_empty() || state.awaits_streams(),
             Phase::Terminated => false,
         }
     }
@@ -848,6 +910,13 @@ impl Shared {
             state.phase = Phase::Closing;
         }
         drop(state);
+        self.wake_all();
+    }
+
+    /// `join()` begins: streams made before `close()` may queue no more, and the slots leave
+    /// once the queue is empty.
+    pub(crate) fn end_streams(&self) {
+        self.lock().joining = true;
         self.wake_all();
     }
 
