@@ -259,6 +259,47 @@ fn a_child_that_starts_a_long_lived_process_still_joins() -> TestResult {
     Ok(())
 }
 
+/// Starts `sh`, which waits at `gate`, then writes a line to its stderr (the child's, which
+/// it inherited), then writes to `marker` whether that write succeeded. Returns its pid at
+/// once.
+#[allow(clippy::zombie_processes)]
+#[task]
+fn start_late_stderr_writer(gate: String, marker: String) -> u32 {
+    Command::new("sh")
+        .arg("-c")
+        .arg(
+            r#"trap '' PIPE; cat "$0" > /dev/null
+            if echo "a process the child started writes" >&2; then echo ok > "$1"
+            else echo "write failed" > "$1"; fi"#,
+        )
+        .arg(gate)
+        .arg(marker)
+        .spawn()
+        .expect("spawn sh")
+        .id()
+}
+
+/// A process the child started can write to the stderr it inherited after the child is
+/// joined (the pipe is read, and forwarded, until every process holding it is gone).
+fn a_process_the_child_started_can_write_to_stderr_after_join() -> TestResult {
+    let gate = Gate::new();
+    let marker = std::env::temp_dir()
+        .join(format!("multiproc-late-stderr-{}", std::process::id()))
+        .to_string_lossy()
+        .into_owned();
+    let _ = std::fs::remove_file(&marker);
+    let mut p = Process::spawn(start_late_stderr_writer, (gate.path(), marker.clone()))?;
+    let pid = within(LIMIT, "join", move || p.join())??;
+    gate.open();
+    ensure(wait_gone(pid, LIMIT), "the writer finished")?;
+    let wrote = std::fs::read_to_string(&marker).unwrap_or_default();
+    let _ = std::fs::remove_file(&marker);
+    ensure(
+        wrote.trim() == "ok",
+        format!("the writer says {:?}", wrote.trim()),
+    )
+}
+
 /// The scenario process: starts a `Process` that never ends, from a thread that then
 /// exits, reports the child's pid, and waits to be killed.
 fn scenario() -> ! {
@@ -300,6 +341,7 @@ fn main() {
         dropping_a_running_process_kills_it_and_what_it_started,
         a_process_outlives_the_thread_that_started_it,
         a_child_that_starts_a_long_lived_process_still_joins,
+        a_process_the_child_started_can_write_to_stderr_after_join,
         a_crash_is_seen_while_a_process_the_child_forked_holds_the_channel,
         children_die_with_a_killed_parent,
     ]);

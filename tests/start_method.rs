@@ -35,6 +35,19 @@ fn abort_with(note: String) -> u8 {
     std::process::abort();
 }
 
+/// Lines of [`noisy`]: 256 KiB in all, four times what a pipe holds.
+const NOISY_LINES: usize = 4096;
+const NOISY_LINE: &str = "a worker writes much to stderr .................................";
+
+/// Writes `lines` lines of 64 bytes to stderr: an initializer that logs as much as a model
+/// loader's progress, say.
+#[task]
+fn noisy(lines: usize) {
+    for _ in 0..lines {
+        eprintln!("{NOISY_LINE}");
+    }
+}
+
 #[task]
 fn own_pid() -> u32 {
     std::process::id()
@@ -196,9 +209,115 @@ fn scenario(which: &str) -> ! {
         "answers-later" => scenario_answers_later(builder),
         "idle-past-start-timeout" => scenario_idle_past_start_timeout(builder),
         "unused" => scenario_unused(&builder),
+        "noisy-initializer" => scenario_noisy_initializer(builder),
+        "stderr-held" => scenario_stderr_held(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
+}
+
+/// An initializer that writes more to stderr than a pipe holds: the pool starts (the
+/// worker's stderr is read while it starts), and all of it is forwarded by the time the pool
+/// is dropped.
+fn scenario_noisy_initializer(builder: PoolBuilder) {
+    let pool = builder
+        .start_timeout(std::time::Duration::from_secs(30))
+        .initializer(noisy, (NOISY_LINES,))
+        .build()
+        .expect("pool");
+    assert_eq!(pool.apply(square, (3,)).expect("apply"), 9);
+    drop(pool);
+    println!("ok");
+}
+
+/// The program holds std's lock on its stderr while tasks that write there run: the pool
+/// forwards their output without that lock (as a worker writing to an inherited stderr
+/// would), so the map ends, and a deadline is kept meanwhile.
+fn scenario_stderr_held(builder: PoolBuilder) {
+    let pool = builder
+        .processes(2)
+        .task_timeout(std::time::Duration::from_mins(1))
+        .build()
+        .expect("pool");
+    let held = std::io::stderr().lock();
+    let outputs = pool
+        .with_chunking(multiproc::Chunking::Fixed(1))
+        .map(noisy, vec![NOISY_LINES / 16; 16])
+        .expect("map");
+    drop(held);
+    assert_eq!(outputs.len(), 16);
+    drop(pool);
+    println!("ok");
+}
+
+/// Runs `scenario` with `method`, killed if it has not ended within `limit`: its exit
+/// status, stdout and stderr.
+fn run_scenario_within(
+    scenario: &str,
+    method: &str,
+    limit: std::time::Duration,
+) -> Result<(std::process::ExitStatus, String, String), Box<dyn std::error::Error>> {
+    let child = Command::new(std::env::current_exe()?)
+        .env_remove("MULTIPROC_START_METHOD")
+        .env(SCENARIO, format!("{scenario}:{method}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let out = support::within(limit, scenario, move || child.wait_with_output());
+    let out = match out {
+        Ok(out) => out?,
+        Err(hung) => {
+            // Its workers die with it.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid.cast_signed()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(hung.into());
+        }
+    };
+    Ok((
+        out.status,
+        String::from_utf8(out.stdout)?,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn an_initializer_that_writes_much_to_stderr_starts() -> TestResult {
+    for method in ["fork", "spawn"] {
+        let (status, stdout, stderr) = run_scenario_within(
+            "noisy-initializer",
+            method,
+            std::time::Duration::from_mins(1),
+        )?;
+        ensure(
+            status.success() && stdout.trim() == "ok",
+            format!("{method}: {status}: {stdout}"),
+        )?;
+        let forwarded = stderr.lines().filter(|line| *line == NOISY_LINE).count();
+        ensure(
+            forwarded == NOISY_LINES,
+            format!("{method}: {forwarded} of {NOISY_LINES} lines reached stderr"),
+        )?;
+    }
+    Ok(())
+}
+
+fn a_map_ends_while_the_program_holds_its_stderr() -> TestResult {
+    for method in ["fork", "spawn"] {
+        let (status, stdout, stderr) =
+            run_scenario_within("stderr-held", method, std::time::Duration::from_mins(1))?;
+        ensure(
+            status.success() && stdout.trim() == "ok",
+            format!("{method}: {status}: {stdout}"),
+        )?;
+        let forwarded = stderr.lines().filter(|line| *line == NOISY_LINE).count();
+        ensure(
+            forwarded == NOISY_LINES,
+            format!("{method}: {forwarded} of {NOISY_LINES} lines reached stderr"),
+        )?;
+    }
+    Ok(())
 }
 
 /// A forked worker pins itself through glibc and checks its robust-mutex list.
@@ -764,6 +883,8 @@ fn main() {
         scenario(&which);
     }
     support::run(tests![
+        an_initializer_that_writes_much_to_stderr_starts,
+        a_map_ends_while_the_program_holds_its_stderr,
         workers_see_the_environment_and_directory_of_the_caller,
         workers_forked_or_spawned_report_a_crash_alike,
         a_pool_starts_when_the_fork_server_is_gone,

@@ -70,7 +70,8 @@ pub enum StartMethod {
     /// `#[multiproc::main]` makes first thing in `main`, while the program is still
     /// single-threaded. A worker is ready in a fraction of a millisecond, against a whole
     /// program start (`BENCHMARKS.md`, W4). The worker gets the caller's current
-    /// environment, working directory, stdout and stderr. Without an initializer, `build`
+    /// environment, working directory and stdout (its stderr is forwarded to the caller's,
+    /// as a spawned worker's is). Without an initializer, `build`
     /// returns without waiting for forked workers, and the pool starts no thread until its
     /// work needs one (see [`PoolBuilder::build`]).
     ///

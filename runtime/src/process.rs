@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 /// [`Connection`](crate::Connection), [`Queue`](crate::Queue)) in the arguments reach the
 /// child; the parent's own copies in the arguments are dropped when the child has started.
 ///
-/// The child's stdout and stderr are the parent's. It runs in a process group of its own:
+/// The child's stdout is the parent's; its stderr is forwarded to the parent's (see the
+/// README, "Protocol"), also for what the child started, after the child is gone. It runs
+/// in a process group of its own:
 /// [`terminate`](Process::terminate) and [`kill`](Process::kill) signal it and every process
 /// it started.
 ///

@@ -507,7 +507,7 @@ impl Slot {
                 });
                 worker.shutdown(grace);
             }
-            worker.stderr.pump();
+            worker.stderr.settle(deadline);
         }
         self.shared.set_pid(self.index, None);
     }
@@ -581,7 +581,7 @@ impl Slot {
     fn recycle_worker(&mut self) {
         if let Some(mut worker) = self.worker.take() {
             worker.shutdown(self.config.shutdown_grace);
-            worker.stderr.pump();
+            worker.stderr.settle(None);
         }
         self.reset_channel_state();
     }

@@ -471,7 +471,15 @@ impl WorkerProcess {
         deadline: Instant,
         stop: Option<&OwnedFd>,
     ) -> Result<Range<usize>, StartEnd> {
-        read_start_frame(&self.conn, reader, deadline, stop, self.exit_fd())
+        let exit = self.exit.as_ref().map(AsFd::as_fd);
+        read_start_frame(
+            &self.conn,
+            reader,
+            deadline,
+            stop,
+            exit,
+            Some(&mut self.stderr),
+        )
     }
 
     fn handshake(&mut self, digest: u64, options: &SpawnOptions) -> Result<(), Error> {
@@ -813,13 +821,15 @@ fn channel() -> Result<(UnixStream, OwnedFd), Error> {
 
 /// Reads one frame from a starting worker's channel: until `deadline`, no longer than the
 /// pool lives (`stop`), and no longer than the worker does (`exit`, see
-/// [`WorkerProcess::exit_fd`]; what it sent before is read first).
+/// [`WorkerProcess::exit_fd`]; what it sent before is read first). Its `stderr` is taken
+/// meanwhile: a worker (an initializer) that writes much there must not wait on a full pipe.
 fn read_start_frame(
     mut conn: &UnixStream,
     reader: &mut FrameReader,
     deadline: Instant,
     stop: Option<&OwnedFd>,
     exit: Option<BorrowedFd<'_>>,
+    mut stderr: Option<&mut StderrTail>,
 ) -> Result<Range<usize>, StartEnd> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut exited = false;
@@ -831,7 +841,7 @@ fn read_start_frame(
         if left.is_zero() {
             return Err(StartEnd::TimedOut);
         }
-        let (readable, stopped) = {
+        let (readable, stopped, said) = {
             let mut fds = vec![PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
             let exit_at = fds.len();
             if let Some(exit) = exit.filter(|_| !exited) {
@@ -840,6 +850,10 @@ fn read_start_frame(
             let stop_at = fds.len();
             if let Some(stop) = stop {
                 fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+            }
+            let stderr_at = fds.len();
+            if let Some(fd) = stderr.as_ref().and_then(|stderr| stderr.fd()) {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
             // Once the worker has exited, only what is in the socket already is read.
             let wait = if exited {
@@ -858,10 +872,17 @@ fn read_start_frame(
             }
             let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
             exited |= exit_at < stop_at && ready(&fds[exit_at]);
-            (ready(&fds[0]), fds.get(stop_at).is_some_and(ready))
+            (
+                ready(&fds[0]),
+                stop_at < stderr_at && ready(&fds[stop_at]),
+                fds.get(stderr_at).is_some_and(ready),
+            )
         };
         if stopped {
             return Err(StartEnd::Stopped);
+        }
+        if said && let Some(stderr) = stderr.as_mut() {
+            stderr.pump();
         }
         if !readable {
             if exited {
@@ -897,7 +918,7 @@ fn reap_lost(conn: UnixStream) -> Option<std::thread::JoinHandle<()>> {
         .spawn(move || {
             let mut reader = FrameReader::new(1024);
             let deadline = deadline_after(Duration::from_secs(2));
-            let Ok(range) = read_start_frame(&conn, &mut reader, deadline, None, None) else {
+            let Ok(range) = read_start_frame(&conn, &mut reader, deadline, None, None, None) else {
                 return;
             };
             let Ok((Header::Ready { pid, .. }, _)) = protocol::parse_body(reader.body(range))

@@ -1,19 +1,143 @@
-//! A worker's stderr: forwarded to the parent's stderr as it arrives, with its last lines
-//! kept, so an error about a worker that died can quote what it said before dying.
+//! A worker's stderr: a pipe, forwarded to the parent's stderr, with its last lines kept so
+//! an error about a worker that died can quote what it said before dying.
+//!
+//! The worker's owner (its slot, or a `Process`'s supervisor) polls the pipe with the
+//! worker's channel until it first has something to say. From then on the pipe belongs to
+//! the process's one forwarding thread ([`Forwarder`], started at that moment), which reads
+//! it, keeps its tail, and writes what it reads to the parent's stderr (file descriptor 2,
+//! without std's lock on it: as a worker writing to an inherited stderr would) until end of
+//! stream, that is until every process holding its write end is gone, those a task started
+//! included. So:
+//! - a slow, full or held stderr stalls only the workers writing to it (as an inherited one
+//!   would), never a thread that enforces deadlines or waits for results;
+//! - a process a task started can go on writing to stderr after its worker is gone;
+//! - a program whose workers write nothing to stderr never starts the thread.
+//!
+//! When a worker is stopped, its owner waits (a moment at most) for what it wrote to be
+//! written out ([`StderrTail::settle`]), so that it comes before what the program writes
+//! next.
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Bytes of a worker's stderr kept for error reports.
 const KEEP: usize = 8 * 1024;
 /// Lines quoted in an error.
 const LINES: usize = 12;
+/// Bytes read from a pipe at a time.
+const READ: usize = 16 * 1024;
+/// A line longer than this is written in parts (while the rest of it has not come).
+const LINE_MAX: usize = 8 * 1024;
+/// How long [`StderrTail::settle`] waits for a stopped worker's output to be written, at most.
+const SETTLE: Duration = Duration::from_secs(1);
 
+/// One worker's stderr pipe.
 pub(crate) struct StderrTail {
-    pipe: Option<File>,
+    /// The read end, until its end of stream.
+    pipe: Option<Arc<File>>,
+    /// What was read of it, shared with the forwarder once it has the pipe.
+    shared: Arc<Shared>,
+    /// The forwarder has the pipe: its owner no longer polls it.
+    handed_over: bool,
+}
+
+/// What was read of one pipe, and a signal for each write of it.
+#[derive(Default)]
+struct Shared {
+    seen: Mutex<Seen>,
+    written: Condvar,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// The last [`KEEP`] bytes.
     tail: VecDeque<u8>,
+    /// Bytes read by the owner that the forwarder has yet to write.
+    unwritten: Vec<u8>,
+    /// The start of a line whose end has not come yet: whole lines are written, so that
+    /// workers' lines do not interleave (a line is often several writes: `eprintln!` makes
+    /// one per piece).
+    partial: Vec<u8>,
+    /// The worker is gone: write `partial` too.
+    flush: bool,
+    /// Bytes read, and bytes written to the parent's stderr (or dropped, when it takes none).
+    read: u64,
+    written: u64,
+}
+
+/// What one read of a pipe found.
+enum Got {
+    /// Bytes (kept in the tail already).
+    Bytes(Vec<u8>),
+    /// Nothing for now: its writers are still there.
+    Nothing,
+    /// End of stream: no process holds the write end any more.
+    End,
+}
+
+impl Seen {
+    /// Reads what `pipe` (non-blocking) has now, up to [`READ`] bytes, into the tail.
+    fn read_from(&mut self, pipe: &File) -> Got {
+        let mut buf = vec![0u8; READ];
+        loop {
+            match (&*pipe).read(&mut buf) {
+                Ok(0) => return Got::End,
+                Ok(n) => {
+                    buf.truncate(n);
+                    self.read += n as u64;
+                    self.tail.extend(&buf);
+                    let excess = self.tail.len().saturating_sub(KEEP);
+                    self.tail.drain(..excess);
+                    return Got::Bytes(buf);
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Got::Nothing,
+                // Not a pipe that can be read: as if it had ended.
+                Err(_) => return Got::End,
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Seen> {
+        lock(&self.seen)
+    }
+
+    /// Writes the whole lines of what is held back followed by `bytes` (all of it at the
+    /// pipe's end, once the worker is gone, or past [`LINE_MAX`]), then counts them written.
+    fn forward(&self, bytes: &[u8], end: bool) {
+        let out = {
+            let mut seen = self.lock();
+            let mut out = std::mem::take(&mut seen.partial);
+            out.extend_from_slice(bytes);
+            let lines = out.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1);
+            let whole = if end || seen.flush || out.len() - lines > LINE_MAX {
+                out.len()
+            } else {
+                lines
+            };
+            seen.flush = false;
+            seen.partial = out.split_off(whole);
+            out
+        };
+        if out.is_empty() {
+            return;
+        }
+        write_stderr(&out);
+        self.lock().written += out.len() as u64;
+        self.written.notify_all();
+    }
+
+    /// Writes what the owner read (all of it with `end`).
+    fn forward_unwritten(&self, end: bool) {
+        let bytes = std::mem::take(&mut self.lock().unwritten);
+        self.forward(&bytes, end);
+    }
 }
 
 impl StderrTail {
@@ -25,46 +149,113 @@ impl StderrTail {
             let _ = fcntl(pipe.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
         }
         StderrTail {
-            pipe,
-            tail: VecDeque::with_capacity(KEEP),
+            pipe: pipe.map(Arc::new),
+            shared: Arc::default(),
+            handed_over: false,
         }
     }
 
-    /// The descriptor to poll, until end of stream.
+    /// The descriptor for the owner to poll: until the pipe first has something to say.
     pub(crate) fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.pipe.as_ref().map(AsFd::as_fd)
+        self.pipe
+            .as_ref()
+            .filter(|_| !self.handed_over)
+            .map(|pipe| pipe.as_fd())
     }
 
-    /// Forwards whatever is available now; stops at end of stream or when nothing is left.
+    /// Takes what the pipe has now, never waiting: bytes go to the forwarder, which gets
+    /// the pipe with the first of them and reads the rest itself; end of stream closes it.
     pub(crate) fn pump(&mut self) {
-        let Some(pipe) = &mut self.pipe else {
+        self.take(false);
+    }
+
+    /// Reads what the pipe has now (all of it with `all`; else, while its owner still polls
+    /// it, its first bytes) for the forwarder to write.
+    fn take(&mut self, all: bool) {
+        let Some(pipe) = &self.pipe else {
             return;
         };
-        let mut buf = [0u8; 4096];
-        loop {
-            match pipe.read(&mut buf) {
-                Ok(0) => {
-                    self.pipe = None;
-                    return;
+        let mut seen = self.shared.lock();
+        let mut read = Vec::new();
+        let ended = loop {
+            match seen.read_from(pipe) {
+                Got::Bytes(bytes) => {
+                    read.extend_from_slice(&bytes);
+                    // The rest is the forwarder's to read, once it has the pipe.
+                    if !all && !self.handed_over {
+                        break false;
+                    }
                 }
-                Ok(n) => {
-                    // Forwarding is best effort: a closed parent stderr must not stop the pool.
-                    let _ = io::stderr().lock().write_all(&buf[..n]);
-                    self.tail.extend(&buf[..n]);
-                    let excess = self.tail.len().saturating_sub(KEEP);
-                    self.tail.drain(..excess);
-                }
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return, // WouldBlock: nothing more for now
+                Got::Nothing => break false,
+                Got::End => break true,
             }
+        };
+        let any = !read.is_empty();
+        seen.unwritten.append(&mut read);
+        drop(seen);
+        if ended {
+            self.pipe = None;
+        }
+        if !any {
+            return;
+        }
+        let Some(forwarder) = Forwarder::get() else {
+            // No thread to forward with: written from here (it may wait).
+            self.shared.forward_unwritten(true);
+            return;
+        };
+        match &self.pipe {
+            Some(pipe) if !self.handed_over => {
+                self.handed_over = true;
+                forwarder.adopt(Arc::clone(pipe), Arc::clone(&self.shared));
+            }
+            _ => forwarder.adopt_unwritten(Arc::clone(&self.shared)),
         }
     }
 
-    /// The last lines written, for an error message.
+    /// For a worker that is gone: takes all the pipe has, and waits until the forwarder has
+    /// written it (so that it comes out before what the program writes next), for
+    /// [`SETTLE`] at most, and not past `until` (workers stopped together share one): a
+    /// stderr that takes nothing gets the rest later, or never.
+    pub(crate) fn settle(&mut self, until: Option<Instant>) {
+        let deadline = until.map_or(Instant::now() + SETTLE, |until| {
+            until.min(Instant::now() + SETTLE)
+        });
+        self.take(true);
+        let mut seen = self.shared.lock();
+        if seen.written == seen.read {
+            return;
+        }
+        // Its last line, ended or not, is due now.
+        seen.flush = true;
+        drop(seen);
+        match Forwarder::get() {
+            Some(forwarder) => forwarder.adopt_unwritten(Arc::clone(&self.shared)),
+            None => self.shared.forward_unwritten(true),
+        }
+        let mut seen = self.shared.lock();
+        while seen.written < seen.read {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            seen = self
+                .shared
+                .written
+                .wait_timeout(seen, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The last lines written, for an error message: what the pipe has now is read first
+    /// (the worker is gone: all it wrote is there).
     pub(crate) fn last_lines(&mut self) -> Option<String> {
-        self.pump();
-        let (front, back) = self.tail.as_slices();
+        self.take(true);
+        let seen = self.shared.lock();
+        let (front, back) = seen.tail.as_slices();
         let text = String::from_utf8_lossy(&[front, back].concat()).into_owned();
+        drop(seen);
         let lines: Vec<&str> = text
             .lines()
             .filter(|line| !line.trim().is_empty())
@@ -72,5 +263,172 @@ impl StderrTail {
         let start = lines.len().saturating_sub(LINES);
         let tail = lines[start..].join("\n");
         (!tail.is_empty()).then_some(tail)
+    }
+}
+
+impl Drop for StderrTail {
+    /// The worker is gone, but a process it started may hold the write end and write to it
+    /// later: unless the pipe has ended, the forwarder takes it, until it does.
+    fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
+        self.take(true);
+        if let Some(pipe) = self.pipe.take()
+            && !self.handed_over
+            && let Some(forwarder) = Forwarder::get()
+        {
+            forwarder.adopt(pipe, Arc::clone(&self.shared));
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The process's stderr forwarding thread: reads the pipes handed to it, writes what it
+/// reads to file descriptor 2, and closes each pipe at its end of stream.
+struct Forwarder {
+    work: Mutex<Work>,
+    /// Written to, to wake the thread for new work (non-blocking: a full pipe wakes it too).
+    wake_write: OwnedFd,
+    wake_read: OwnedFd,
+}
+
+#[derive(Default)]
+struct Work {
+    /// Pipes to read, with what was read of each.
+    pipes: Vec<(Arc<File>, Arc<Shared>)>,
+    /// Pipes whose owner read bytes that are still to be written.
+    unwritten: Vec<Arc<Shared>>,
+}
+
+impl Forwarder {
+    /// The forwarder, its thread started on first use; `None` where no thread could be
+    /// started.
+    fn get() -> Option<&'static Forwarder> {
+        static FORWARDER: OnceLock<Option<Forwarder>> = OnceLock::new();
+        FORWARDER.get_or_init(Forwarder::start).as_ref()
+    }
+
+    fn start() -> Option<Forwarder> {
+        use nix::fcntl::OFlag;
+        let (wake_read, wake_write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).ok()?;
+        std::thread::Builder::new()
+            .name("multiproc-stderr".to_owned())
+            .spawn(|| {
+                // It runs once `get` has the forwarder in place (its first call waits).
+                if let Some(forwarder) = Forwarder::get() {
+                    forwarder.run();
+                }
+            })
+            .ok()?;
+        Some(Forwarder {
+            work: Mutex::default(),
+            wake_write,
+            wake_read,
+        })
+    }
+
+    /// Takes `pipe`, to read and forward until its end of stream, after what its owner read.
+    fn adopt(&self, pipe: Arc<File>, shared: Arc<Shared>) {
+        let mut work = lock(&self.work);
+        work.unwritten.push(Arc::clone(&shared));
+        work.pipes.push((pipe, shared));
+        drop(work);
+        self.wake();
+    }
+
+    /// Writes what the owner of `shared` read.
+    fn adopt_unwritten(&self, shared: Arc<Shared>) {
+        lock(&self.work).unwritten.push(shared);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        let _ = nix::unistd::write(&self.wake_write, &[1]);
+    }
+
+    fn run(&self) -> ! {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut sink = [0u8; 64];
+        loop {
+            let (pipes, unwritten) = {
+                let mut work = lock(&self.work);
+                (work.pipes.clone(), std::mem::take(&mut work.unwritten))
+            };
+            for shared in unwritten {
+                shared.forward_unwritten(false);
+            }
+            let mut fds = vec![PollFd::new(self.wake_read.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                pipes
+                    .iter()
+                    .map(|(pipe, _)| PollFd::new(pipe.as_fd(), PollFlags::POLLIN)),
+            );
+            if poll(&mut fds, PollTimeout::NONE).is_err() {
+                continue;
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            if ready[0] {
+                while matches!(nix::unistd::read(&self.wake_read, &mut sink), Ok(n) if n > 0) {}
+            }
+            let mut ended = Vec::new();
+            for ((pipe, shared), _) in pipes.iter().zip(&ready[1..]).filter(|(_, ready)| **ready) {
+                // What the owner read comes first: it came first.
+                let (mut bytes, got) = {
+                    let mut seen = shared.lock();
+                    let earlier = std::mem::take(&mut seen.unwritten);
+                    (earlier, seen.read_from(pipe))
+                };
+                let end = match got {
+                    Got::Bytes(more) => {
+                        bytes.extend_from_slice(&more);
+                        false
+                    }
+                    Got::Nothing => false,
+                    Got::End => {
+                        ended.push(Arc::clone(pipe));
+                        true
+                    }
+                };
+                shared.forward(&bytes, end);
+            }
+            if !ended.is_empty() {
+                lock(&self.work)
+                    .pipes
+                    .retain(|(pipe, _)| !ended.iter().any(|end| Arc::ptr_eq(end, pipe)));
+            }
+        }
+    }
+}
+
+/// Writes `bytes` to file descriptor 2, whatever it is now, waiting while it is full; drops
+/// them if it is closed or broken (forwarding is best effort: the pool goes on regardless).
+fn write_stderr(mut bytes: &[u8]) {
+    use nix::errno::Errno;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let stderr = io::stderr();
+    let fd = stderr.as_fd();
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno::EINTR) => {}
+            // A non-blocking stderr that is full: wait until it takes more.
+            Err(Errno::EAGAIN) => {
+                let _ = poll(
+                    &mut [PollFd::new(fd, PollFlags::POLLOUT)],
+                    PollTimeout::NONE,
+                );
+            }
+            Err(_) => return,
+        }
     }
 }

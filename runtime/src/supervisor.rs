@@ -206,6 +206,7 @@ fn supervise(
         let _ = killpg(Pid::from_raw(pid.cast_signed()), Signal::SIGKILL);
     }
     wait_exited(pid);
+    worker.stderr.settle(None);
     let mut state = life.lock();
     let status = worker.wait();
     state.status = Some(status);
