@@ -158,9 +158,14 @@ impl PoolBuilder {
     }
 
     /// A deadline for every task of every call: a task still running `timeout` after it
-    /// started is killed, with its worker and every process it started (the worker's process
-    /// group), and its outcome is an error of kind [`ErrorKind::Timeout`]. The worker is
-    /// replaced; other tasks are unaffected. [`Pool::with_timeout`] sets it per call.
+    /// started is killed, with its worker and the worker's process group (the processes the
+    /// task started, unless one moved to a group or session of its own, as a daemon does),
+    /// and its outcome is an error of kind [`ErrorKind::Timeout`]. The worker is replaced;
+    /// other tasks are unaffected. [`Pool::with_timeout`] sets it per call.
+    ///
+    /// Under a deadline a worker sends each chunk's results as soon as the chunk ends
+    /// (without one, the results of short chunks go back in batches): with
+    /// [`Chunking::Fixed(1)`](Chunking::Fixed), a crash then runs no finished item again.
     ///
     /// ```no_run
     /// # use multiproc::Pool;
