@@ -339,13 +339,8 @@ impl Call<'_> {
         let auto = self.policy.chunking == Chunking::Auto;
         let mut size = if auto { 1 } else { by_len };
         let shared = self.pool.shared();
-        // An input of several batches goes on being queued if the pool closes meanwhile (a
-        // call of one batch queues it at once).
-        let stream = if len > size {
-            shared.open_stream()
-        } else {
-            None
-        };
+        // The input goes on being queued if the pool closes meanwhile.
+        let stream = shared.open_stream();
         let mut first = 0;
         let mut refused = false;
         loop {
@@ -382,7 +377,9 @@ impl Call<'_> {
                 continue;
             }
             let last = (blocking && first >= len).then(|| chunks.pop()).flatten();
-            refused = shared.submit(stream.as_ref(), chunks).is_err();
+            if !chunks.is_empty() {
+                refused = shared.submit(stream.as_ref(), chunks).is_err();
+            }
             if let Some(last) = last {
                 refused |= if refused {
                     shared.submit(stream.as_ref(), [last])

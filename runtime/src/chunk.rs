@@ -127,7 +127,10 @@ pub(crate) fn run_frame(
 /// arguments of an item cannot be encoded (their `Serialize` fails or panics). That item
 /// alone then fails, with a [`Codec`](ErrorKind::Codec) error that names it, as Python's
 /// pool fails the one task it cannot pickle; the items before and after it go in chunks of
-/// their own. A chunk too large for a frame fails as a whole.
+/// their own. An encoding that fails part way through a run is tried again from the item
+/// where it stopped, as the first of its chunk: the fault may be the chunk's (more channel
+/// handles than one message carries), and only an item that fails first in its chunk is
+/// blamed. A chunk too large for a frame fails as a whole.
 pub(crate) fn encode_chunks<A: Serialize + 'static>(
     shared: &Shared,
     call: &Arc<dyn CallSink>,
@@ -144,14 +147,17 @@ pub(crate) fn encode_chunks<A: Serialize + 'static>(
         }
         match encode_chunk(shared, call, spec, first + at, &items[at..at + len]) {
             Ok(chunk) => chunks.push(chunk),
-            Err((Some(bad), err)) => {
-                call.fail(first + at + bad, 1, &|index| {
+            Err((Some(0), err)) => {
+                call.fail(first + at, 1, &|index| {
                     Error::new(err.kind(), err.message().to_owned())
                         .with_task(call.task_name())
                         .with_index(index)
                 });
+                todo.push((at + 1, len - 1));
+            }
+            Err((Some(bad), _)) => {
                 // Those before it encoded once already: encoded again, on their own.
-                todo.push((at + bad + 1, len - bad - 1));
+                todo.push((at + bad, len - bad));
                 todo.push((at, bad));
             }
             Err((None, err)) => {

@@ -602,10 +602,18 @@ impl Shared {
                 .fatal
                 .as_ref()
                 .map(|message| Error::new(ErrorKind::Spawn, message.clone())),
-            Phase::Closing if streamed && !state.joining => state
-                .fatal
-                .as_ref()
-                .map(|message| Error::new(ErrorKind::Spawn, message.clone())),
+            Phase::Closing if streamed && !state.joining => {
+                if state.live_slots == 0 {
+                    Some(Error::closed(
+                        "the pool's last worker left before this item could run",
+                    ))
+                } else {
+                    state
+                        .fatal
+                        .as_ref()
+                        .map(|message| Error::new(ErrorKind::Spawn, message.clone()))
+                }
+            }
             Phase::Closing | Phase::Terminated => Some(Error::closed(
                 "the pool is closed: it accepts no new work after close() or terminate()",
             )),

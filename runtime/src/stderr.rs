@@ -21,7 +21,8 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Bytes of a worker's stderr kept for error reports.
@@ -30,6 +31,9 @@ const KEEP: usize = 8 * 1024;
 const LINES: usize = 12;
 /// Bytes read from a pipe at a time.
 const READ: usize = 16 * 1024;
+/// Bytes an owner reads at most at once: more than a pipe holds by default, and a bound
+/// when a process a task started writes without end.
+const TAKE: usize = 256 * 1024;
 /// A line longer than this is written in parts (while the rest of it has not come).
 const LINE_MAX: usize = 8 * 1024;
 /// How long [`StderrTail::settle`] waits for a stopped worker's output to be written, at most.
@@ -121,7 +125,11 @@ impl Shared {
             } else {
                 lines
             };
-            seen.flush = false;
+            // A flush is for what was read before it: once written, lines are whole again
+            // (a process the task started may write on).
+            if whole == out.len() {
+                seen.flush = false;
+            }
             seen.partial = out.split_off(whole);
             out
         };
@@ -169,9 +177,10 @@ impl StderrTail {
         self.take(false);
     }
 
-    /// Reads what the pipe has now (all of it with `all`; else, while its owner still polls
-    /// it, its first bytes) for the forwarder to write.
-    fn take(&mut self, all: bool) {
+    /// Reads what the pipe has now for the forwarder to write: with `gone` (its worker is
+    /// gone), all of it (up to [`TAKE`]: the forwarder reads the rest) and its last line
+    /// ended or not; else, while its owner still polls it, its first bytes.
+    fn take(&mut self, gone: bool) {
         let Some(pipe) = &self.pipe else {
             return;
         };
@@ -182,7 +191,7 @@ impl StderrTail {
                 Got::Bytes(bytes) => {
                     read.extend_from_slice(&bytes);
                     // The rest is the forwarder's to read, once it has the pipe.
-                    if !all && !self.handed_over {
+                    if !gone && !self.handed_over || read.len() >= TAKE {
                         break false;
                     }
                 }
@@ -192,16 +201,18 @@ impl StderrTail {
         };
         let any = !read.is_empty();
         seen.unwritten.append(&mut read);
+        seen.flush |= gone || ended;
+        let due = seen.written < seen.read;
         drop(seen);
         if ended {
             self.pipe = None;
         }
-        if !any {
+        if !any && !due {
             return;
         }
         let Some(forwarder) = Forwarder::get() else {
             // No thread to forward with: written from here (it may wait).
-            self.shared.forward_unwritten(true);
+            self.shared.forward_unwritten(false);
             return;
         };
         match &self.pipe {
@@ -223,17 +234,6 @@ impl StderrTail {
         });
         self.take(true);
         let mut seen = self.shared.lock();
-        if seen.written == seen.read {
-            return;
-        }
-        // Its last line, ended or not, is due now.
-        seen.flush = true;
-        drop(seen);
-        match Forwarder::get() {
-            Some(forwarder) => forwarder.adopt_unwritten(Arc::clone(&self.shared)),
-            None => self.shared.forward_unwritten(true),
-        }
-        let mut seen = self.shared.lock();
         while seen.written < seen.read {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -248,10 +248,10 @@ impl StderrTail {
         }
     }
 
-    /// The last lines written, for an error message: what the pipe has now is read first
-    /// (the worker is gone: all it wrote is there).
+    /// The last lines a worker that is gone wrote, for an error message: once all it wrote
+    /// is written out ([`settle`](Self::settle)), so that the error comes after them.
     pub(crate) fn last_lines(&mut self) -> Option<String> {
-        self.take(true);
+        self.settle(None);
         let seen = self.shared.lock();
         let (front, back) = seen.tail.as_slices();
         let text = String::from_utf8_lossy(&[front, back].concat()).into_owned();
@@ -292,11 +292,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The process's stderr forwarding thread: reads the pipes handed to it, writes what it
 /// reads to file descriptor 2, and closes each pipe at its end of stream.
 struct Forwarder {
+    /// The process it forwards for.
+    pid: u32,
+    /// Its thread: [`NONE`], [`STARTING`] or [`RUNNING`].
+    thread: AtomicU8,
     work: Mutex<Work>,
     /// Written to, to wake the thread for new work (non-blocking: a full pipe wakes it too).
     wake_write: OwnedFd,
     wake_read: OwnedFd,
 }
+
+const NONE: u8 = 0;
+const STARTING: u8 = 1;
+const RUNNING: u8 = 2;
 
 #[derive(Default)]
 struct Work {
@@ -307,27 +315,71 @@ struct Work {
 }
 
 impl Forwarder {
-    /// The forwarder, its thread started on first use; `None` where no thread could be
-    /// started.
+    /// This process's forwarder, its thread started on first use; `None` where no thread
+    /// could be started now (a later call tries again, and that thread then takes what was
+    /// handed over meanwhile). A copy of the program made with `fork` has none of its
+    /// parent's threads: it makes its own forwarder, and never touches its parent's (whose
+    /// locks another thread may have held at the fork).
     fn get() -> Option<&'static Forwarder> {
-        static FORWARDER: OnceLock<Option<Forwarder>> = OnceLock::new();
-        FORWARDER.get_or_init(Forwarder::start).as_ref()
+        let forwarder = Forwarder::current()?;
+        loop {
+            match forwarder.thread.load(Ordering::Acquire) {
+                RUNNING => return Some(forwarder),
+                // Another thread is starting it.
+                STARTING => std::thread::yield_now(),
+                _ => {
+                    if forwarder
+                        .thread
+                        .compare_exchange(NONE, STARTING, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    let started = std::thread::Builder::new()
+                        .name("multiproc-stderr".to_owned())
+                        .spawn(move || forwarder.run())
+                        .is_ok();
+                    let now = if started { RUNNING } else { NONE };
+                    forwarder.thread.store(now, Ordering::Release);
+                    return started.then_some(forwarder);
+                }
+            }
+        }
     }
 
-    fn start() -> Option<Forwarder> {
+    /// This process's forwarder, made if there is none yet (its thread may not be started).
+    fn current() -> Option<&'static Forwarder> {
+        static FORWARDER: AtomicPtr<Forwarder> = AtomicPtr::new(std::ptr::null_mut());
+        let pid = std::process::id();
+        loop {
+            let current = FORWARDER.load(Ordering::Acquire);
+            // SAFETY: a non-null pointer here is a leaked `Box`, never freed.
+            if let Some(forwarder) = unsafe { current.as_ref() }
+                && forwarder.pid == pid
+            {
+                return Some(forwarder);
+            }
+            let new = Box::into_raw(Box::new(Forwarder::new(pid)?));
+            if FORWARDER
+                .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // SAFETY: leaked just above: it lives as long as the process.
+                return Some(unsafe { &*new });
+            }
+            // Another thread put its own in place first; ours was never shared.
+            // SAFETY: made by `Box::into_raw` above, and not published.
+            drop(unsafe { Box::from_raw(new) });
+        }
+    }
+
+    fn new(pid: u32) -> Option<Forwarder> {
         use nix::fcntl::OFlag;
         let (wake_read, wake_write) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).ok()?;
-        std::thread::Builder::new()
-            .name("multiproc-stderr".to_owned())
-            .spawn(|| {
-                // It runs once `get` has the forwarder in place (its first call waits).
-                if let Some(forwarder) = Forwarder::get() {
-                    forwarder.run();
-                }
-            })
-            .ok()?;
         Some(Forwarder {
+            pid,
+            thread: AtomicU8::new(NONE),
             work: Mutex::default(),
             wake_write,
             wake_read,
