@@ -138,14 +138,24 @@ pub(crate) fn encode_chunks<A: Serialize + 'static>(
     first: usize,
     items: &[A],
 ) -> Vec<Chunk> {
-    let mut chunks = Vec::with_capacity(1);
+    // Nearly always one chunk.
+    let first_try = match encode_chunk(shared, call, spec, first, items) {
+        Ok(chunk) => return vec![chunk],
+        Err(failed) => failed,
+    };
+    let mut chunks = Vec::new();
     // Runs of items still to encode (offset, length), the next one last.
     let mut todo = vec![(0, items.len())];
+    let mut first_try = Some(first_try);
     while let Some((at, len)) = todo.pop() {
         if len == 0 {
             continue;
         }
-        match encode_chunk(shared, call, spec, first + at, &items[at..at + len]) {
+        let encoded = match first_try.take() {
+            Some(failed) => Err(failed),
+            None => encode_chunk(shared, call, spec, first + at, &items[at..at + len]),
+        };
+        match encoded {
             Ok(chunk) => chunks.push(chunk),
             Err((Some(0), err)) => {
                 call.fail(first + at, 1, &|index| {
