@@ -21,10 +21,20 @@
 /// [`Pool::starmap`], [`Pool::apply`] and the other calls accept. Arguments and the return
 /// type must be owned and implement serde's `Serialize` and `Deserialize` ([`Payload`]).
 ///
+/// The name becomes a unit struct (a value and a type) that dereferences to the function,
+/// as `typetag` and `linkme` make items of their own. So, in its module and where it is
+/// imported: a `let` or a parameter of the same name does not shadow it (rename the
+/// binding); a module or a type of the same name clashes with it; it goes to an
+/// iterator's `map` as `*square` (the plain function pointer); and `#[deprecated]` on it
+/// warns where it is used. It goes on free functions only, not on those of an `impl` block.
+///
 /// Options:
 /// - `name = "..."`: the registered name; default `module_path!()::fn_name`. Two tasks with
-///   one name make the first pool fail to start, naming both.
-/// - `crate = path`: where to find this crate when it is re-exported under another name.
+///   one name (two functions of one name in two function bodies of a module, say) make the
+///   first pool fail to start, naming both and this option.
+/// - `crate = path`: where to find this crate when it is re-exported or renamed in
+///   `Cargo.toml` (`mp = { package = "multiproc", ... }` needs `crate = ::mp`, on
+///   [`main`] too).
 ///
 /// # Examples
 ///

@@ -39,6 +39,7 @@ pub fn parse_task(input: TokenStream, errors: &mut Errors) -> Result<TaskFn, Tok
         }
     };
     check_signature(&item, errors);
+    check_task_attrs(&item, errors);
     // Argument errors are collected apart so that they follow the generic parameters' errors,
     // in source order, while the parameters' check can see which lifetimes the types use.
     let mut type_errors = Errors::default();
@@ -52,13 +53,31 @@ pub fn parse_task(input: TokenStream, errors: &mut Errors) -> Result<TaskFn, Tok
                  process; move it out of the `impl` block and pass the value as an argument",
             ),
             FnArg::Typed(pat_type) => {
+                for attr in &pat_type.attrs {
+                    if attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr") {
+                        type_errors.error_spanned(
+                            attr,
+                            "a task's arguments cannot be `#[cfg]`-ed: the parent and the \
+                             worker must agree on every argument; write one #[task] per \
+                             configuration instead",
+                        );
+                    }
+                }
                 check_owned(&pat_type.ty, "argument", &mut borrowed, &mut type_errors);
                 arg_types.push((*pat_type.ty).clone());
             }
         }
     }
     if let ReturnType::Type(_, ty) = &item.sig.output {
-        check_owned(ty, "return type", &mut borrowed, &mut type_errors);
+        if let Type::Never(never) = &**ty {
+            type_errors.error_spanned(
+                never,
+                "a task cannot return `!`: the parent waits for a value it can receive; \
+                 return `()` (a task that never returns can still loop forever)",
+            );
+        } else {
+            check_owned(ty, "return type", &mut borrowed, &mut type_errors);
+        }
     }
     check_generic_params(&item.sig.generics, &borrowed, errors);
     errors.append(type_errors);
@@ -70,6 +89,58 @@ pub fn parse_task(input: TokenStream, errors: &mut Errors) -> Result<TaskFn, Tok
         );
     }
     Ok(TaskFn { item, arg_types })
+}
+
+/// The names of Rust's primitive types: a task's name is a type too (a unit struct), which
+/// would hide the primitive in its module.
+const PRIMITIVES: [&str; 17] = [
+    "bool", "char", "str", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32", "u64",
+    "u128", "usize", "f32", "f64",
+];
+
+/// Whether `attr` is `#[<name>]` or `#[multiproc::<name>]`.
+fn is_ours(attr: &syn::Attribute, name: &str) -> bool {
+    let segments: Vec<String> = attr
+        .path()
+        .segments
+        .iter()
+        .map(|segment| segment.ident.to_string())
+        .collect();
+    match segments.as_slice() {
+        [only] => only == name,
+        [.., krate, last] => krate == "multiproc" && last == name,
+        [] => false,
+    }
+}
+
+/// Attributes that cannot work on a task, and a name that would hide a primitive type.
+fn check_task_attrs(item: &ItemFn, errors: &mut Errors) {
+    for attr in &item.attrs {
+        if is_ours(attr, "task") {
+            errors.error_spanned(
+                attr,
+                "#[multiproc::task] is applied twice to this function: remove one",
+            );
+        } else if attr.path().is_ident("must_use") {
+            errors.error_spanned(
+                attr,
+                "#[must_use] cannot work on a task: callers reach it through a function \
+                 pointer, which carries no `must_use`; remove it (or return a `#[must_use]` type)",
+            );
+        }
+    }
+    let name = item.sig.ident.unraw().to_string();
+    if PRIMITIVES.contains(&name.as_str()) {
+        errors.error(
+            item.sig.ident.span(),
+            format!(
+                "a task cannot be named `{name}`: #[multiproc::task] makes the name a type as \
+                 well as a value, which would hide the primitive type `{name}` in this module; \
+                 rename the function (or keep the name with `#[task(name = \"...\")]` on a \
+                 function of another name)"
+            ),
+        );
+    }
 }
 
 fn check_signature(item: &ItemFn, errors: &mut Errors) {
@@ -259,6 +330,14 @@ pub fn parse_main(input: TokenStream, errors: &mut Errors) -> Result<ItemFn, Tok
             return Err(input);
         }
     };
+    for attr in &item.attrs {
+        if is_ours(attr, "main") {
+            errors.error_spanned(
+                attr,
+                "#[multiproc::main] is applied twice to this function: remove one",
+            );
+        }
+    }
     let sig = &item.sig;
     if sig.ident != "main" {
         errors.error(

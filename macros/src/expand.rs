@@ -89,7 +89,7 @@ fn emit_task(args: &TaskArgs, task: &ast::TaskFn) -> TokenStream {
     let semi = spans::respan(quote!(;), ident.span());
     let impls = task_impls(args, task, &krate, &hidden, signature)
         .into_iter()
-        .map(|tokens| quote!(#(#cfgs)* #tokens));
+        .map(|tokens| quote!(#(#cfgs)* #[allow(deprecated)] #tokens));
     let registered = spans::registered(&ident, &payload_types);
 
     quote! {
@@ -105,6 +105,8 @@ fn emit_task(args: &TaskArgs, task: &ast::TaskFn) -> TokenStream {
         #item
 
         #(#cfgs)*
+        // A `#[deprecated]` task warns where it is used, not here.
+        #[allow(deprecated)]
         impl ::core::ops::Deref for #ident {
             #target
             fn deref(&self) -> &Self::Target {
@@ -116,9 +118,12 @@ fn emit_task(args: &TaskArgs, task: &ast::TaskFn) -> TokenStream {
         #(#impls)*
 
         #(#cfgs)*
-        #private::inventory::submit! {
-            #private::TaskEntry::new::<#registered>(::core::file!(), ::core::line!())
-        }
+        #[allow(deprecated)]
+        const _: () = {
+            #private::inventory::submit! {
+                #private::TaskEntry::new::<#registered>(::core::file!(), ::core::line!())
+            }
+        };
     }
 }
 
@@ -233,13 +238,14 @@ fn krate(path: Option<&syn::Path>) -> TokenStream {
     path.map_or_else(|| quote!(::multiproc), |path| quote!(#path))
 }
 
-/// Docs go on the public unit struct, `cfg`s on every generated item, the rest on the function.
+/// Docs and `deprecated` go on the public unit struct (the name callers use), `cfg`s on every
+/// generated item, the rest on the function.
 fn split_attrs(attrs: Vec<Attribute>) -> (Vec<Attribute>, Vec<Attribute>, Vec<Attribute>) {
     let mut docs = Vec::new();
     let mut cfgs = Vec::new();
     let mut rest = Vec::new();
     for attr in attrs {
-        if attr.path().is_ident("doc") {
+        if attr.path().is_ident("doc") || attr.path().is_ident("deprecated") {
             docs.push(attr);
         } else if attr.path().is_ident("cfg") {
             cfgs.push(attr);

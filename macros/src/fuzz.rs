@@ -162,7 +162,7 @@ fn generated_tasks_expand_to_items() {
             "",
             "#[doc = \"Docs.\"]",
             "#[cfg(all())]",
-            "#[inline] #[must_use]",
+            "#[inline] #[deprecated = \"Use another.\"]",
         ][rng.below(4)];
         let name = ["t", "r#type", "square", "é"][rng.below(4)];
         let item = format!(

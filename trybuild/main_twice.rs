@@ -1,0 +1,4 @@
+// Twice would start two fork servers.
+#[multiproc::main]
+#[multiproc::main]
+fn main() {}
