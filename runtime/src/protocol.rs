@@ -43,6 +43,10 @@ const MIN_READ: usize = 4 * 1024;
 
 /// The most a stream of small frames grows the room of a read to.
 const MAX_READ: usize = 64 * 1024;
+/// A reader's buffer larger than this is given back once it is empty, as is a worker's
+/// buffer of encoded results (see `worker`): one large frame does not pin its memory for
+/// the life of the worker (the shared regions keep as much, see `slot::TRIM_AFTER`).
+pub(crate) const KEEP_AT_MOST: usize = 32 << 20;
 
 /// What a frame is about. Variant order is part of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +179,8 @@ pub(crate) struct FrameReader {
     /// The least room a read gets: [`MIN_READ`], doubled (to [`MAX_READ`]) each time a read
     /// fills all the room it had.
     min_room: usize,
+    /// The largest buffer kept once it is empty ([`KEEP_AT_MOST`] unless set).
+    keep: usize,
 }
 
 impl FrameReader {
@@ -185,7 +191,15 @@ impl FrameReader {
             end: 0,
             max_len,
             min_room: MIN_READ,
+            keep: KEEP_AT_MOST,
         }
+    }
+
+    /// Keeps a buffer of at most `bytes` once it is empty (a worker under a memory cap keeps
+    /// less).
+    pub(crate) fn keeping(mut self, bytes: usize) -> Self {
+        self.keep = bytes;
+        self
     }
 
     /// Bytes received and not yet returned as frames.
@@ -265,6 +279,9 @@ impl FrameReader {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            if self.buf.len() > self.keep {
+                self.buf = Vec::new();
+            }
         }
         let available = self.end - self.start;
         let missing = if available >= PREFIX {
@@ -282,6 +299,8 @@ impl FrameReader {
             self.start = 0;
         }
         if self.buf.len() - self.end < room {
+            // Exactly: a doubled capacity would count twice against a worker's memory cap.
+            self.buf.reserve_exact(self.end + room - self.buf.len());
             self.buf.resize(self.end + room, 0);
         }
         Ok(())

@@ -44,6 +44,10 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(1);
 /// How often a slot looks at the status page while chunks with a deadline are in flight but
 /// none has started yet (at most; a quarter of the shortest timeout if that is less).
 const RECHECK: Duration = Duration::from_millis(20);
+/// Beyond the deadlines of the items left in the front chunk (and one more), how long the
+/// slot waits for it without word from the status page before it takes the worker as past
+/// its deadline (see `Slot::next_check`).
+const BACKSTOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Unblamed worker deaths a chunk may see while first in line before its items fail.
 const MAX_UNBLAMED_DEATHS: u32 = 3;
@@ -620,18 +624,46 @@ impl Slot {
     /// published, to kill it. While none has started as far as the status page shows
     /// (arguments or outcomes in transit): after a short interval, to see whether one has; a
     /// deadline never counts from a guess.
+    ///
+    /// The page is the worker's to write, and so a task's: one that scribbles on it could
+    /// hide its start, or move it later. So the front chunk is also given a deadline of the
+    /// parent's own: the deadlines of all its items left, and one more, plus
+    /// [`BACKSTOP_GRACE`], from when it became the front one; past that, its next item is
+    /// taken as past its deadline.
     fn next_check(&self) -> Option<Check> {
         if let Some(at) = self.awaiting_ready {
             // Nothing runs before `Ready`.
             return Some(Check::Start { at });
         }
         let page = self.worker.as_ref()?.status.read();
+        let now = monotonic_ns();
+        let backstop = self.inflight.front().and_then(|front| {
+            let after = front.chunk.timeout?;
+            let items = u64::from(front.chunk.count - front.done) + 1;
+            let at = self
+                .front_since
+                .saturating_add(nanos(after).saturating_mul(items))
+                .saturating_add(nanos(BACKSTOP_GRACE));
+            Some((at, front.done, after))
+        });
         if let Some((chunk, item)) = self.running(page)
             && let Some(after) = self.inflight[chunk].chunk.timeout
         {
+            // A start in the future is not one.
+            let at = page.started_ns.min(now).saturating_add(nanos(after));
             return Some(Check::Kill {
-                at: page.started_ns.saturating_add(nanos(after)),
+                at: backstop.map_or(at, |(backstop, ..)| at.min(backstop)),
                 chunk,
+                item,
+                after,
+            });
+        }
+        if let Some((at, item, after)) = backstop
+            && now >= at
+        {
+            return Some(Check::Kill {
+                at,
+                chunk: 0,
                 item,
                 after,
             });
@@ -642,8 +674,9 @@ impl Slot {
             .filter_map(|flight| flight.chunk.timeout)
             .min()?;
         let interval = (shortest / 4).clamp(Duration::from_millis(1), RECHECK);
+        let at = now.saturating_add(nanos(interval));
         Some(Check::Recheck {
-            at: monotonic_ns().saturating_add(nanos(interval)),
+            at: backstop.map_or(at, |(backstop, ..)| at.min(backstop)),
         })
     }
 

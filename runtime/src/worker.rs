@@ -192,7 +192,15 @@ fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), E
     // runtime writing its profile, say). The parent takes its end of stream, or its pidfd
     // turning readable, for the exit.
     let mut conn = ManuallyDrop::new(UnixStream::from(fd));
-    let mut reader = FrameReader::new(spec.max_frame_len);
+    // Under a memory cap, a buffer kept after a large frame would shrink what later tasks may
+    // allocate: at most an eighth of the cap is kept, as for the shared regions.
+    let keep = match spec.max_memory {
+        0 => protocol::KEEP_AT_MOST,
+        cap => usize::try_from(cap / 8).map_or(protocol::KEEP_AT_MOST, |eighth| {
+            eighth.min(protocol::KEEP_AT_MOST)
+        }),
+    };
+    let mut reader = FrameReader::new(spec.max_frame_len).keeping(keep);
     let mut received = VecDeque::new();
     let status = match status {
         Some(status) => status,
@@ -222,6 +230,7 @@ fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), E
         received,
         next_fds: Vec::new(),
         out: Vec::new(),
+        keep,
         requests: None,
         replies: None,
         replies_sent: 0,
@@ -260,6 +269,8 @@ struct Server {
     /// write: under a stream of short chunks that is one system call per batch, not per
     /// chunk; a chunk that arrives alone (or a timed one) is answered at once.
     out: Vec<u8>,
+    /// The largest `out` kept once sent (see `protocol::KEEP_AT_MOST`).
+    keep: usize,
     /// The shared regions (see `region`): requests, read here; replies, written here.
     requests: Option<Region>,
     replies: Option<Region>,
@@ -408,6 +419,9 @@ impl Server {
             _ => write_all(&mut self.conn, &self.out)?,
         }
         self.out.clear();
+        if self.out.capacity() > self.keep {
+            self.out = Vec::new();
+        }
         Ok(())
     }
 }

@@ -26,6 +26,21 @@ pub fn run(tests: Vec<Test>) -> ! {
     libtest_mimic::run(&args, trials).exit()
 }
 
+/// [`run`], one test at a time: for tests that measure the process's own memory.
+pub fn run_one_at_a_time(tests: Vec<Test>) -> ! {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                test().map_err(|err| format!("{err:?}").into())
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
+}
+
 /// `tests![a, b]` builds the list for [`run`] from test function names.
 #[macro_export]
 macro_rules! tests {
