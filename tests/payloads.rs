@@ -28,12 +28,6 @@ fn length(data: ByteBuf) -> usize {
     data.len()
 }
 
-fn patterned(len: usize, salt: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
-        .collect()
-}
-
 #[task]
 fn reversed(data: ByteBuf) -> ByteBuf {
     ByteBuf::from(data.into_vec().into_iter().rev().collect::<Vec<u8>>())
@@ -41,7 +35,7 @@ fn reversed(data: ByteBuf) -> ByteBuf {
 
 #[task]
 fn patterned_of(len: usize, salt: u8) -> ByteBuf {
-    ByteBuf::from(patterned(len, salt))
+    ByteBuf::from(support::patterned(len, salt))
 }
 
 fn status_kib(field: &str) -> u64 {
@@ -110,24 +104,6 @@ fn resize_memfds() -> (usize, usize) {
     (found, resized)
 }
 
-fn write_raw_frame(frame: &[u8]) {
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    let fd: i32 = std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            std::fs::read_link(entry.path())
-                .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
-        })
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .min()
-        .expect("the worker's channel");
-    // SAFETY: the worker's channel descriptor; ManuallyDrop keeps it open for the worker.
-    let mut channel = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
-    channel.write_all(frame).expect("write");
-}
-
 fn varint(mut v: u64) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
@@ -164,7 +140,7 @@ fn scribble_and_forge(fill: Vec<u8>, n: u64, len: u64) -> u8 {
     body.extend(varint(len));
     let mut frame = (body.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&body);
-    write_raw_frame(&frame);
+    support::write_raw_frame(&frame);
     0
 }
 
@@ -240,7 +216,7 @@ fn tiny_frame_limits_are_errors_not_hangs() -> TestResult {
 
 fn regions_and_status_page_cannot_be_resized_by_a_task() -> TestResult {
     let pool = Pool::new(1)?;
-    let big = ByteBuf::from(patterned(2 << 20, 1));
+    let big = ByteBuf::from(support::patterned(2 << 20, 1));
     assert_eq!(pool.apply(reversed, (big.clone(),))?.len(), big.len());
     assert_eq!(pool.apply(reversed, (big.clone(),))?.len(), big.len());
     let (found, resized) = pool.apply(resize_memfds, ())?;
@@ -252,7 +228,7 @@ fn regions_and_status_page_cannot_be_resized_by_a_task() -> TestResult {
 
 fn garbage_in_regions_with_forged_frame_is_codec() -> TestResult {
     let pool = std::sync::Arc::new(Pool::new(1)?);
-    let big = ByteBuf::from(patterned(2 << 20, 1));
+    let big = ByteBuf::from(support::patterned(2 << 20, 1));
     for _ in 0..3 {
         assert_eq!(pool.apply(reversed, (big.clone(),))?.len(), big.len());
     }
@@ -287,7 +263,7 @@ fn descriptors_do_not_leak_over_many_large_calls() -> TestResult {
     let wbefore = pool.apply(worker_fds, ())?;
     for round in 0..30usize {
         let len = (256 << 10) + round * (200 << 10);
-        let data = ByteBuf::from(patterned(len, round as u8));
+        let data = ByteBuf::from(support::patterned(len, round as u8));
         let out = pool
             .with_chunking(Chunking::Fixed(1))
             .map(reversed, vec![data.clone(), data.clone(), data.clone()])?;
@@ -351,7 +327,7 @@ fn many_large_results_with_prefetch() -> TestResult {
         for (i, (r, &len)) in out.into_iter().zip(&sizes).enumerate() {
             let r = r?;
             ensure(
-                *r == patterned(len, round),
+                *r == support::patterned(len, round),
                 format!("round {round} item {i}"),
             )?;
         }
@@ -361,12 +337,12 @@ fn many_large_results_with_prefetch() -> TestResult {
 
 #[task]
 fn patterned_of_pair(arg: (usize, u8)) -> ByteBuf {
-    ByteBuf::from(patterned(arg.0, arg.1))
+    ByteBuf::from(support::patterned(arg.0, arg.1))
 }
 
 fn process_large_args_and_outputs() -> TestResult {
     for len in [(256 << 10) - 1, 256 << 10, 40 << 20] {
-        let data = ByteBuf::from(patterned(len, 9));
+        let data = ByteBuf::from(support::patterned(len, 9));
         let mut p = Process::spawn(reversed, (data.clone(),))?;
         let out = within(LIMIT, "process", move || p.join())??;
         let mut expected = data.to_vec();
@@ -376,9 +352,12 @@ fn process_large_args_and_outputs() -> TestResult {
     Ok(())
 }
 
-/// Under `max_memory_per_child`, a worker that returned a large result may then allocate as
-/// much as a fresh one.
-fn a_large_result_leaves_later_tasks_their_memory() -> TestResult {
+/// Under a memory cap of 1 GiB, a worker may allocate as much after `large` (a call that
+/// moves a large frame through it) as before.
+fn leaves_later_tasks_their_memory(
+    what: &str,
+    large: impl FnOnce(&Pool) -> TestResult,
+) -> TestResult {
     const CAP: u64 = 1 << 30;
     let pool = Pool::builder()
         .processes(1)
@@ -392,38 +371,28 @@ fn a_large_result_leaves_later_tasks_their_memory() -> TestResult {
         pool.apply(can_allocate, (room,))?,
         "a fresh worker can allocate it",
     )?;
-    let big = pool.apply(bytes, (256 << 20,))?;
-    ensure(big.len() == 256 << 20, "intact")?;
-    drop(big);
+    large(&pool)?;
     ensure(pool.worker_pids() == pid, "same worker")?;
     ensure(
         pool.apply(can_allocate, (room,))?,
-        "after a 256 MiB result, the same worker may allocate as much",
+        format!("after {what}, the same worker may allocate as much"),
     )
 }
 
-/// The same after a large argument, which under a memory cap travels through the socket
-/// (regions are capped at an eighth of it).
+fn a_large_result_leaves_later_tasks_their_memory() -> TestResult {
+    leaves_later_tasks_their_memory("a 256 MiB result", |pool| {
+        let big = pool.apply(bytes, (256 << 20,))?;
+        ensure(big.len() == 256 << 20, "intact")
+    })
+}
+
+/// A large argument, which under a memory cap travels through the socket (regions are
+/// capped at an eighth of it).
 fn a_large_argument_leaves_later_tasks_their_memory() -> TestResult {
-    const CAP: u64 = 1 << 30;
-    let pool = Pool::builder()
-        .processes(1)
-        .max_memory_per_child(CAP)
-        .build()?;
-    let pid = pool.worker_pids();
-    let vm = pool.apply(worker_vm_kib, ())? << 10;
-    let room = usize::try_from(CAP - vm)? - (64 << 20);
-    ensure(
-        pool.apply(can_allocate, (room,))?,
-        "a fresh worker can allocate it",
-    )?;
-    let n = pool.apply(length, (ByteBuf::from(vec![1u8; 200 << 20]),))?;
-    ensure(n == 200 << 20, "intact")?;
-    ensure(pool.worker_pids() == pid, "same worker")?;
-    ensure(
-        pool.apply(can_allocate, (room,))?,
-        "after a 200 MiB argument, the same worker may allocate as much",
-    )
+    leaves_later_tasks_their_memory("a 200 MiB argument", |pool| {
+        let n = pool.apply(length, (ByteBuf::from(vec![1u8; 200 << 20]),))?;
+        ensure(n == 200 << 20, "intact")
+    })
 }
 
 /// Fills this worker's status page with 0xff (through /proc/self/fd), then works for two

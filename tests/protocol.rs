@@ -101,15 +101,8 @@ fn length(data: Vec<u8>) -> usize {
 /// corrupted or malicious worker would. The channel is the worker's Unix socket.
 #[task]
 fn corrupt_channel(_x: u8) -> u8 {
-    write_raw_frame(&[0xff; 16]);
+    support::write_raw_frame(&[0xff; 16]);
     0
-}
-
-/// Bytes whose content says where they are, so that a shifted or mixed-up copy cannot match.
-fn patterned(len: usize, salt: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
-        .collect()
 }
 
 #[task]
@@ -119,7 +112,7 @@ fn reversed(data: ByteBuf) -> ByteBuf {
 
 #[task]
 fn patterned_of(len: usize, salt: u8) -> ByteBuf {
-    ByteBuf::from(patterned(len, salt))
+    ByteBuf::from(support::patterned(len, salt))
 }
 
 /// Aborts its worker the first time it sees `marker` missing; returns the data's length.
@@ -130,25 +123,6 @@ fn abort_once(marker: String, data: ByteBuf) -> usize {
         std::process::abort();
     }
     data.len()
-}
-
-/// Writes `frame` (a length prefix and a body) onto the worker's channel to the parent.
-fn write_raw_frame(frame: &[u8]) {
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    let fd: i32 = std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            std::fs::read_link(entry.path())
-                .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
-        })
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .min()
-        .expect("the worker's channel");
-    // SAFETY: the worker's channel descriptor; ManuallyDrop keeps it open for the worker.
-    let mut channel = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
-    channel.write_all(frame).expect("write");
 }
 
 /// Sends a `Shared` frame (header variant 7: number 1, `len` bytes as a varint) that the
@@ -162,7 +136,7 @@ fn forge_shared_frame(len_varint: Vec<u8>) -> u8 {
         .to_le_bytes()
         .to_vec();
     frame.extend_from_slice(&body);
-    write_raw_frame(&frame);
+    support::write_raw_frame(&frame);
     0
 }
 
@@ -192,7 +166,7 @@ fn region_mappings(pid: u32) -> Vec<usize> {
 fn large_regions_are_given_up_when_the_worker_is_idle() -> TestResult {
     let pool = Pool::new(1)?;
     let pid = pool.apply(own_pid, ())?;
-    let small = ByteBuf::from(patterned(4 << 20, 5));
+    let small = ByteBuf::from(support::patterned(4 << 20, 5));
     for _ in 0..2 {
         assert_eq!(pool.apply(reversed, (small.clone(),))?.len(), small.len());
     }
@@ -203,7 +177,7 @@ fn large_regions_are_given_up_when_the_worker_is_idle() -> TestResult {
         !kept.is_empty() && kept.iter().all(|&len| len <= 32 << 20),
         format!("small regions stay mapped: {kept:?}"),
     )?;
-    let big = ByteBuf::from(patterned(40 << 20, 6));
+    let big = ByteBuf::from(support::patterned(40 << 20, 6));
     for _ in 0..2 {
         assert_eq!(pool.apply(reversed, (big.clone(),))?.len(), big.len());
     }
@@ -379,10 +353,10 @@ fn auto_chunks_of_large_items_stay_small() -> TestResult {
         .processes(2)
         .max_frame_len(4 << 20)
         .build()?;
-    let inputs = || (0..32u8).map(|salt| ByteBuf::from(patterned(3 << 19, salt)));
+    let inputs = || (0..32u8).map(|salt| ByteBuf::from(support::patterned(3 << 19, salt)));
     let out = pool.map(reversed, inputs())?;
     for (salt, data) in (0..32u8).zip(&out) {
-        let mut expected = patterned(3 << 19, salt);
+        let mut expected = support::patterned(3 << 19, salt);
         expected.reverse();
         ensure(data.as_slice() == expected, format!("item {salt}"))?;
     }
@@ -433,7 +407,7 @@ fn large_frames_through_shared_memory_keep_every_byte() -> TestResult {
         let inputs: Vec<ByteBuf> = sizes
             .iter()
             .enumerate()
-            .map(|(i, &len)| ByteBuf::from(patterned(len, round.wrapping_add(i as u8))))
+            .map(|(i, &len)| ByteBuf::from(support::patterned(len, round.wrapping_add(i as u8))))
             .collect();
         let expected: Vec<ByteBuf> = inputs
             .iter()
@@ -450,7 +424,7 @@ fn large_frames_through_shared_memory_keep_every_byte() -> TestResult {
             .starmap(patterned_of, sizes.iter().map(|&len| (len, round)))?;
         for (data, &len) in out.iter().zip(&sizes) {
             ensure(
-                **data == patterned(len, round),
+                **data == support::patterned(len, round),
                 format!("round {round}: {len} bytes differ"),
             )?;
         }
@@ -465,7 +439,7 @@ fn a_shared_request_runs_again_after_its_worker_dies() -> TestResult {
     let _ = std::fs::remove_file(&marker);
     let pool = Pool::new(1)?;
     let marker = marker.to_string_lossy().into_owned();
-    let data = ByteBuf::from(patterned(4 << 20, 3));
+    let data = ByteBuf::from(support::patterned(4 << 20, 3));
     let len = pool
         .with_retries(1)
         .apply(abort_once, (marker.clone(), data.clone()))?;
@@ -485,7 +459,7 @@ fn a_forged_shared_frame_is_an_error() -> TestResult {
     assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
     ensure(err.to_string().contains("no region"), err.to_string())?;
     // Give the new worker regions, then overrun its replies region.
-    let big = ByteBuf::from(patterned(2 << 20, 1));
+    let big = ByteBuf::from(support::patterned(2 << 20, 1));
     assert_eq!(pool.apply(reversed, (big.clone(),))?.len(), big.len());
     let err = pool
         .apply(forge_shared_frame, (vec![0xff, 0xff, 0xff, 0xff, 0x0f],))

@@ -250,44 +250,12 @@ fn scenario_stderr_held(builder: PoolBuilder) {
     println!("ok");
 }
 
-/// Runs `scenario` with `method`, killed if it has not ended within `limit`: its exit
-/// status, stdout and stderr.
-fn run_scenario_within(
-    scenario: &str,
-    method: &str,
-    limit: std::time::Duration,
-) -> Result<(std::process::ExitStatus, String, String), Box<dyn std::error::Error>> {
-    let child = Command::new(std::env::current_exe()?)
-        .env_remove("MULTIPROC_START_METHOD")
-        .env(SCENARIO, format!("{scenario}:{method}"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let out = support::within(limit, scenario, move || child.wait_with_output());
-    let out = match out {
-        Ok(out) => out?,
-        Err(hung) => {
-            // Its workers die with it.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid.cast_signed()),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            return Err(hung.into());
-        }
-    };
-    Ok((
-        out.status,
-        String::from_utf8(out.stdout)?,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-fn an_initializer_that_writes_much_to_stderr_starts() -> TestResult {
+/// Runs `scenario` with `method`, killed if it has not ended within a minute; it must print
+/// `ok`, and its stderr must hold every line its workers wrote with [`noisy`].
+fn ok_with_every_noisy_line(scenario: &str) -> TestResult {
     for method in ["fork", "spawn"] {
-        let (status, stdout, stderr) = run_scenario_within(
-            "noisy-initializer",
-            method,
+        let (status, stdout, stderr) = support::run_self_within(
+            &[(SCENARIO, &format!("{scenario}:{method}"))],
             std::time::Duration::from_mins(1),
         )?;
         ensure(
@@ -303,21 +271,12 @@ fn an_initializer_that_writes_much_to_stderr_starts() -> TestResult {
     Ok(())
 }
 
+fn an_initializer_that_writes_much_to_stderr_starts() -> TestResult {
+    ok_with_every_noisy_line("noisy-initializer")
+}
+
 fn a_map_ends_while_the_program_holds_its_stderr() -> TestResult {
-    for method in ["fork", "spawn"] {
-        let (status, stdout, stderr) =
-            run_scenario_within("stderr-held", method, std::time::Duration::from_mins(1))?;
-        ensure(
-            status.success() && stdout.trim() == "ok",
-            format!("{method}: {status}: {stdout}"),
-        )?;
-        let forwarded = stderr.lines().filter(|line| *line == NOISY_LINE).count();
-        ensure(
-            forwarded == NOISY_LINES,
-            format!("{method}: {forwarded} of {NOISY_LINES} lines reached stderr"),
-        )?;
-    }
-    Ok(())
+    ok_with_every_noisy_line("stderr-held")
 }
 
 /// A forked worker pins itself through glibc and checks its robust-mutex list.

@@ -367,39 +367,17 @@ fn scenario_full_stderr(builder: PoolBuilder, transient: bool) {
     std::process::exit(0);
 }
 
+/// Runs `scenario` with `method` (and `envs`): see [`support::run_self_within`].
 fn run_scenario_within(
     scenario: &str,
     method: &str,
     envs: &[(&str, &str)],
     limit: std::time::Duration,
 ) -> Result<(std::process::ExitStatus, String, String), Box<dyn std::error::Error>> {
-    let mut command = Command::new(std::env::current_exe()?);
-    command
-        .env_remove("MULTIPROC_START_METHOD")
-        .env(SCENARIO, format!("{scenario}:{method}"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    for (key, value) in envs {
-        command.env(key, value);
-    }
-    let child = command.spawn()?;
-    let pid = child.id();
-    let out = support::within(limit, scenario, move || child.wait_with_output());
-    let out = match out {
-        Ok(out) => out?,
-        Err(hung) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid.cast_signed()),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            return Err(hung.into());
-        }
-    };
-    Ok((
-        out.status,
-        String::from_utf8(out.stdout)?,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let which = format!("{scenario}:{method}");
+    let mut all = vec![(SCENARIO, which.as_str())];
+    all.extend_from_slice(envs);
+    support::run_self_within(&all, limit)
 }
 
 /// A copy of the program made with `fork` after the forwarding thread started has none of

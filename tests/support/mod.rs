@@ -14,22 +14,17 @@ pub type Test = (&'static str, fn() -> TestResult);
 
 /// Runs `tests` (name, function) with libtest's command line and output.
 pub fn run(tests: Vec<Test>) -> ! {
-    let args = libtest_mimic::Arguments::from_args();
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            libtest_mimic::Trial::test(name, move || {
-                test().map_err(|err| format!("{err:?}").into())
-            })
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit()
+    run_with(&libtest_mimic::Arguments::from_args(), tests)
 }
 
 /// [`run`], one test at a time: for tests that measure the process's own memory.
 pub fn run_one_at_a_time(tests: Vec<Test>) -> ! {
     let mut args = libtest_mimic::Arguments::from_args();
     args.test_threads = Some(1);
+    run_with(&args, tests)
+}
+
+fn run_with(args: &libtest_mimic::Arguments, tests: Vec<Test>) -> ! {
     let trials = tests
         .into_iter()
         .map(|(name, test)| {
@@ -38,7 +33,7 @@ pub fn run_one_at_a_time(tests: Vec<Test>) -> ! {
             })
         })
         .collect();
-    libtest_mimic::run(&args, trials).exit()
+    libtest_mimic::run(args, trials).exit()
 }
 
 /// `tests![a, b]` builds the list for [`run`] from test function names.
@@ -208,4 +203,66 @@ pub fn fork_then_abort(pid_file: String) -> u64 {
             std::process::abort()
         }
     }
+}
+
+/// Runs this test binary again with `envs` (a scenario's name, say) and without
+/// `MULTIPROC_START_METHOD`; kills it if it has not ended within `limit`. Its exit status,
+/// stdout and stderr.
+pub fn run_self_within(
+    envs: &[(&str, &str)],
+    limit: Duration,
+) -> Result<(std::process::ExitStatus, String, String), Box<dyn std::error::Error>> {
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .env_remove("MULTIPROC_START_METHOD")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    let child = command.spawn()?;
+    let pid = child.id();
+    let out = match within(limit, "the scenario", move || child.wait_with_output()) {
+        Ok(out) => out?,
+        Err(hung) => {
+            // Its workers die with it.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid.cast_signed()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(hung.into());
+        }
+    };
+    Ok((
+        out.status,
+        String::from_utf8(out.stdout)?,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// In a worker: writes `frame` (a length prefix and a body) onto its channel to the parent,
+/// as a task that forges frames would.
+pub fn write_raw_frame(frame: &[u8]) {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let fd: i32 = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            std::fs::read_link(entry.path())
+                .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
+        })
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .min()
+        .expect("the worker's channel");
+    // SAFETY: the worker's channel descriptor; ManuallyDrop keeps it open for the worker.
+    let mut channel = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    channel.write_all(frame).expect("write");
+}
+
+/// Bytes whose content says where they are, so that a shifted or mixed-up copy cannot match.
+pub fn patterned(len: usize, salt: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
+        .collect()
 }
