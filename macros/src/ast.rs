@@ -247,6 +247,23 @@ fn check_owned(ty: &Type, role: &str, borrowed: &mut Vec<syn::Lifetime>, errors:
                 ),
             );
         }
+        fn visit_type_path(&mut self, node: &'ast syn::TypePath) {
+            // `Cow<str>`: a borrow with its lifetime left out, which would surface as the
+            // compiler's "missing lifetime specifier" on the generated code.
+            if elided_cow(node) {
+                self.errors.error_spanned(
+                    node,
+                    format!(
+                        "task {} holds a borrow (`Cow` with its lifetime left out): values are \
+                         sent to another process and must be owned; use the owned type \
+                         (`String` for `Cow<str>`), or `Cow<'static, _>`",
+                        self.role
+                    ),
+                );
+                return;
+            }
+            syn::visit::visit_type_path(self, node);
+        }
         fn visit_type_impl_trait(&mut self, node: &'ast syn::TypeImplTrait) {
             self.errors.error_spanned(
                 node,
@@ -294,6 +311,18 @@ fn check_owned(ty: &Type, role: &str, borrowed: &mut Vec<syn::Lifetime>, errors:
         errors,
     }
     .visit_type(ty);
+}
+
+/// `Cow<...>` without a lifetime argument.
+fn elided_cow(node: &syn::TypePath) -> bool {
+    node.path.segments.last().is_some_and(|last| {
+        last.ident == "Cow"
+            && matches!(&last.arguments, syn::PathArguments::AngleBracketed(args)
+                if !args
+                    .args
+                    .iter()
+                    .any(|arg| matches!(arg, syn::GenericArgument::Lifetime(_))))
+    })
 }
 
 fn owned_suggestion(elem: &Type) -> String {
