@@ -428,6 +428,56 @@ fn garbage_in_the_status_page_does_not_defeat_a_deadline() -> TestResult {
     )
 }
 
+/// Bytes on the wire, their count alone once decoded: a large argument whose task takes no
+/// time.
+struct Blob(usize);
+
+impl serde::Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&vec![0u8; self.0])
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Blob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Count;
+        impl serde::de::Visitor<'_> for Count {
+            type Value = Blob;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Blob, E> {
+                Ok(Blob(v.len()))
+            }
+        }
+        d.deserialize_bytes(Count)
+    }
+}
+
+#[task]
+fn blob_len(blob: Blob) -> usize {
+    blob.0
+}
+
+/// A deadline counts from the item's start: an argument that takes longer than the deadline
+/// (and the parent's own margin) to arrive through the socket (under a memory cap, which
+/// keeps it out of the shared regions) does not time its task out.
+fn a_deadline_does_not_count_an_argument_in_transit() -> TestResult {
+    let pool = Pool::builder()
+        .processes(1)
+        .max_memory_per_child(4 << 30)
+        .build()?;
+    let len = 900usize << 20;
+    let out = within(Duration::from_mins(2), "a 900 MiB argument", move || {
+        pool.with_timeout(Duration::from_millis(200))
+            .apply(blob_len, (Blob(len),))
+    })?;
+    ensure(
+        out.as_ref().is_ok_and(|&n| n == len),
+        format!("{:?}", out.map_err(|err| err.to_string())),
+    )
+}
+
 #[multiproc::main]
 fn main() {
     support::run_one_at_a_time(tests![
@@ -443,5 +493,6 @@ fn main() {
         a_large_result_leaves_later_tasks_their_memory,
         a_large_argument_leaves_later_tasks_their_memory,
         garbage_in_the_status_page_does_not_defeat_a_deadline,
+        a_deadline_does_not_count_an_argument_in_transit,
     ]);
 }

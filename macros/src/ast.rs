@@ -54,7 +54,7 @@ pub fn parse_task(input: TokenStream, errors: &mut Errors) -> Result<TaskFn, Tok
             ),
             FnArg::Typed(pat_type) => {
                 for attr in &pat_type.attrs {
-                    if attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr") {
+                    if may_remove(attr) {
                         type_errors.error_spanned(
                             attr,
                             "a task's arguments cannot be `#[cfg]`-ed: the parent and the \
@@ -311,6 +311,27 @@ fn check_owned(ty: &Type, role: &str, borrowed: &mut Vec<syn::Lifetime>, errors:
         errors,
     }
     .visit_type(ty);
+}
+
+/// Whether `attr` may remove what it is on: `#[cfg]`, or a `#[cfg_attr]` that may apply one
+/// (one that sets a lint, say, cannot).
+fn may_remove(attr: &syn::Attribute) -> bool {
+    if attr.path().is_ident("cfg") {
+        return true;
+    }
+    if !attr.path().is_ident("cfg_attr") {
+        return false;
+    }
+    let parsed = attr.parse_args_with(
+        syn::punctuated::Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated,
+    );
+    // Unparsable: left to the compiler, whose error says what is wrong with it.
+    parsed.is_ok_and(|metas| {
+        metas
+            .iter()
+            .skip(1)
+            .any(|meta| meta.path().is_ident("cfg") || meta.path().is_ident("cfg_attr"))
+    })
 }
 
 /// `Cow<...>` without a lifetime argument.

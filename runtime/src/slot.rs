@@ -93,6 +93,8 @@ struct InFlight {
     /// first byte, before the chunk's own.
     prefix_fds: Vec<RawFd>,
     shared: bool,
+    /// When it was fully written to the worker (monotonic ns); 0 until then.
+    sent_at: u64,
 }
 
 impl InFlight {
@@ -104,6 +106,7 @@ impl InFlight {
             prefix: Vec::new(),
             prefix_fds: Vec::new(),
             shared: false,
+            sent_at: 0,
         }
     }
 
@@ -628,8 +631,9 @@ impl Slot {
     /// The page is the worker's to write, and so a task's: one that scribbles on it could
     /// hide its start, or move it later. So the front chunk is also given a deadline of the
     /// parent's own: the deadlines of all its items left, and one more, plus
-    /// [`BACKSTOP_GRACE`], from when it became the front one; past that, its next item is
-    /// taken as past its deadline.
+    /// [`BACKSTOP_GRACE`], from when it was both the front one and fully sent; past that,
+    /// unless a frame is still coming in (its results, say), its next item is taken as past
+    /// its deadline. Time its arguments or results spend in transit never counts.
     fn next_check(&self) -> Option<Check> {
         if let Some(at) = self.awaiting_ready {
             // Nothing runs before `Ready`.
@@ -639,9 +643,13 @@ impl Slot {
         let now = monotonic_ns();
         let backstop = self.inflight.front().and_then(|front| {
             let after = front.chunk.timeout?;
+            if front.sent_at == 0 || self.reader.buffered() > 0 {
+                return None;
+            }
             let items = u64::from(front.chunk.count - front.done) + 1;
             let at = self
                 .front_since
+                .max(front.sent_at)
                 .saturating_add(nanos(after).saturating_mul(items))
                 .saturating_add(nanos(BACKSTOP_GRACE));
             Some((at, front.done, after))
@@ -874,6 +882,7 @@ impl Slot {
                             if self.awaiting_ready.is_none() {
                                 self.inflight[self.sent_chunks].chunk.sent();
                             }
+                            self.inflight[self.sent_chunks].sent_at = monotonic_ns();
                             self.sent_chunks += 1;
                             self.sent_bytes = 0;
                         } else {
