@@ -13,6 +13,9 @@ use crate::worker;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
+/// The least [`PoolBuilder::max_frame_len`].
+const MIN_FRAME_LEN: u32 = 4096;
+
 /// Per-call settings, defaulted from the builder.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Policy {
@@ -265,7 +268,8 @@ impl PoolBuilder {
 
     /// The largest frame (one chunk of arguments or results) accepted on a worker channel, in
     /// bytes. Default: 1 GiB. Larger frames are an error of kind [`ErrorKind::Codec`] and are
-    /// rejected before anything is allocated for them.
+    /// rejected before anything is allocated for them. At least 4 KiB: a smaller limit is
+    /// raised to that, which the start-up handshake and the control frames need.
     ///
     /// ```no_run
     /// # use multiproc::Pool;
@@ -275,7 +279,7 @@ impl PoolBuilder {
     /// # }
     /// ```
     pub fn max_frame_len(mut self, bytes: u32) -> Self {
-        self.max_frame_len = bytes;
+        self.max_frame_len = bytes.max(MIN_FRAME_LEN);
         self
     }
 
