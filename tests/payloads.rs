@@ -396,10 +396,10 @@ fn a_large_argument_leaves_later_tasks_their_memory() -> TestResult {
     })
 }
 
-/// Fills this worker's status page with 0xff (through /proc/self/fd), then works for two
-/// minutes.
+/// Fills this worker's status page with `fill` (through /proc/self/fd); with `half_frame`,
+/// also writes the first bytes of a frame to its channel; then works for two minutes.
 #[task]
-fn scribble_status_then_work(fill: u8) -> u8 {
+fn scribble_status_then_work(fill: u8, half_frame: bool) -> u8 {
     use std::os::unix::fs::FileExt;
     for (_, fd) in memfds("multiproc-status") {
         let page = std::fs::OpenOptions::new()
@@ -409,24 +409,35 @@ fn scribble_status_then_work(fill: u8) -> u8 {
         page.write_all_at(&[fill; 40], 0)
             .expect("write status page");
     }
+    if half_frame {
+        // A length of 64 bytes, and one of them.
+        let mut partial = 64u32.to_le_bytes().to_vec();
+        partial.push(0);
+        support::write_raw_frame(&partial);
+    }
     std::thread::sleep(Duration::from_mins(2));
     0
 }
 
-/// A task past its deadline is killed, whatever it wrote into its shared memory.
+/// A task past its deadline is killed, whatever it wrote into its status page, and even
+/// when it left a frame half written on its channel.
 fn garbage_in_the_status_page_does_not_defeat_a_deadline() -> TestResult {
-    let pool = std::sync::Arc::new(Pool::new(1)?);
-    let res = within(Duration::from_secs(30), "a task with a 1 s deadline", {
-        let pool = std::sync::Arc::clone(&pool);
-        move || {
-            pool.with_timeout(Duration::from_secs(1))
-                .apply(scribble_status_then_work, (0xff,))
-        }
-    })?;
-    ensure(
-        matches!(&res, Err(e) if e.kind() == ErrorKind::Timeout),
-        format!("{res:?}"),
-    )
+    for half_frame in [false, true] {
+        let pool = Pool::new(1)?;
+        let res = within(
+            Duration::from_secs(30),
+            "a task with a 1 s deadline",
+            move || {
+                pool.with_timeout(Duration::from_secs(1))
+                    .apply(scribble_status_then_work, (0xff, half_frame))
+            },
+        )?;
+        ensure(
+            matches!(&res, Err(e) if e.kind() == ErrorKind::Timeout),
+            format!("half frame {half_frame}: {res:?}"),
+        )?;
+    }
+    Ok(())
 }
 
 /// Bytes on the wire, their count alone once decoded: a large argument whose task takes no

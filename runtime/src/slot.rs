@@ -196,6 +196,8 @@ pub(crate) struct Slot {
     reader: FrameReader,
     /// When the front chunk started running as far as the parent can tell (monotonic ns).
     front_since: u64,
+    /// When bytes last came from the worker (monotonic ns): its `Ready`, results on the way.
+    heard_ns: u64,
     /// The call of the last completed chunk and how long that chunk ran. Prefetching is
     /// decided per call, from its own measured chunks: a short call must not make the long
     /// one that follows queue its chunks behind one busy worker.
@@ -231,6 +233,7 @@ impl Slot {
             sent_bytes: 0,
             reader,
             front_since: monotonic_ns(),
+            heard_ns: 0,
             last_chunk: None,
             completed: (0, 0),
             items_run: 0,
@@ -631,9 +634,10 @@ impl Slot {
     /// The page is the worker's to write, and so a task's: one that scribbles on it could
     /// hide its start, or move it later. So the front chunk is also given a deadline of the
     /// parent's own: the deadlines of all its items left, and one more, plus
-    /// [`BACKSTOP_GRACE`], from when it was both the front one and fully sent; past that,
-    /// unless a frame is still coming in (its results, say), its next item is taken as past
-    /// its deadline. Time its arguments or results spend in transit never counts.
+    /// [`BACKSTOP_GRACE`], from when it was both the front one and fully sent, or from the
+    /// last bytes the worker sent if later (its `Ready`, results still coming in); past
+    /// that, its next item is taken as past its deadline. So time its arguments or results
+    /// spend in transit does not count, and a frame left half written stalls nothing.
     fn next_check(&self) -> Option<Check> {
         if let Some(at) = self.awaiting_ready {
             // Nothing runs before `Ready`.
@@ -643,13 +647,14 @@ impl Slot {
         let now = monotonic_ns();
         let backstop = self.inflight.front().and_then(|front| {
             let after = front.chunk.timeout?;
-            if front.sent_at == 0 || self.reader.buffered() > 0 {
+            if front.sent_at == 0 {
                 return None;
             }
             let items = u64::from(front.chunk.count - front.done) + 1;
             let at = self
                 .front_since
                 .max(front.sent_at)
+                .max(self.heard_ns)
                 .saturating_add(nanos(after).saturating_mul(items))
                 .saturating_add(nanos(BACKSTOP_GRACE));
             Some((at, front.done, after))
@@ -819,7 +824,10 @@ impl Slot {
         let worker = self.worker.as_mut().expect("receive runs with a worker");
         match self.reader.read_from(&mut worker.conn) {
             Ok(0) => Err(Lost::Died),
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.heard_ns = monotonic_ns();
+                Ok(true)
+            }
             Err(err)
                 if matches!(
                     err.kind(),
