@@ -222,7 +222,9 @@ impl PoolBuilder {
     /// error of kind [`ErrorKind::Crashed`] (quoting the allocation failure from the worker's
     /// stderr) instead of the machine going into swap. Address space counts reservations as
     /// well as use (thread stacks, allocator arenas): leave a margin of a few hundred MiB
-    /// above what a task really needs.
+    /// above what a task really needs. The pool's own share of it stays small: the shared
+    /// regions a large frame travels in are at most an eighth of `bytes` each (larger frames
+    /// take the socket), and a worker keeps no frame buffer over an eighth once it is empty.
     ///
     /// ```no_run
     /// # use multiproc::Pool;
