@@ -11,8 +11,9 @@
 //! chunks are never queued behind a busy worker: a round trip is negligible next to them,
 //! and a queued chunk could wait there while another worker sits idle.
 //!
-//! The slot is also the worker's supervisor. It forwards the worker's stderr, keeping the
-//! last lines for error reports; it wakes at the running item's deadline and kills the worker
+//! The slot is also the worker's supervisor. It watches the worker's stderr until the worker
+//! first writes there, then hands it to the stderr forwarder (`stderr`), which keeps the last
+//! lines for error reports; it wakes at the running item's deadline and kills the worker
 //! (and its process group) past it; it notices the worker's death (its pidfd, or the end of
 //! the channel), reads the status page to blame exactly the item that was running, puts the
 //! rest back in the queue, and starts a replacement; it replaces a worker that has run

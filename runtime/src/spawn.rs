@@ -1,7 +1,7 @@
 //! Starting a worker process: forked by the fork server (`forkserver`) where the program has
 //! one, else the current executable, run again with [`ENV`] set. Either
-//! way it is connected by a private socket, and a task reads an empty stdin and prints to
-//! the parent's stdout and stderr.
+//! way it is connected by a private socket, and a task reads an empty stdin, prints to the
+//! parent's stdout, and writes to a stderr pipe the parent forwards (see `stderr`).
 
 use crate::error::{Error, ErrorKind};
 use crate::forkserver::{Answer, Asked, Forked, WorkerFds};

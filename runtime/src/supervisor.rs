@@ -3,8 +3,9 @@
 //! It spawns the worker: on Linux the parent-death signal fires when the *thread* that
 //! spawned a child exits, and this thread lives until its child is reaped, so the child is
 //! tied to the parent process, not to whichever thread started it. It sends the `Run` frame
-//! with the descriptors of any channel handles in the arguments, forwards the child's stderr
-//! while keeping its last lines, reads the outcome, tells the child to exit, and reaps it.
+//! with the descriptors of any channel handles in the arguments, watches the child's stderr
+//! (see `stderr`: its last lines are kept), reads the outcome, tells the child to exit, and
+//! reaps it.
 //!
 //! Signals (`terminate`, `kill`, and the kill of a dropped `Process`) go to the child's
 //! process group only while the child is not reaped, under the lock that the reaping takes:
@@ -240,7 +241,7 @@ fn write_frame(conn: &UnixStream, frame: &[u8], fds: &[OwnedFd]) -> io::Result<(
 }
 
 /// Reads until the child has exited (its end of the channel closes, or its exit watch
-/// says so: a process it forked may hold that end open), forwarding its stderr meanwhile.
+/// says so: a process it forked may hold that end open), watching its stderr meanwhile.
 /// The encoded outcome, if it sent one (it is then told to exit); `Err` for a reply that
 /// breaks the protocol.
 fn read_reply(worker: &mut WorkerProcess) -> Result<Option<Vec<u8>>, Error> {
