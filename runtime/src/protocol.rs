@@ -48,6 +48,15 @@ const MAX_READ: usize = 64 * 1024;
 /// the life of the worker (the shared regions keep as much, see `slot::TRIM_AFTER`).
 pub(crate) const KEEP_AT_MOST: usize = 32 << 20;
 
+/// The largest buffer or shared region of the pool's own in a worker whose address space is
+/// capped at `max_memory` (`PoolBuilder::max_memory_per_child`): an eighth of it, so that a
+/// worker's two regions and its buffers never take much of it. Unbounded without a cap.
+pub(crate) fn own_share(max_memory: Option<u64>) -> usize {
+    max_memory.map_or(usize::MAX, |cap| {
+        usize::try_from(cap / 8).unwrap_or(usize::MAX)
+    })
+}
+
 /// What a frame is about. Variant order is part of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Header {

@@ -26,11 +26,12 @@ use crate::protocol::{self, FrameReader, Header};
 use crate::region::{Region, SHARED_MIN};
 use crate::sched::{Chunk, Next, Shared, terminated};
 use crate::spawn::{
-    Launched, SpawnOptions, WorkerProcess, check_ready, describe_status, status_parts,
+    Launched, SpawnOptions, Watched, WorkerProcess, check_ready, describe_status, status_parts,
+    watch,
 };
 use crate::status::{Published, monotonic_ns};
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -762,30 +763,21 @@ impl Slot {
             if self.sent_chunks < self.inflight.len() {
                 events |= PollFlags::POLLOUT;
             }
-            let (conn_events, stop, exited, stderr_ready) = {
-                let mut fds = vec![
-                    PollFd::new(worker.conn.as_fd(), events),
-                    PollFd::new(self.shared.stop_read.as_fd(), PollFlags::POLLIN),
-                ];
-                let exit_at = fds.len();
-                if let Some(fd) = worker.exit_fd() {
-                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
-                }
-                let stderr_at = fds.len();
-                if let Some(fd) = worker.stderr.fd() {
-                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
-                }
-                match poll(&mut fds, wait) {
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    Err(_) => return Pumped::Lost(Lost::Died),
-                }
-                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-                (
-                    fds[0].revents().unwrap_or(PollFlags::empty()),
-                    ready(&fds[1]),
-                    exit_at < stderr_at && ready(&fds[exit_at]),
-                    fds.get(stderr_at).is_some_and(ready),
-                )
+            let Ok(Watched {
+                conn: conn_events,
+                exited,
+                stopped: stop,
+                said: stderr_ready,
+            }) = watch(
+                worker.conn.as_fd(),
+                events,
+                worker.exit_fd(),
+                Some(self.shared.stop_read.as_fd()),
+                worker.stderr.fd(),
+                wait,
+            )
+            else {
+                return Pumped::Lost(Lost::Died);
             };
             if stop {
                 return Pumped::Stop;
@@ -907,12 +899,9 @@ impl Slot {
         Ok(())
     }
 
-    /// The largest region this slot makes: with `max_memory_per_child`, an eighth of it, so
-    /// that the two regions a worker maps never take much of its address space.
+    /// The largest region this slot makes ([`protocol::own_share`]).
     fn region_cap(&self) -> usize {
-        self.config.spawn.max_memory.map_or(usize::MAX, |cap| {
-            usize::try_from(cap / 8).unwrap_or(usize::MAX)
-        })
+        protocol::own_share(self.config.spawn.max_memory)
     }
 
     /// True when the slot holds a region that an idle spell should give up.

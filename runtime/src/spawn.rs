@@ -709,7 +709,6 @@ impl WorkerProcess {
     /// close its end of the channel (which it does by exiting), then kills and reaps it: a
     /// worker stuck in a task cannot delay the caller by more than `grace`.
     pub(crate) fn shutdown(&mut self, grace: Duration) {
-        use nix::poll::{PollFd, PollFlags, poll};
         use std::io::Read;
         let deadline = deadline_after(grace);
         self.request_shutdown(grace);
@@ -720,20 +719,21 @@ impl WorkerProcess {
                 if left.is_zero() {
                     break;
                 }
-                let mut fds = vec![PollFd::new(self.conn.as_fd(), PollFlags::POLLIN)];
-                if let Some(exit) = self.exit_fd() {
-                    fds.push(PollFd::new(exit, PollFlags::POLLIN));
-                }
-                match poll(&mut fds, crate::status::poll_timeout(left)) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(_) => break,
-                }
-                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+                let Ok(seen) = watch(
+                    self.conn.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                    self.exit_fd(),
+                    None,
+                    None,
+                    crate::status::poll_timeout(left),
+                ) else {
+                    break;
+                };
                 // Exited (its at-exit work done), whoever else holds its end of the channel.
-                if fds.get(1).is_some_and(ready) {
+                if seen.exited {
                     break;
                 }
-                if !ready(&fds[0]) {
+                if seen.conn.is_empty() {
                     continue;
                 }
                 match self.conn.read(&mut sink) {
@@ -792,6 +792,62 @@ pub(crate) fn check_ready(ready: &Header, pid: u32, digest: u64) -> Result<(), E
     Ok(())
 }
 
+/// What one wait on a worker ([`watch`]) saw.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Watched {
+    /// The channel's events.
+    pub conn: nix::poll::PollFlags,
+    /// The exit watch turned readable: the worker has exited.
+    pub exited: bool,
+    /// The stop pipe turned readable: the pool is terminated.
+    pub stopped: bool,
+    /// The stderr pipe has something (or ended).
+    pub said: bool,
+}
+
+/// Waits for `events` on a worker's channel, its exit watch, the pool's stop pipe and its
+/// stderr pipe (those given), until `timeout`. Interrupted, it saw nothing.
+pub(crate) fn watch(
+    conn: BorrowedFd<'_>,
+    events: nix::poll::PollFlags,
+    exit: Option<BorrowedFd<'_>>,
+    stop: Option<BorrowedFd<'_>>,
+    stderr: Option<BorrowedFd<'_>>,
+    timeout: nix::poll::PollTimeout,
+) -> nix::Result<Watched> {
+    use nix::poll::{PollFd, PollFlags, poll};
+    /// Adds `fd` (if any) to `fds`, waiting for input; its place there.
+    fn add<'a>(fds: &mut Vec<PollFd<'a>>, fd: Option<BorrowedFd<'a>>) -> Option<usize> {
+        let fd = fd?;
+        fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        Some(fds.len() - 1)
+    }
+    let mut fds = vec![PollFd::new(conn, events)];
+    let exit_at = add(&mut fds, exit);
+    let stop_at = add(&mut fds, stop);
+    let stderr_at = add(&mut fds, stderr);
+    match poll(&mut fds, timeout) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::EINTR) => {
+            return Ok(Watched {
+                conn: PollFlags::empty(),
+                exited: false,
+                stopped: false,
+                said: false,
+            });
+        }
+        Err(err) => return Err(err),
+    }
+    let ready =
+        |at: Option<usize>| at.is_some_and(|at| fds[at].revents().is_some_and(|r| !r.is_empty()));
+    Ok(Watched {
+        conn: fds[0].revents().unwrap_or(PollFlags::empty()),
+        exited: ready(exit_at),
+        stopped: ready(stop_at),
+        said: ready(stderr_at),
+    })
+}
+
 /// A pidfd of our child `pid` (not reaped yet, so the pid is still its own): it turns
 /// readable once the child has exited. `None` where the kernel has no `pidfd_open` (before
 /// Linux 5.3): the end of the child's channel alone tells then.
@@ -831,7 +887,7 @@ fn read_start_frame(
     exit: Option<BorrowedFd<'_>>,
     mut stderr: Option<&mut StderrTail>,
 ) -> Result<Range<usize>, StartEnd> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::poll::{PollFlags, PollTimeout};
     let mut exited = false;
     loop {
         if let Some(range) = reader.next_frame().map_err(StartEnd::Failed)? {
@@ -841,43 +897,23 @@ fn read_start_frame(
         if left.is_zero() {
             return Err(StartEnd::TimedOut);
         }
-        let (readable, stopped, said) = {
-            let mut fds = vec![PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
-            let exit_at = fds.len();
-            if let Some(exit) = exit.filter(|_| !exited) {
-                fds.push(PollFd::new(exit, PollFlags::POLLIN));
-            }
-            let stop_at = fds.len();
-            if let Some(stop) = stop {
-                fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
-            }
-            let stderr_at = fds.len();
-            if let Some(fd) = stderr.as_ref().and_then(|stderr| stderr.fd()) {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
-            }
-            // Once the worker has exited, only what is in the socket already is read.
-            let wait = if exited {
-                PollTimeout::ZERO
-            } else {
-                crate::status::poll_timeout(left)
-            };
-            match poll(&mut fds, wait) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(err) => {
-                    return Err(StartEnd::Failed(Error::io(
-                        "waiting for a worker failed",
-                        err.into(),
-                    )));
-                }
-            }
-            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            exited |= exit_at < stop_at && ready(&fds[exit_at]);
-            (
-                ready(&fds[0]),
-                stop_at < stderr_at && ready(&fds[stop_at]),
-                fds.get(stderr_at).is_some_and(ready),
-            )
+        // Once the worker has exited, only what is in the socket already is read.
+        let wait = if exited {
+            PollTimeout::ZERO
+        } else {
+            crate::status::poll_timeout(left)
         };
+        let seen = watch(
+            conn.as_fd(),
+            PollFlags::POLLIN,
+            exit.filter(|_| !exited),
+            stop.map(AsFd::as_fd),
+            stderr.as_ref().and_then(|stderr| stderr.fd()),
+            wait,
+        )
+        .map_err(|err| StartEnd::Failed(Error::io("waiting for a worker failed", err.into())))?;
+        exited |= seen.exited;
+        let (readable, stopped, said) = (!seen.conn.is_empty(), seen.stopped, seen.said);
         if stopped {
             return Err(StartEnd::Stopped);
         }

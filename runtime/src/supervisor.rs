@@ -15,9 +15,9 @@
 use crate::error::{Error, ErrorKind, signal_name};
 use crate::fdpass;
 use crate::protocol::{self, DEFAULT_MAX_FRAME_LEN, FrameReader, Header};
-use crate::spawn::{SpawnOptions, WorkerProcess, status_parts};
+use crate::spawn::{SpawnOptions, WorkerProcess, status_parts, watch};
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFlags, PollTimeout};
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::socket::MsgFlags;
 use nix::unistd::Pid;
@@ -249,30 +249,23 @@ fn read_reply(worker: &mut WorkerProcess) -> Result<Option<Vec<u8>>, Error> {
     let mut reply = None;
     let mut exited = false;
     loop {
-        let (conn_ready, stderr_ready) = {
-            let mut fds = vec![PollFd::new(worker.conn.as_fd(), PollFlags::POLLIN)];
-            let exit_at = fds.len();
-            if let Some(fd) = worker.exit_fd().filter(|_| !exited) {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
-            }
-            let stderr_at = fds.len();
-            if let Some(fd) = worker.stderr.fd() {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
-            }
-            // Once the child has exited, only what is in the socket already is read.
-            let wait = if exited {
-                PollTimeout::ZERO
-            } else {
-                PollTimeout::NONE
-            };
-            match poll(&mut fds, wait) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(err) => return Err(Error::io("waiting on a child process failed", err.into())),
-            }
-            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            exited |= exit_at < stderr_at && ready(&fds[exit_at]);
-            (ready(&fds[0]), fds.get(stderr_at).is_some_and(ready))
+        // Once the child has exited, only what is in the socket already is read.
+        let wait = if exited {
+            PollTimeout::ZERO
+        } else {
+            PollTimeout::NONE
         };
+        let seen = watch(
+            worker.conn.as_fd(),
+            PollFlags::POLLIN,
+            worker.exit_fd().filter(|_| !exited),
+            None,
+            worker.stderr.fd(),
+            wait,
+        )
+        .map_err(|err| Error::io("waiting on a child process failed", err.into()))?;
+        exited |= seen.exited;
+        let (conn_ready, stderr_ready) = (!seen.conn.is_empty(), seen.said);
         if stderr_ready {
             worker.stderr.pump();
         }

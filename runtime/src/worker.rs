@@ -193,13 +193,9 @@ fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), E
     // turning readable, for the exit.
     let mut conn = ManuallyDrop::new(UnixStream::from(fd));
     // Under a memory cap, a buffer kept after a large frame would shrink what later tasks may
-    // allocate: at most an eighth of the cap is kept, as for the shared regions.
-    let keep = match spec.max_memory {
-        0 => protocol::KEEP_AT_MOST,
-        cap => usize::try_from(cap / 8).map_or(protocol::KEEP_AT_MOST, |eighth| {
-            eighth.min(protocol::KEEP_AT_MOST)
-        }),
-    };
+    // allocate: no more is kept than the shared regions may take.
+    let cap = Some(spec.max_memory).filter(|&cap| cap > 0);
+    let keep = protocol::own_share(cap).min(protocol::KEEP_AT_MOST);
     let mut reader = FrameReader::new(spec.max_frame_len).keeping(keep);
     let mut received = VecDeque::new();
     let status = match status {
