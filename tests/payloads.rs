@@ -406,7 +406,8 @@ fn scribble_status_then_work(fill: u8, half_frame: bool) -> u8 {
             .write(true)
             .open(format!("/proc/self/fd/{fd}"))
             .expect("open status page");
-        page.write_all_at(&[fill; 40], 0)
+        let len = page.metadata().expect("status page size").len();
+        page.write_all_at(&vec![fill; len as usize], 0)
             .expect("write status page");
     }
     if half_frame {

@@ -29,7 +29,7 @@ use crate::spawn::{
     Launched, SpawnOptions, Watched, WorkerProcess, check_ready, describe_status, status_parts,
     watch,
 };
-use crate::status::{Published, monotonic_ns};
+use crate::status::{self, Published, monotonic_ns};
 use nix::errno::Errno;
 use nix::poll::{PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
@@ -622,7 +622,8 @@ impl Slot {
     /// of short chunks in batches, so the running chunk need not be the front one.)
     fn running(&self, page: Published) -> Option<(usize, u32)> {
         let index = self.inflight.iter().position(|flight| {
-            flight.chunk.seq == page.seq && (flight.done..flight.chunk.count).contains(&page.item)
+            status::seq_tag(flight.chunk.seq) == page.seq
+                && (flight.done..flight.chunk.count).contains(&page.item)
         })?;
         Some((index, page.item))
     }

@@ -1,7 +1,7 @@
 //! A page of memory shared by the parent and one worker, where the worker publishes which
 //! item it is running and since when.
 //!
-//! Publishing is two or three plain stores per item, no system call. When the worker dies,
+//! Publishing is one or two plain stores per item, no system call. When the worker dies,
 //! the parent reads the page to know exactly which item was running (that item alone gets the
 //! `Crashed` error), which items never started (they go back to the queue, unblamed), and,
 //! for deadlines, when the running item started.
@@ -9,17 +9,19 @@
 use crate::error::Error;
 use crate::region::Region;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 #[repr(C)]
 struct Status {
-    /// Sequence number of the chunk the worker last started.
-    seq: AtomicU64,
-    /// Index in that chunk of the item it is running; the chunk's count once all are done.
-    item: AtomicU32,
-    _pad: AtomicU32,
-    /// `CLOCK_MONOTONIC` nanoseconds when that item started (timed chunks only).
+    /// What the worker runs, in one word so that the parent never reads one chunk's number
+    /// with another's item: the low 32 bits of the sequence number of the chunk it last
+    /// started (high half), and the index in that chunk of the item it is running (low
+    /// half); the chunk's count once all are done.
+    running: AtomicU64,
+    /// `CLOCK_MONOTONIC` nanoseconds when that item started (timed chunks only). Written
+    /// before `running`: a read of both may pair an item with the next one's start (later,
+    /// never earlier), but only once that item has ended.
     started_ns: AtomicU64,
     /// The number of the last shared frame (see `region`) the worker has finished reading.
     worker_took: AtomicU64,
@@ -32,7 +34,9 @@ const SIZE: usize = std::mem::size_of::<Status>();
 /// What the worker last published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Published {
-    pub seq: u64,
+    /// The chunk's sequence number, its low 32 bits ([`seq_tag`]): the chunks in flight to
+    /// one worker at once are far fewer than 2^32.
+    pub seq: u32,
     pub item: u32,
     pub started_ns: u64,
 }
@@ -79,8 +83,8 @@ impl StatusPage {
         if timed {
             status.started_ns.store(monotonic_ns(), Ordering::Relaxed);
         }
-        status.seq.store(seq, Ordering::Relaxed);
-        status.item.store(item, Ordering::Release);
+        let running = u64::from(seq_tag(seq)) << 32 | u64::from(item);
+        status.running.store(running, Ordering::Release);
     }
 
     /// Records that the worker (`by_worker`) or the parent is done with shared frame `n`.
@@ -105,13 +109,18 @@ impl StatusPage {
     /// Parent: what the worker last published.
     pub(crate) fn read(&self) -> Published {
         let status = self.status();
-        let item = status.item.load(Ordering::Acquire);
+        let running = status.running.load(Ordering::Acquire);
         Published {
-            seq: status.seq.load(Ordering::Relaxed),
-            item,
+            seq: (running >> 32) as u32,
+            item: running as u32,
             started_ns: status.started_ns.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The part of a chunk's sequence number the status page holds.
+pub(crate) fn seq_tag(seq: u64) -> u32 {
+    seq as u32
 }
 
 /// `timeout` from now, or as far as an `Instant` goes (`Duration::MAX` means never).
@@ -176,5 +185,38 @@ mod tests {
         let seen = page.read();
         assert_eq!((seen.seq, seen.item), (7, 3));
         assert!(seen.started_ns > 0);
+    }
+
+    /// The parent reads the page while the worker writes it: what it reads is always one
+    /// item's start, never one chunk's number with another's item.
+    #[test]
+    fn a_read_never_pairs_one_chunk_with_another_chunks_item() {
+        fn item_of(seq: u64) -> u32 {
+            (seq as u32).wrapping_mul(2_654_435_761) >> 8
+        }
+        let page = StatusPage::create().unwrap();
+        let worker = StatusPage::open(page.fd().try_clone_to_owned().unwrap()).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut seq = 1;
+                while !stop.load(Ordering::Relaxed) {
+                    worker.publish(seq, item_of(seq), false);
+                    seq += 1;
+                }
+            });
+            let mut torn = 0;
+            for _ in 0..2_000_000 {
+                let seen = page.read();
+                if seen.seq != 0 && seen.item != item_of(seen.seq.into()) {
+                    torn += 1;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert_eq!(
+                torn, 0,
+                "reads that paired a chunk with another chunk's item"
+            );
+        });
     }
 }
