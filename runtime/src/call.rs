@@ -339,8 +339,11 @@ impl Call<'_> {
         let auto = self.policy.chunking == Chunking::Auto;
         let mut size = if auto { 1 } else { by_len };
         let shared = self.pool.shared();
-        // The input goes on being queued if the pool closes meanwhile.
-        let stream = shared.open_stream();
+        // The input goes on being queued if the pool closes meanwhile. One item is queued
+        // at once (one chunk, or none if it cannot be encoded), so it needs no stream: a
+        // `close()` on another thread comes before the call or after it, as for `apply`'s
+        // in Python. That saves `apply` two turns of the pool's lock.
+        let stream = if len > 1 { shared.open_stream() } else { None };
         let mut first = 0;
         let mut refused = false;
         loop {
