@@ -110,6 +110,12 @@ fn parent_and_umask() -> (u32, String) {
     (nix::unistd::getppid().as_raw().cast_unsigned(), umask)
 }
 
+/// The worker's limit of open files, soft and hard.
+#[task]
+fn open_files_limit() -> (u64, u64) {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).expect("getrlimit")
+}
+
 /// The lines of the worker's `/proc/self/status` that start with one of `keys`.
 #[task]
 fn status_lines(keys: Vec<String>) -> Vec<String> {
@@ -194,6 +200,7 @@ fn scenario(which: &str) -> ! {
         "observe" => scenario_observe(builder),
         "crash" => scenario_crash(builder),
         "umask" => scenario_umask(builder),
+        "limits" => scenario_limits(builder),
         "forked-child" => scenario_forked_child(builder),
         "server-stopped" => scenario_server_stopped(builder),
         "thread-sandbox" => scenario_thread_sandbox(builder),
@@ -424,6 +431,18 @@ fn scenario_umask(builder: PoolBuilder) {
     let pool = builder.build().expect("pool");
     let (_, umask) = pool.apply(parent_and_umask, ()).expect("umask");
     assert_eq!(umask, "0077");
+    println!("ok");
+}
+
+fn scenario_limits(builder: PoolBuilder) {
+    // A forked worker would keep the limits the program started with: it takes the
+    // parent's new ones.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, soft - 7, hard).expect("setrlimit");
+    let pool = builder.build().expect("pool");
+    let limit = pool.apply(open_files_limit, ()).expect("limit");
+    assert_eq!(limit, (soft - 7, hard));
     println!("ok");
 }
 
@@ -759,6 +778,10 @@ fn a_changed_umask_reaches_the_workers() -> TestResult {
     ok_with_both("umask")
 }
 
+fn changed_resource_limits_reach_the_workers() -> TestResult {
+    ok_with_both("limits")
+}
+
 fn a_copy_made_by_fork_starts_its_own_workers() -> TestResult {
     ok_forked("forked-child")
 }
@@ -850,6 +873,7 @@ fn main() {
         a_worker_starts_a_pool_of_its_own,
         glibc_knows_a_forked_worker_as_itself,
         a_changed_umask_reaches_the_workers,
+        changed_resource_limits_reach_the_workers,
         a_copy_made_by_fork_starts_its_own_workers,
         an_environment_set_var_refuses_gets_spawned_workers,
         a_stopped_fork_server_does_not_hold_a_start,

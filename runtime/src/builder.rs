@@ -73,7 +73,7 @@ pub enum StartMethod {
     /// `#[multiproc::main]` makes first thing in `main`, while the program is still
     /// single-threaded. A worker is ready in a fraction of a millisecond, against a whole
     /// program start (`BENCHMARKS.md`, W4). The worker gets the caller's current
-    /// environment, working directory and stdout (its stderr is forwarded to the caller's,
+    /// environment, working directory, resource limits and stdout (its stderr is forwarded to the caller's,
     /// as a spawned worker's is). Without an initializer, `build`
     /// returns without waiting for forked workers, and the pool starts no thread until its
     /// work needs one (see [`PoolBuilder::build`]).
@@ -95,9 +95,9 @@ pub enum StartMethod {
     /// running the executable then.
     ///
     /// What a forked worker still keeps from the program's start, unlike a spawned one:
-    /// its arguments (a spawned worker's are the executable's path alone), resource
-    /// limits, signal dispositions, scheduling priority, namespaces and security-module
-    /// label, and the descriptors open when the program started.
+    /// its arguments (a spawned worker's are the executable's path alone), signal
+    /// dispositions, scheduling priority, namespaces and security-module label, and the
+    /// descriptors open when the program started.
     ///
     /// The server is a child of the program from the first line of `main` to its exit:
     /// code that waits for *any* child until none is left (`wait(2)` until `ECHILD`) would

@@ -8,9 +8,9 @@
 //! in `main`, while the program is still single-threaded and has done nothing of its own.
 //! The server waits on a socket. To start a worker the parent sends it the worker's
 //! descriptors (channel, stderr, status page, stdout), its [`WorkerSpec`], and the parent's
-//! current environment and working directory; the server forks a copy of itself (`server`),
-//! which takes them and becomes the worker exactly as a re-executed worker would after its
-//! `exec`. A pool's requests go out back to back ([`ask`]): the server forks the next worker
+//! current environment, working directory and resource limits; the server forks a copy of
+//! itself (`server`), which takes them and becomes the worker exactly as a re-executed
+//! worker would after its `exec`. A pool's requests go out back to back ([`ask`]): the server forks the next worker
 //! while the first sets itself up, and the parent sets the pool up meanwhile. `Pool::new`
 //! first sends an empty message ([`wake`]), so that the server is up when they arrive, and
 //! need not wait for the answers ([`Asked::defer`]): each is read when its worker is first
@@ -151,6 +151,61 @@ struct Request {
     stdout: bool,
     /// The parent's, now.
     identity: Identity,
+    /// The parent's resource limits, now.
+    limits: Limits,
+}
+
+/// The resource limits of a process, soft and hard, as `getrlimit` gives them: one entry per
+/// resource of [`RESOURCES`], in order (`None`: not read). A forked worker takes its
+/// parent's, as a worker run from the executable inherits them: a program that raised its
+/// limit of open files after it started, say, gets workers that may open as many.
+#[derive(Serialize, Deserialize, PartialEq, Eq, Debug, Clone)]
+struct Limits(Vec<Option<(u64, u64)>>);
+
+/// Every resource Linux limits.
+const RESOURCES: [nix::sys::resource::Resource; 16] = {
+    use nix::sys::resource::Resource as R;
+    [
+        R::RLIMIT_AS,
+        R::RLIMIT_CORE,
+        R::RLIMIT_CPU,
+        R::RLIMIT_DATA,
+        R::RLIMIT_FSIZE,
+        R::RLIMIT_LOCKS,
+        R::RLIMIT_MEMLOCK,
+        R::RLIMIT_MSGQUEUE,
+        R::RLIMIT_NICE,
+        R::RLIMIT_NOFILE,
+        R::RLIMIT_NPROC,
+        R::RLIMIT_RSS,
+        R::RLIMIT_RTPRIO,
+        R::RLIMIT_RTTIME,
+        R::RLIMIT_SIGPENDING,
+        R::RLIMIT_STACK,
+    ]
+};
+
+impl Limits {
+    fn now() -> Limits {
+        Limits(
+            RESOURCES
+                .iter()
+                .map(|&resource| nix::sys::resource::getrlimit(resource).ok())
+                .collect(),
+        )
+    }
+
+    /// The limits of `self` that differ from `from`'s, to set with `setrlimit`.
+    fn changed_from(&self, from: &Limits) -> Vec<(nix::sys::resource::Resource, u64, u64)> {
+        RESOURCES
+            .iter()
+            .zip(self.0.iter().zip(&from.0))
+            .filter_map(|(&resource, (now, then))| match now {
+                Some((soft, hard)) if now != then => Some((resource, *soft, *hard)),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// How a request for a worker ended.
@@ -364,6 +419,7 @@ pub(crate) fn ask(spec: &WorkerSpec, workers: &[WorkerFds], deadline: Instant) -
         env: environment(),
         stdout: stdout.is_some(),
         identity,
+        limits: Limits::now(),
     };
     match postcard::to_allocvec(&request) {
         Ok(body) if body.len() <= MAX_REQUEST => {

@@ -1,6 +1,6 @@
 //! The fork server's side: it reads requests and forks each worker.
 
-use super::{Identity, MAX_REQUEST, Request, corrupt, env_settable, environment};
+use super::{Identity, Limits, MAX_REQUEST, Request, corrupt, env_settable, environment};
 use crate::error::Error;
 use crate::worker::{self, WorkerSpec};
 use nix::libc;
@@ -78,6 +78,9 @@ struct Origin {
     /// The environment every worker inherits: the program's as it started (the server
     /// changes nothing in it). A worker replaces it only when the parent's differs.
     env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The resource limits every worker inherits, the program's as it started; a worker
+    /// sets those the parent has changed since.
+    limits: Limits,
 }
 
 /// The server's process, from the fork that made it: `parent_end` is the parent's end of the
@@ -120,6 +123,7 @@ fn serve(conn: &UnixStream, parent: Pid) -> ! {
             identity,
             thread,
             env,
+            limits: Limits::now(),
         }),
         _ => None,
     };
@@ -239,6 +243,7 @@ fn fork_one(conn: &UnixStream, origin: &Origin, request: Request, fds: Vec<Owned
         cwd: (!request.cwd.is_empty()
             && !std::env::current_dir().is_ok_and(|dir| dir.as_os_str().as_bytes() == request.cwd))
         .then_some(request.cwd),
+        limits: request.limits.changed_from(&origin.limits),
     };
     let thread = origin.thread;
     // `fork` would make the worker the server's child; `CLONE_PARENT` makes it the parent's.
@@ -308,6 +313,10 @@ struct Setting {
     env: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     /// The parent's working directory, where it is not the server's.
     cwd: Option<Vec<u8>>,
+    /// The parent's resource limits that differ from the program's at start. The worker
+    /// can set each: the parent did, with the same credentials and capabilities (the
+    /// server forks only for a parent whose are the program's, see `Identity`).
+    limits: Vec<(nix::sys::resource::Resource, u64, u64)>,
 }
 
 /// In the forked child: take the descriptors, the environment and the directory the parent
@@ -343,6 +352,9 @@ fn become_worker(conn: &UnixStream, spec: WorkerSpec, setting: Setting, fds: Vec
     }
     if let Some(cwd) = setting.cwd {
         let _ = std::env::set_current_dir(std::ffi::OsStr::from_bytes(&cwd));
+    }
+    for (resource, soft, hard) in setting.limits {
+        let _ = nix::sys::resource::setrlimit(resource, soft, hard);
     }
     #[cfg(coverage)]
     profile::name_own_file();
@@ -434,6 +446,7 @@ mod tests {
             env: vec![(b"A".to_vec(), b"b".to_vec())],
             stdout,
             identity: Identity("Uid: 0".to_owned()),
+            limits: Limits(vec![Some((1024, 4096)), None]),
         }
     }
 
