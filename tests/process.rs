@@ -77,6 +77,17 @@ fn hang_with_a_child(pids: Sender<u32>) {
     }
 }
 
+/// Moves into its parent's process group (the same session), says so, then hangs.
+#[task]
+fn leave_own_group(moved: Sender<()>) {
+    let parent_group = nix::unistd::getpgid(Some(nix::unistd::getppid())).expect("getpgid");
+    nix::unistd::setpgid(Pid::from_raw(0), parent_group).expect("setpgid");
+    moved.send(()).expect("say it moved");
+    loop {
+        std::thread::park();
+    }
+}
+
 fn new_start_join_and_accessors() -> TestResult {
     let mut p = Process::new(add, (2, 3));
     assert!(!p.is_alive());
@@ -213,6 +224,29 @@ fn dropping_a_running_process_kills_it_and_what_it_started() -> TestResult {
     Ok(())
 }
 
+/// A child that left its process group is signalled on its own: `kill`, `terminate` and a
+/// drop reach it (signalling its old, empty group alone left it running, and the drop waited
+/// for it forever).
+fn a_child_that_left_its_process_group_is_still_stopped() -> TestResult {
+    for how in ["kill", "terminate", "drop"] {
+        let (tx, rx) = pipe()?;
+        let p = Process::spawn(leave_own_group, (tx,))?;
+        let pid = p.pid().expect("started");
+        rx.recv()?;
+        let p = match how {
+            "kill" => Some(p).inspect(Process::kill),
+            "terminate" => Some(p).inspect(Process::terminate),
+            _ => within(Duration::from_secs(30), "the drop", move || drop(p)).map(|()| None)?,
+        };
+        let gone = wait_gone(pid, Duration::from_secs(30));
+        // Whatever happened, nothing is left behind.
+        let _ = kill(Pid::from_raw(pid.cast_signed()), Signal::SIGKILL);
+        drop(p);
+        ensure(gone, format!("{how} left process {pid} running"))?;
+    }
+    Ok(())
+}
+
 fn a_process_outlives_the_thread_that_started_it() -> TestResult {
     let gate = Gate::new();
     let path = gate.path();
@@ -339,6 +373,7 @@ fn main() {
         join_timeout_leaves_it_running,
         terminate_and_kill_signal_it,
         dropping_a_running_process_kills_it_and_what_it_started,
+        a_child_that_left_its_process_group_is_still_stopped,
         a_process_outlives_the_thread_that_started_it,
         a_child_that_starts_a_long_lived_process_still_joins,
         a_process_the_child_started_can_write_to_stderr_after_join,

@@ -145,17 +145,15 @@ impl Supervised {
         })?
     }
 
-    /// Signals the child's process group unless the child is reaped.
+    /// Signals the child and its process group unless the child is reaped.
     pub(crate) fn signal(&self, signal: Signal) {
         let mut state = self.life.lock();
         if state.status.is_some() {
             return;
         }
-        // Not reaped, so the pid (and its group id) still name our child. ESRCH (its group
-        // is empty, it is exiting) needs nothing.
-        if killpg(Pid::from_raw(self.pid.cast_signed()), signal).is_ok()
-            && state.stopped_with != Some(Signal::SIGKILL)
-        {
+        // Not reaped, so the pid (and its group id) still name our child. ESRCH (it is
+        // exiting) needs nothing.
+        if signal_child(self.pid, signal) && state.stopped_with != Some(Signal::SIGKILL) {
             state.stopped_with = Some(signal);
         }
     }
@@ -204,7 +202,7 @@ fn supervise(
     let reply = read_reply(&mut worker);
     if reply.is_err() {
         // A malformed reply: stop the child. Not reaped yet, so the group id is still ours.
-        let _ = killpg(Pid::from_raw(pid.cast_signed()), Signal::SIGKILL);
+        signal_child(pid, Signal::SIGKILL);
     }
     wait_exited(pid);
     worker.stderr.settle(None);
@@ -231,6 +229,21 @@ fn supervise(
     });
     drop(state);
     life.changed.notify_all();
+}
+
+/// Sends `signal` to the child `pid`, which must not be reaped yet, and to its process group
+/// (what the task started); whether the child got it. A child that moved to another group
+/// (`setpgid`) gets it on its own: signalling its old group alone would miss it, and a drop
+/// waiting for its exit would wait forever.
+fn signal_child(pid: u32, signal: Signal) -> bool {
+    let pid = Pid::from_raw(pid.cast_signed());
+    let group = killpg(pid, signal);
+    // Checked after the group's signal: a child that leaves its group later got that one.
+    if nix::unistd::getpgid(Some(pid)) == Ok(pid) {
+        group.is_ok()
+    } else {
+        nix::sys::signal::kill(pid, signal).is_ok()
+    }
 }
 
 /// Writes the whole frame, its descriptors riding on the first byte.
