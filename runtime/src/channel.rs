@@ -239,6 +239,25 @@ impl Endpoint {
                 .is_some_and(|r| r.contains(PollFlags::POLLHUP))
     }
 
+    /// How many bytes the messages queued at this end hold (`SIOCINQ`, which sums them on
+    /// a seqpacket socket); 0 where it cannot tell.
+    fn queued_bytes(&self) -> usize {
+        let mut queued: nix::libc::c_int = 0;
+        // SAFETY: FIONREAD (SIOCINQ) writes one int to the address given.
+        let got = unsafe {
+            nix::libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                nix::libc::FIONREAD,
+                &raw mut queued,
+            )
+        };
+        if got == 0 {
+            usize::try_from(queued).unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
     /// One `recvmsg`, blocking unless `flags` has `MSG_DONTWAIT`; `Ok(None)` when it would
     /// block.
     fn recv_now<T: DeserializeOwned + 'static>(&self, flags: MsgFlags) -> Result<Option<T>, Error> {
@@ -251,8 +270,9 @@ impl Endpoint {
         };
         if received.bytes == 0 {
             // Every message is at least its tag byte: an empty read is the end of the channel,
-            // or an empty datagram that something else wrote (the channel goes on then).
-            return Err(if self.hung_up() {
+            // or an empty datagram that something else wrote (the channel goes on then, to
+            // the messages still queued behind it even if every sender has closed since).
+            return Err(if self.hung_up() && self.queued_bytes() == 0 {
                 disconnected()
             } else {
                 malformed()
@@ -503,6 +523,20 @@ mod tests {
         }
         assert_eq!(b.recv::<u8>().unwrap(), 7);
         drop(a);
+        assert_eq!(b.recv::<u8>().unwrap_err().kind(), ErrorKind::Disconnected);
+    }
+
+    /// An empty datagram, then a message, then the writer closes: the message still comes
+    /// out before the end (the empty read, with the other end closed, was taken for it).
+    #[test]
+    fn an_empty_datagram_before_the_end_hides_no_message() {
+        let (a, b) = endpoint_pair().unwrap();
+        forge(&a, &[], &[]);
+        a.send(&7u8).unwrap();
+        drop(a);
+        let err = b.recv::<u8>().expect_err("an empty datagram");
+        assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+        assert_eq!(b.recv::<u8>().unwrap(), 7);
         assert_eq!(b.recv::<u8>().unwrap_err().kind(), ErrorKind::Disconnected);
     }
 
