@@ -719,7 +719,15 @@ impl Slot {
                 spin_until = self.spin_until(spin);
             }
             if let Err(lost) = self.write_some() {
-                return Pumped::Lost(lost);
+                // The worker closed its end (it died, or is dying). What it sent before, the
+                // results of the chunks it ran, is read first (the top of the loop takes
+                // it; the next write fails again and comes back here), so that those chunks
+                // do not run again.
+                match self.receive() {
+                    Ok(true) => continue,
+                    Ok(false) => return Pumped::Lost(lost),
+                    Err(lost) => return Pumped::Lost(lost),
+                }
             }
             if self.sent_chunks == self.inflight.len()
                 && monotonic_ns() < spin_until
