@@ -4,6 +4,7 @@
 mod support;
 
 use multiproc::{AsyncResult, ErrorKind, Pool, task};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use support::{Gate, TestResult, ensure, within};
 
@@ -22,6 +23,32 @@ fn pow(x: u64, y: u32) -> u64 {
 fn gated(gate: String, value: u64) -> u64 {
     support::pass_gate(&gate);
     value
+}
+
+/// Set in the parent's `main` only: workers never run its body.
+static IN_PARENT: AtomicBool = AtomicBool::new(false);
+
+/// An output that must be read: dropping it unread in the parent panics (a drop bomb).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MustRead(u64);
+
+impl Drop for MustRead {
+    fn drop(&mut self) {
+        assert!(
+            !IN_PARENT.load(Ordering::Relaxed) || std::thread::panicking(),
+            "MustRead({}) dropped unread",
+            self.0
+        );
+    }
+}
+
+/// Waits at the gate (none when empty), then returns a [`MustRead`].
+#[task]
+fn must_read((gate, value): (String, u64)) -> MustRead {
+    if !gate.is_empty() {
+        support::pass_gate(&gate);
+    }
+    MustRead(value)
 }
 
 #[task]
@@ -160,9 +187,39 @@ fn async_result_is_send() -> TestResult {
     Ok(())
 }
 
+/// Outputs nobody reads (their `AsyncResult` or `imap` dropped before they came) are
+/// dropped on the pool's thread: a `Drop` of theirs that panics (here, on purpose) unwound
+/// that thread, and the next call on a pool of one waited forever.
+fn outputs_whose_drop_panics_leave_the_pool_serving() -> TestResult {
+    for dropped in ["map_async", "imap"] {
+        let pool = Pool::new(1)?;
+        let gate = Gate::new();
+        if dropped == "map_async" {
+            drop(pool.map_async(must_read, [(gate.path(), 1)]));
+        } else {
+            let mut outputs = pool
+                .with_chunking(multiproc::Chunking::Fixed(1))
+                .imap(must_read, [(String::new(), 0), (gate.path(), 1)]);
+            std::mem::forget(outputs.next().expect("one output")?);
+            drop(outputs);
+        }
+        // The output comes now, to nobody.
+        gate.open();
+        let after = within(
+            Duration::from_secs(30),
+            &format!("an apply after a dropped {dropped}"),
+            move || pool.apply(square, (3,)),
+        )?;
+        ensure(after.is_ok_and(|x| x == 9), dropped)?;
+    }
+    Ok(())
+}
+
 #[multiproc::main]
 fn main() {
+    IN_PARENT.store(true, Ordering::Relaxed);
     support::run(tests![
+        outputs_whose_drop_panics_leave_the_pool_serving,
         map_starmap_apply_async_values,
         returns_at_once_and_reports_readiness,
         successful_is_false_after_a_failure,

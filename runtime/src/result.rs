@@ -18,6 +18,29 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+thread_local! {
+    /// Set on the pool's own threads (see [`contained`]).
+    static POOL_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one of the pool's own, which serve workers.
+pub(crate) fn mark_pool_thread() {
+    POOL_THREAD.set(true);
+}
+
+/// Runs `f`, which runs the user's code: a `Drop` of outputs nobody read, a waker. On a
+/// pool thread, a panic in it is caught there (after the panic hook has reported it), so
+/// that the thread goes on serving its worker: unwound, it would leave the chunks it had in
+/// flight unanswered, and calls waiting for them waiting forever. Elsewhere it unwinds as
+/// usual, in the user's own thread.
+fn contained(f: impl FnOnce()) {
+    if POOL_THREAD.get() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    } else {
+        f();
+    }
+}
+
 /// Outcomes of one call, filled by slots, drained by the caller.
 pub(crate) struct CallState<O> {
     id: u64,
@@ -47,6 +70,16 @@ pub(crate) struct Inbox<O> {
     /// Threads blocked in `wait_until`: with none, a delivery makes no wake-up system call.
     waiters: usize,
     waker: Option<Waker>,
+}
+
+impl<O> Drop for CallState<O> {
+    /// Outputs nobody read are dropped where the last handle to the call goes: a pool thread
+    /// when the caller dropped its `AsyncResult` before they came.
+    fn drop(&mut self) {
+        let inbox = self.inbox.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let unread = std::mem::take(&mut inbox.ready);
+        contained(|| drop(unread));
+    }
 }
 
 /// Outcomes of consecutive items `first..first + outcomes.len()`: one batch per delivery,
@@ -223,19 +256,23 @@ impl<O: Payload> CallState<O> {
     fn store(&self, batch: Batch<O>) {
         let mut inbox = self.lock();
         inbox.pending -= batch.outcomes.len();
-        if !inbox.abandoned {
+        let unread = if inbox.abandoned {
+            Some(batch)
+        } else {
             inbox.failed |= batch.outcomes.has_error();
             inbox.ready.push_back(batch);
-        }
+            None
+        };
         let waker = inbox.waker.take();
         let notify = inbox.waiters > 0;
         drop(inbox);
+        contained(|| drop(unread));
         self.stores.fetch_add(1, Ordering::Release);
         if notify {
             self.changed.notify_all();
         }
         if let Some(waker) = waker {
-            waker.wake();
+            contained(|| waker.wake());
         }
     }
 

@@ -257,6 +257,7 @@ impl Slot {
         ready: Sender<Result<u32, Error>>,
         launched: Option<Receiver<Option<Launched>>>,
     ) {
+        crate::result::mark_pool_thread();
         let mut slot = Box::new(self);
         // Counts this slot's first start as done however it ends, a panic included: callers
         // of `worker_pids` wait for it.
@@ -316,6 +317,7 @@ impl Slot {
 
     /// The body of a thread started for a slot that had none: serves until the pool stops.
     pub(crate) fn run_resumed(slot: Box<Slot>) {
+        crate::result::mark_pool_thread();
         let (slot, gave_up) = Slot::serve(slot);
         slot.leave(gave_up.as_ref());
     }
