@@ -73,10 +73,10 @@ pub enum StartMethod {
     /// `#[multiproc::main]` makes first thing in `main`, while the program is still
     /// single-threaded. A worker is ready in a fraction of a millisecond, against a whole
     /// program start (`BENCHMARKS.md`, W4). The worker gets the caller's current
-    /// environment, working directory, resource limits and stdout (its stderr is forwarded to the caller's,
-    /// as a spawned worker's is). Without an initializer, `build`
-    /// returns without waiting for forked workers, and the pool starts no thread until its
-    /// work needs one (see [`PoolBuilder::build`]).
+    /// environment, working directory, resource limits and stdout (its stderr is forwarded
+    /// to the caller's, as a spawned worker's is). Without an initializer, `build` returns
+    /// without waiting for forked workers, and the pool starts no thread until its work
+    /// needs one (see [`PoolBuilder::build`]).
     ///
     /// Falls back to [`Spawn`](StartMethod::Spawn), for one start or for good:
     /// - where there is no fork server: on systems other than Linux; in a program started

@@ -10,12 +10,12 @@
 //! descriptors (channel, stderr, status page, stdout), its [`WorkerSpec`], and the parent's
 //! current environment, working directory and resource limits; the server forks a copy of
 //! itself (`server`), which takes them and becomes the worker exactly as a re-executed
-//! worker would after its `exec`. A pool's requests go out back to back ([`ask`]): the server forks the next worker
-//! while the first sets itself up, and the parent sets the pool up meanwhile. `Pool::new`
-//! first sends an empty message ([`wake`]), so that the server is up when they arrive, and
-//! need not wait for the answers ([`Asked::defer`]): each is read when its worker is first
-//! used, `worker_pids` asks, or the pool drops ([`Answer`]), by then long there. The server
-//! answers in order, so whoever reads an answer reads those owed before it, and the next
+//! worker would after its `exec`. A pool's requests go out back to back ([`ask`]): the
+//! server forks the next worker while the first sets itself up, and the parent sets the
+//! pool up meanwhile. `Pool::new` first sends an empty message ([`wake`]), so that the
+//! server is up when they arrive, and need not wait for the answers ([`Asked::defer`]): each
+//! is read when its worker is first used, `worker_pids` asks, or the pool drops
+//! ([`Answer`]), by then long there. The server answers in order, so whoever reads an answer reads those owed before it, and the next
 //! pool's requests wait for every answer still owed (16 at most, see [`WINDOW`]).
 //!
 //! The copy is made with `clone3(CLONE_PARENT)`: the worker is the *parent's* child, not the
