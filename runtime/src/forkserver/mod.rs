@@ -15,8 +15,9 @@
 //! pool up meanwhile. `Pool::new` first sends an empty message ([`wake`]), so that the
 //! server is up when they arrive, and need not wait for the answers ([`Asked::defer`]): each
 //! is read when its worker is first used, `worker_pids` asks, or the pool drops
-//! ([`Answer`]), by then long there. The server answers in order, so whoever reads an answer reads those owed before it, and the next
-//! pool's requests wait for every answer still owed (16 at most, see [`WINDOW`]).
+//! ([`Answer`]), by then long there. The server answers in order, so whoever reads an
+//! answer reads those owed before it, and the next pool's requests wait for every answer
+//! still owed (16 at most, see [`WINDOW`]).
 //!
 //! The copy is made with `clone3(CLONE_PARENT)`: the worker is the *parent's* child, not the
 //! server's. So the parent reaps it, reads its exit status and signal, kills its process
