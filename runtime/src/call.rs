@@ -359,7 +359,7 @@ impl Call<'_> {
                     encode_chunks(shared, &sink, self.chunk_spec::<T>(*task), first, &batch)
                 }
                 Err(err) => {
-                    sink.fail(first, count, &|index| clone_error(err, T::NAME, index));
+                    sink.fail(first, count, &|index| err.for_item(T::NAME, index));
                     Vec::new()
                 }
             };
@@ -396,10 +396,4 @@ impl Call<'_> {
         state.expect(0, true);
         result
     }
-}
-
-pub(crate) fn clone_error(err: &Error, task: &str, index: usize) -> Error {
-    Error::new(err.kind(), err.message().to_owned())
-        .with_task(task)
-        .with_index(index)
 }

@@ -159,9 +159,7 @@ pub(crate) fn encode_chunks<A: Serialize + 'static>(
             Ok(chunk) => chunks.push(chunk),
             Err((Some(0), err)) => {
                 call.fail(first + at, 1, &|index| {
-                    Error::new(err.kind(), err.message().to_owned())
-                        .with_task(call.task_name())
-                        .with_index(index)
+                    err.for_item(call.task_name(), index)
                 });
                 todo.push((at + 1, len - 1));
             }
@@ -172,9 +170,7 @@ pub(crate) fn encode_chunks<A: Serialize + 'static>(
             }
             Err((None, err)) => {
                 call.fail(first + at, len, &|index| {
-                    Error::new(err.kind(), err.message().to_owned())
-                        .with_task(call.task_name())
-                        .with_index(index)
+                    err.for_item(call.task_name(), index)
                 });
             }
         }

@@ -155,6 +155,14 @@ impl Error {
         self
     }
 
+    /// This error's kind and message, as item `index` of `task`'s: one error that fails
+    /// several items, each with its own copy.
+    pub(crate) fn for_item(&self, task: &str, index: usize) -> Self {
+        Error::new(self.kind(), self.message().to_owned())
+            .with_task(task)
+            .with_index(index)
+    }
+
     pub(crate) fn with_location(mut self, location: Option<String>) -> Self {
         self.inner.location = location;
         self

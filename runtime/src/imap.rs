@@ -4,7 +4,6 @@
 //! outstanding (submitted, not yet yielded). That bounds memory whatever the input's length
 //! (an infinite iterator included), unlike Python's `imap`, which reads its input ahead.
 
-use crate::call::clone_error;
 use crate::chunk::{ChunkSpec, Chunking, byte_cap, encode_chunks};
 use crate::error::Error;
 use crate::pool::Pool;
@@ -209,7 +208,7 @@ where
             let spec = match &self.spec {
                 Ok(spec) => *spec,
                 Err(err) => {
-                    sink.fail(first, count, &|index| clone_error(err, T::NAME, index));
+                    sink.fail(first, count, &|index| err.for_item(T::NAME, index));
                     continue;
                 }
             };

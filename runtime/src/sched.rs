@@ -581,7 +581,7 @@ impl Shared {
         if let Some(error) = Self::refusal(&state, stream.is_some()) {
             drop(state);
             for chunk in chunks {
-                chunk.fail_all(&|index| clone_for(&error, chunk.call.task_name(), index));
+                chunk.fail_all(&|index| error.for_item(chunk.call.task_name(), index));
             }
             return Err(error);
         }
@@ -998,12 +998,6 @@ impl Drop for Lent<'_> {
 
 pub(crate) fn terminated(task: &str, index: usize) -> Error {
     Error::closed("the pool was terminated before this item finished")
-        .with_task(task)
-        .with_index(index)
-}
-
-fn clone_for(error: &Error, task: &str, index: usize) -> Error {
-    Error::new(error.kind(), error.message().to_owned())
         .with_task(task)
         .with_index(index)
 }

@@ -95,7 +95,8 @@ struct InFlight {
     /// first byte, before the chunk's own.
     prefix_fds: Vec<RawFd>,
     shared: bool,
-    /// When it was fully written to the worker (monotonic ns); 0 until then.
+    /// When it was fully written to the worker (monotonic ns), if it has a deadline; 0
+    /// until then, and for a chunk without one.
     sent_at: u64,
 }
 
@@ -127,6 +128,13 @@ impl InFlight {
     /// announce.
     fn plain(&self) -> bool {
         self.prefix.is_empty() && self.chunk.fds.is_empty() && self.chunk.frame.len() < SHARED_MIN
+    }
+
+    /// Fails the items whose outcomes have not arrived, each with `error(index)`.
+    fn fail_rest(&self, error: &dyn Fn(usize) -> Error) {
+        let first = self.chunk.first + self.done as usize;
+        let left = self.chunk.count - self.done;
+        self.chunk.call.fail(first, left as usize, error);
     }
 }
 
@@ -198,7 +206,8 @@ pub(crate) struct Slot {
     reader: FrameReader,
     /// When the front chunk started running as far as the parent can tell (monotonic ns).
     front_since: u64,
-    /// When bytes last came from the worker (monotonic ns): its `Ready`, results on the way.
+    /// When bytes last came from the worker (monotonic ns) while the front chunk had a
+    /// deadline: its `Ready`, results on the way.
     heard_ns: u64,
     /// The call of the last completed chunk and how long that chunk ran. Prefetching is
     /// decided per call, from its own measured chunks: a short call must not make the long
@@ -500,12 +509,7 @@ impl Slot {
         let busy = !self.inflight.is_empty();
         for flight in self.inflight.drain(..) {
             let task = flight.chunk.call.task_name();
-            let first = flight.chunk.first + flight.done as usize;
-            let left = flight.chunk.count - flight.done;
-            flight
-                .chunk
-                .call
-                .fail(first, left as usize, &|index| terminated(task, index));
+            flight.fail_rest(&|index| terminated(task, index));
         }
         self.leaving_worker();
         if let Some(mut worker) = self.worker.take() {
@@ -829,7 +833,15 @@ impl Slot {
         match self.reader.read_from(&mut worker.conn) {
             Ok(0) => Err(Lost::Died),
             Ok(_) => {
-                self.heard_ns = monotonic_ns();
+                // For the backstop of a chunk with a deadline alone (see `next_check`): an
+                // older value is never wrong there, and other chunks need no clock read.
+                if self
+                    .inflight
+                    .front()
+                    .is_some_and(|front| front.chunk.timeout.is_some())
+                {
+                    self.heard_ns = monotonic_ns();
+                }
                 Ok(true)
             }
             Err(err)
@@ -894,7 +906,11 @@ impl Slot {
                             if self.awaiting_ready.is_none() {
                                 self.inflight[self.sent_chunks].chunk.sent();
                             }
-                            self.inflight[self.sent_chunks].sent_at = monotonic_ns();
+                            let flight = &mut self.inflight[self.sent_chunks];
+                            // Read by the backstop of a chunk with a deadline alone.
+                            if flight.chunk.timeout.is_some() {
+                                flight.sent_at = monotonic_ns();
+                            }
                             self.sent_chunks += 1;
                             self.sent_bytes = 0;
                         } else {
@@ -1167,9 +1183,8 @@ impl Slot {
                     } else {
                         let error = lost_error(why, pid, status, chunk.attempt + 1);
                         chunk.call.fail(chunk.first + item as usize, 1, &|index| {
-                            Error::new(error.kind(), error.message().to_owned())
-                                .with_task(task)
-                                .with_index(index)
+                            error
+                                .for_item(task, index)
                                 .with_status(error.signal(), error.exit_code())
                                 .with_stderr_tail(stderr_tail.clone())
                         });
@@ -1184,14 +1199,11 @@ impl Slot {
                         "worker process {pid} sent a malformed reply and was stopped ({}): {err}",
                         describe_status(status)
                     );
-                    let first = chunk.first + flight.done as usize;
-                    chunk
-                        .call
-                        .fail(first, (chunk.count - flight.done) as usize, &|index| {
-                            Error::new(ErrorKind::Codec, message.clone())
-                                .with_task(task)
-                                .with_index(index)
-                        });
+                    flight.fail_rest(&|index| {
+                        Error::new(ErrorKind::Codec, message.clone())
+                            .with_task(task)
+                            .with_index(index)
+                    });
                 }
                 // Not started, or finished with its outcomes lost: run it (again), unblamed;
                 // but a chunk first in line when worker after worker dies fails in the end.
@@ -1209,16 +1221,13 @@ impl Slot {
                              them, before it started; an argument larger than \
                              `max_memory_per_child` does this"
                         );
-                        let first = chunk.first + flight.done as usize;
-                        chunk
-                            .call
-                            .fail(first, (chunk.count - flight.done) as usize, &|index| {
-                                Error::new(ErrorKind::Crashed, message.clone())
-                                    .with_task(task)
-                                    .with_index(index)
-                                    .with_status(signal, code)
-                                    .with_stderr_tail(stderr_tail.clone())
-                            });
+                        flight.fail_rest(&|index| {
+                            Error::new(ErrorKind::Crashed, message.clone())
+                                .with_task(task)
+                                .with_index(index)
+                                .with_status(signal, code)
+                                .with_stderr_tail(stderr_tail.clone())
+                        });
                     } else if flight.done == 0 && !chunk.handles_gone {
                         let mut whole = flight.chunk;
                         whole.unblamed_deaths = deaths;
