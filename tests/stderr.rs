@@ -24,6 +24,20 @@ fn square(x: u64) -> u64 {
     x * x
 }
 
+/// Writes `bytes` to stderr, in lines of 1 KiB, and returns.
+#[task]
+fn flood(bytes: usize) -> usize {
+    let line = [b'f'; 1023];
+    let mut err = std::io::stderr();
+    let mut written = 0;
+    while written < bytes {
+        err.write_all(&line).unwrap();
+        err.write_all(b"\n").unwrap();
+        written += 1024;
+    }
+    written
+}
+
 /// Returns at once; a thread of the worker waits until the FIFO is opened for writing, then
 /// writes `note` (as is: no newline added) to stderr and ends the worker.
 #[task]
@@ -55,6 +69,7 @@ fn scenario(which: &str) -> ! {
         "full-after-limit" => scenario_full_stderr(builder, true),
         "full" => scenario_full_stderr(builder, false),
         "crash-order" => scenario_crash_order(builder),
+        "spin-flood" => scenario_spin_flood(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -367,6 +382,20 @@ fn scenario_full_stderr(builder: PoolBuilder, transient: bool) {
     std::process::exit(0);
 }
 
+/// A caller that polls for its outcome for a long window (`spin`) still drains the stderr
+/// of a task that writes more than the pipe holds before it returns.
+fn scenario_spin_flood(builder: PoolBuilder) {
+    let pool = builder
+        .spin(std::time::Duration::from_mins(10))
+        .build()
+        .expect("pool");
+    let written = pool.apply(flood, (256 * 1024,)).expect("apply");
+    println!("flooded {written}");
+    let _ = std::io::stdout().flush();
+    drop(pool);
+    std::process::exit(0);
+}
+
 /// Runs `scenario` with `method` (and `envs`): see [`support::run_self_within`].
 fn run_scenario_within(
     scenario: &str,
@@ -517,6 +546,24 @@ fn a_deadline_is_kept_with_a_full_stderr_after_threads_were_refused_once() -> Te
     Ok(())
 }
 
+/// A caller polling for its outcome without sleeping does not leave a task that floods its
+/// stderr blocked until the window ends.
+fn a_spinning_caller_drains_a_flooding_tasks_stderr() -> TestResult {
+    for method in ["fork", "spawn"] {
+        let (status, stdout, stderr) =
+            run_scenario_within("spin-flood", method, &[], std::time::Duration::from_mins(1))?;
+        let lines = stderr
+            .lines()
+            .filter(|line| *line == "f".repeat(1023))
+            .count();
+        ensure(
+            status.success() && stdout.contains("flooded 262144") && lines == 256,
+            format!("{method}: {status}, {lines} lines\nstdout: {stdout}"),
+        )?;
+    }
+    Ok(())
+}
+
 #[multiproc::main]
 fn main() {
     if let Ok(which) = std::env::var(SCENARIO) {
@@ -529,5 +576,6 @@ fn main() {
         a_crashed_workers_last_lines_come_before_its_error,
         a_copy_made_by_fork_forwards_its_workers_stderr,
         the_last_words_of_a_worker_that_died_idle_reach_stderr,
+        a_spinning_caller_drains_a_flooding_tasks_stderr,
     ]);
 }

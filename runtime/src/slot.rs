@@ -51,6 +51,12 @@ const RECHECK: Duration = Duration::from_millis(20);
 /// its deadline (see `Slot::next_check`).
 const BACKSTOP_GRACE: Duration = Duration::from_secs(1);
 
+/// How often a slot polling without sleeping (`PoolBuilder::spin`) looks at its worker's
+/// stderr, which it otherwise polls with the channel: longer than the default window, so
+/// that a short spell costs nothing, and short enough that a task writing more than a pipe
+/// holds is not held up by a long one.
+const SPIN_STDERR_EVERY_NS: u64 = 200_000;
+
 /// Unblamed worker deaths a chunk may see while first in line before its items fail.
 const MAX_UNBLAMED_DEATHS: u32 = 3;
 
@@ -707,6 +713,10 @@ impl Slot {
     /// `worker::SPIN`).
     fn pump(&mut self, spin: Duration) -> Pumped {
         let mut spin_until = self.spin_until(spin);
+        // While polling without sleeping, the worker's stderr is looked at this often (until
+        // it first says something, when the forwarder takes it): a long window must not leave
+        // a task blocked on a full pipe.
+        let mut stderr_at = monotonic_ns().saturating_add(SPIN_STDERR_EVERY_NS);
         loop {
             let awaiting = self.awaiting_ready.is_some();
             match self.drain_frames() {
@@ -735,14 +745,13 @@ impl Slot {
                     Err(lost) => return Pumped::Lost(lost),
                 }
             }
+            let now = monotonic_ns();
             if self.sent_chunks == self.inflight.len()
-                && monotonic_ns() < spin_until
+                && now < spin_until
                 && !self.shared.stopping()
             {
-                match self.receive() {
-                    Ok(true) => {}
-                    Ok(false) => std::thread::yield_now(),
-                    Err(lost) => return Pumped::Lost(lost),
+                if let Err(lost) = self.spin_once(now, &mut stderr_at) {
+                    return Pumped::Lost(lost);
                 }
                 continue;
             }
@@ -817,6 +826,23 @@ impl Slot {
                 return Pumped::Lost(lost);
             }
         }
+    }
+
+    /// One look of `pump`'s polling without sleeping: the channel, and the stderr when due
+    /// (`stderr_at`); then the CPU is yielded if nothing came.
+    fn spin_once(&mut self, now: u64, stderr_at: &mut u64) -> Result<(), Lost> {
+        if self.receive()? {
+            return Ok(());
+        }
+        if now >= *stderr_at {
+            *stderr_at = now.saturating_add(SPIN_STDERR_EVERY_NS);
+            let worker = self.worker.as_mut().expect("pump runs with a worker");
+            if worker.stderr.fd().is_some() {
+                worker.stderr.pump();
+            }
+        }
+        std::thread::yield_now();
+        Ok(())
     }
 
     /// Until when `pump` may poll without sleeping: `spin` from now, but never past a
