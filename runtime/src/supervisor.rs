@@ -196,10 +196,23 @@ fn supervise(
     };
     let pid = worker.pid();
     let _ = started.send(Ok(pid));
-    // A failed write means the child died: reading then finds the end of its stream.
-    let _ = write_frame(&worker.conn, frame, &fds);
+    // A write that fails because the child died needs nothing: reading then finds the end
+    // of its stream. Any other failure (the kernel refusing the descriptors, say) leaves a
+    // child waiting for the rest of its task: it is stopped, and the failure is the reply.
+    let unsent = write_frame(&worker.conn, frame, &fds).err().filter(|err| {
+        !matches!(
+            err.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        )
+    });
     drop(fds);
-    let reply = read_reply(&mut worker);
+    let reply = match unsent {
+        Some(err) => {
+            signal_child(pid, Signal::SIGKILL);
+            Err(Error::io("sending the task to its process failed", err))
+        }
+        None => read_reply(&mut worker),
+    };
     if reply.is_err() {
         // A malformed reply: stop the child. Not reaped yet, so the group id is still ours.
         signal_child(pid, Signal::SIGKILL);
