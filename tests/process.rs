@@ -77,6 +77,18 @@ fn hang_with_a_child(pids: Sender<u32>) {
     }
 }
 
+/// Starts `sleep 600`, sends its pid, writes a line to stderr, and returns.
+#[allow(clippy::zombie_processes)]
+#[task]
+fn leave_a_child_behind(pids: Sender<u32>) {
+    let child = Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("spawn sleep");
+    pids.send(child.id()).expect("send the pid");
+    eprintln!("leaving {}", child.id());
+}
+
 /// Moves into its parent's process group (the same session), says so, then hangs.
 #[task]
 fn leave_own_group(moved: Sender<()>) {
@@ -334,6 +346,37 @@ fn a_process_the_child_started_can_write_to_stderr_after_join() -> TestResult {
     )
 }
 
+/// A `Process` whose child has exited but is not reaped yet (its supervisor waits for the
+/// forwarder to write the child's last stderr to a full stderr) is not running: dropping it
+/// signals nothing, and what the task left running lives on. Prints whether it did.
+fn scenario_drop_exited() -> ! {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let (_keep_reader, writer) = nix::unistd::pipe().expect("pipe");
+    fcntl(&writer, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).expect("non-blocking");
+    while nix::unistd::write(&writer, &[b'.'; 4096]).is_ok() {}
+    fcntl(&writer, FcntlArg::F_SETFL(OFlag::empty())).expect("blocking");
+    nix::unistd::dup2_stderr(&writer).expect("dup2");
+    let (tx, rx) = pipe().expect("pipe");
+    let p = Process::spawn(leave_a_child_behind, (tx,)).expect("spawn");
+    let sleeper = rx.recv().expect("the sleeper's pid");
+    let child = Pid::from_raw(p.pid().expect("started").cast_signed());
+    waitid(Id::Pid(child), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).expect("waitid");
+    drop(p);
+    let alive = support::alive(sleeper);
+    let _ = kill(Pid::from_raw(sleeper.cast_signed()), Signal::SIGKILL);
+    println!("sleeper {}", if alive { "alive" } else { "killed" });
+    std::process::exit(0);
+}
+
+fn dropping_a_process_that_exited_unreaped_kills_nothing() -> TestResult {
+    let (status, stdout, _) = support::run_self_within(&[(SCENARIO, "drop-exited")], LIMIT)?;
+    ensure(
+        status.success() && stdout.trim() == "sleeper alive",
+        format!("{status}: {stdout}"),
+    )
+}
+
 /// The scenario process: starts a `Process` that never ends, from a thread that then
 /// exits, reports the child's pid, and waits to be killed.
 fn scenario() -> ! {
@@ -362,8 +405,10 @@ fn children_die_with_a_killed_parent() -> TestResult {
 
 #[multiproc::main]
 fn main() {
-    if std::env::var_os(SCENARIO).is_some() {
-        scenario();
+    match std::env::var(SCENARIO).as_deref() {
+        Ok("drop-exited") => scenario_drop_exited(),
+        Ok(_) => scenario(),
+        Err(_) => {}
     }
     support::run(tests![
         new_start_join_and_accessors,
@@ -373,6 +418,7 @@ fn main() {
         join_timeout_leaves_it_running,
         terminate_and_kill_signal_it,
         dropping_a_running_process_kills_it_and_what_it_started,
+        dropping_a_process_that_exited_unreaped_kills_nothing,
         a_child_that_left_its_process_group_is_still_stopped,
         a_process_outlives_the_thread_that_started_it,
         a_child_that_starts_a_long_lived_process_still_joins,

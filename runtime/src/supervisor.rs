@@ -145,10 +145,13 @@ impl Supervised {
         })?
     }
 
-    /// Signals the child and its process group unless the child is reaped.
+    /// Signals the child and its process group while the child runs: not once it has
+    /// exited, though the supervisor may not have reaped it yet (it first forwards the
+    /// child's last stderr, which can take a while), so that what the task left running
+    /// outlives a finished child's handle, as it does once the child is reaped.
     pub(crate) fn signal(&self, signal: Signal) {
         let mut state = self.life.lock();
-        if state.status.is_some() {
+        if state.status.is_some() || has_exited(self.pid) {
             return;
         }
         // Not reaped, so the pid (and its group id) still name our child. ESRCH (it is
@@ -340,6 +343,26 @@ fn wait_exited(pid: u32) {
     use nix::sys::wait::{Id, WaitPidFlag, waitid};
     let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
     while let Err(Errno::EINTR) = waitid(Id::Pid(Pid::from_raw(pid.cast_signed())), flags) {}
+}
+
+/// Whether child `pid`, not reaped yet, has exited (without reaping it).
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn has_exited(pid: u32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+    loop {
+        match waitid(Id::Pid(Pid::from_raw(pid.cast_signed())), flags) {
+            Err(Errno::EINTR) => {}
+            Ok(WaitStatus::StillAlive) | Err(_) => return false,
+            Ok(_) => return true,
+        }
+    }
+}
+
+/// Elsewhere a child is taken as running until reaped.
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+fn has_exited(_pid: u32) -> bool {
+    false
 }
 
 /// Elsewhere the reaping itself waits, under the lock: the child's stream has ended, so it
