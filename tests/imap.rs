@@ -410,6 +410,30 @@ fn join_ends_a_stream_made_before_close() -> TestResult {
     Ok(())
 }
 
+/// A stream that has pulled all of an exact-size input ends then, not at its next read: the
+/// workers of a closed pool leave once its work is done, while it is unread.
+fn a_stream_that_pulled_all_its_input_lets_a_closed_pool_go() -> TestResult {
+    let pool = Pool::new(1)?;
+    let worker = pool.worker_pids()[0];
+    // Twenty items: exactly the first window of one worker with chunks of two.
+    let mut stream = pool
+        .with_chunking(Chunking::Fixed(2))
+        .imap(square, 0..20u64);
+    ensure(stream.next().expect("a first output")? == 0, "first")?;
+    pool.close();
+    ensure(
+        support::wait_gone(worker, Duration::from_mins(1)),
+        "the worker left once the work was done",
+    )?;
+    let rest = stream.collect::<Result<Vec<_>, _>>()?;
+    ensure(
+        rest == (1..20).map(|x| x * x).collect::<Vec<_>>(),
+        "the rest",
+    )?;
+    within(Duration::from_mins(1), "join", move || pool.join())?;
+    Ok(())
+}
+
 #[multiproc::main]
 fn main() {
     support::run(tests![
@@ -426,5 +450,6 @@ fn main() {
         a_fixed_chunk_larger_than_any_input_streams,
         an_imap_made_before_close_runs_to_its_end,
         join_ends_a_stream_made_before_close,
+        a_stream_that_pulled_all_its_input_lets_a_closed_pool_go,
     ]);
 }

@@ -191,7 +191,10 @@ where
             }
             let input = self.input.as_mut().expect("checked above");
             let items: Vec<I::Item> = input.by_ref().take(size).collect();
-            let exhausted = items.len() < size;
+            // An input that says it has nothing left (an exact-size one, read to its end) is
+            // ended now: its stream must not wait for the next read to find that out, as a
+            // closing pool's workers wait for it.
+            let exhausted = items.len() < size || input.size_hint().1 == Some(0);
             if exhausted {
                 self.input = None;
             }
