@@ -309,7 +309,9 @@ impl PoolBuilder {
     /// (tens of microseconds on a virtual machine whose idle CPUs halt), so polling briefly
     /// makes back-to-back short tasks several times faster (see `BENCHMARKS.md`). It costs
     /// at most this much CPU time per idle spell, and the polling thread yields its CPU to
-    /// any other runnable thread between looks. Set zero where every CPU cycle is accounted
+    /// any other runnable thread between looks (in a long window it also looks at the
+    /// worker's stderr every 0.2 ms, so that a task writing much there is not held up).
+    /// Set zero where every CPU cycle is accounted
     /// for and latency is not the concern.
     ///
     /// ```no_run
