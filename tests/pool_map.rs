@@ -463,6 +463,42 @@ fn close_join_lets_work_finish() -> TestResult {
     Ok(())
 }
 
+/// A call of no items is refused by a closed pool too (as Python's), and is empty on a
+/// running one.
+fn a_closed_pool_refuses_calls_of_no_items() -> TestResult {
+    let pool = Pool::new(1)?;
+    ensure(pool.map(square, Vec::<u64>::new())?.is_empty(), "map")?;
+    ensure(
+        pool.imap(square, Vec::<u64>::new()).next().is_none(),
+        "imap",
+    )?;
+    pool.close();
+    let refused = [
+        pool.map(square, Vec::<u64>::new()).map(|_| ()),
+        pool.starmap(pow, Vec::<(u64, u32)>::new()).map(|_| ()),
+        pool.map_async(square, Vec::<u64>::new()).get().map(|_| ()),
+    ];
+    for outcome in refused {
+        let err = outcome.expect_err("refused");
+        ensure(
+            err.kind() == ErrorKind::Closed && err.task().is_some() && err.index().is_none(),
+            format!("{err:?}"),
+        )?;
+    }
+    for ordered in [true, false] {
+        let mut stream = if ordered {
+            pool.imap(square, Vec::<u64>::new())
+        } else {
+            pool.imap_unordered(square, Vec::<u64>::new())
+        };
+        let err = stream.next().expect("one error").expect_err("refused");
+        ensure(err.kind() == ErrorKind::Closed, format!("{err:?}"))?;
+        ensure(stream.next().is_none(), "then the end")?;
+    }
+    pool.join();
+    Ok(())
+}
+
 fn drop_leaves_no_worker_behind() -> TestResult {
     let pool = Pool::new(3)?;
     let pids = pool.worker_pids();
@@ -653,6 +689,7 @@ fn main() {
         names_override_and_nesting,
         still_an_ordinary_function,
         close_join_lets_work_finish,
+        a_closed_pool_refuses_calls_of_no_items,
         drop_leaves_no_worker_behind,
         dropping_an_idle_pool_lets_workers_exit_normally,
         builder_and_default_size,

@@ -330,6 +330,13 @@ impl Call<'_> {
         blocking: bool,
     ) -> AsyncResult<Vec<T::Output>> {
         let state = CallState::<T::Output>::new(T::NAME, self.pool.shared().spin);
+        if len == 0
+            && let Some(err) = self.pool.shared().refuses_calls()
+        {
+            // As Python's `map` of nothing on a closed pool: an error, not an empty list.
+            state.expect(0, true);
+            return AsyncResult::new(state, move |_| Err(err.with_task(T::NAME)));
+        }
         let result = AsyncResult::new(Arc::clone(&state), move |state| {
             collect_in_order(state, len)
         });

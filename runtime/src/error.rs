@@ -25,17 +25,25 @@ pub enum ErrorKind {
     /// The task panicked; the worker caught the panic and lives on.
     Panicked,
     /// The worker process died while running the task: a signal (abort, segfault, the OOM
-    /// killer, a kill from outside) or an exit without a reply (`std::process::exit`).
+    /// killer, a kill from outside) or an exit without a reply (`std::process::exit`). Also
+    /// the kind of items whose channel handles died with a crashed worker before they ran:
+    /// they cannot run again (see the README, "Guarantees").
     Crashed,
-    /// The task ran past its deadline (its worker was killed), or a wait on a result ended
-    /// before the result was ready (nothing was killed). The first names its task and item
-    /// ([`Error::task`], [`Error::index`]); the second has neither.
+    /// The task ran past its deadline (its worker was killed), or a wait ended before what it
+    /// waited for was ready (nothing was killed): a result's `get_timeout`,
+    /// [`Process::join_timeout`](crate::Process::join_timeout), a channel's `recv_timeout`
+    /// or a queue's `get_timeout`. The first names its task and item ([`Error::task`],
+    /// [`Error::index`]); the second has no item (`join_timeout` names its task).
     Timeout,
-    /// A worker process could not be started or failed its start-up handshake.
+    /// A worker process could not be started or failed its start-up handshake; also a pool
+    /// of zero processes, and a [`Process`](crate::Process) joined before it was started or
+    /// started twice.
     Spawn,
     /// A value could not be encoded or decoded, or a frame on the wire was malformed.
     Codec,
-    /// The pool was closed or terminated before the work could run.
+    /// The pool was closed or terminated before the work could run, or terminated (or
+    /// dropped) while it ran; also a second [`Process::join`](crate::Process::join), whose
+    /// outcome the first took.
     Closed,
     /// The other end of a channel is gone: every sender dropped, or the peer process died.
     Disconnected,
@@ -207,7 +215,9 @@ impl Error {
         self.inner.task.as_deref()
     }
 
-    /// The position of the failing item in the input of `map`, `starmap` or `imap`.
+    /// The position of the failing item in the input of `map`, `starmap` or `imap` (0 for
+    /// `apply`'s one item). `None` for errors that concern no item, such as a wait's timeout
+    /// or a call of no items on a closed pool.
     ///
     /// ```
     /// # fn check(err: multiproc::Error) {
@@ -241,7 +251,8 @@ impl Error {
         self.inner.location.as_deref()
     }
 
-    /// The signal that killed the worker, for [`ErrorKind::Crashed`] and killed timeouts.
+    /// The signal that killed the worker, for [`ErrorKind::Crashed`]. A timeout has none: the
+    /// pool's own kill tells nothing about the task.
     ///
     /// ```
     /// # fn check(err: multiproc::Error) {

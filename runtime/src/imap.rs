@@ -88,6 +88,8 @@ pub struct IMap<T: Task, I> {
     item_bytes: usize,
     largest_item_bytes: usize,
     started: Instant,
+    /// Why a call of no items was refused (a closed pool): yielded once.
+    refused: Option<Error>,
 }
 
 impl<T: Task, I: Iterator> IMap<T, I>
@@ -120,6 +122,7 @@ where
             item_bytes: 0,
             largest_item_bytes: 0,
             started: Instant::now(),
+            refused: None,
         }
     }
 
@@ -202,6 +205,13 @@ where
             self.state.expect(count, exhausted);
             if count == 0 {
                 self.stream = None;
+                if self.submitted == 0 {
+                    // A call of no items on a pool that takes no calls says so, once.
+                    self.refused = self
+                        .shared
+                        .refuses_calls()
+                        .map(|err| err.with_task(T::NAME));
+                }
                 return;
             }
             let first = self.submitted;
@@ -250,6 +260,9 @@ where
                 continue;
             }
             self.feed();
+            if let Some(err) = self.refused.take() {
+                return Some(Err(err));
+            }
             let mut inbox = self
                 .state
                 .wait_until(None, |inbox| !inbox.ready.is_empty() || inbox.pending == 0);

@@ -254,8 +254,10 @@ impl Pool {
         self.call().apply(task, args)
     }
 
-    /// [`map`](Self::map) without blocking: returns at once with a handle to the outcome.
-    /// Errors surface when the outcome is read ([`AsyncResult::get`]).
+    /// [`map`](Self::map) without blocking on the tasks: returns a handle to the outcome as
+    /// soon as the input is read and queued (it is read on the calling thread, to its end:
+    /// use [`imap`](Self::imap) for an input that is slow to produce). Errors surface when
+    /// the outcome is read ([`AsyncResult::get`]).
     ///
     /// ```no_run
     /// # use multiproc::{Pool, task};
@@ -275,7 +277,8 @@ impl Pool {
         self.call().map_async(task, items)
     }
 
-    /// [`starmap`](Self::starmap) without blocking.
+    /// [`starmap`](Self::starmap) without blocking on the tasks, as
+    /// [`map_async`](Self::map_async).
     ///
     /// ```no_run
     /// # use multiproc::{Pool, task};
@@ -355,7 +358,8 @@ impl Pool {
     }
 
     /// Stops accepting new work (calls made after it resolve to an error of kind
-    /// [`ErrorKind::Closed`](crate::ErrorKind::Closed)); work already submitted still runs, and so
+    /// [`ErrorKind::Closed`](crate::ErrorKind::Closed): each item, or the call itself if it
+    /// has none); work already submitted still runs, and so
     /// does the rest of a call made before it: an [`imap`](Self::imap) goes on pulling its
     /// input as it is read, until [`join`](Self::join) begins. Follow with `join` to wait
     /// for the work. Python's `Pool.close`.

@@ -527,7 +527,8 @@ impl<T> AsyncResult<T> {
     /// call): [`ErrorKind::Panicked`],
     /// [`Crashed`](crate::ErrorKind::Crashed), [`Timeout`](crate::ErrorKind::Timeout) (a
     /// task's deadline), [`Codec`](crate::ErrorKind::Codec),
-    /// [`Closed`](crate::ErrorKind::Closed) (the pool stopped before the item ran) or
+    /// [`Closed`](crate::ErrorKind::Closed) (the pool was closed before the call, or
+    /// terminated before the item finished) or
     /// [`Spawn`](crate::ErrorKind::Spawn) (no worker could be started).
     ///
     /// # Examples

@@ -596,6 +596,12 @@ impl Shared {
         Ok(())
     }
 
+    /// Why a new call is refused now, if it is: for a call with no items, which has none to
+    /// fail one by one.
+    pub(crate) fn refuses_calls(&self) -> Option<Error> {
+        Self::refusal(&self.lock(), false)
+    }
+
     fn refusal(state: &State, streamed: bool) -> Option<Error> {
         match state.phase {
             Phase::Running => state
