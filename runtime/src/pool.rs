@@ -316,9 +316,13 @@ impl Pool {
 
     /// A lazy, ordered stream of outputs: pulls the input as workers need it (a bounded
     /// number of items in flight), and yields each output in input order as soon as it and
-    /// all before it are done. A failing item yields its `Err` (of the kinds listed for
+    /// all before it have come back. Outputs come back a chunk at a time (a worker may
+    /// answer several short chunks at once); [`Chunking::Fixed(1)`](crate::Chunking) sends
+    /// each item alone. A failing item yields its `Err` (of the kinds listed for
     /// [`map`](Self::map)) and the stream goes on. Dropping the iterator stops feeding and
-    /// discards what is outstanding.
+    /// discards what is outstanding: queued chunks are dropped unrun when a worker comes
+    /// to them (channel handles in their arguments close then), and those a worker already
+    /// has run, their outputs dropped.
     ///
     /// ```rust,standalone_crate
     /// # use multiproc::{Pool, task};
