@@ -144,6 +144,74 @@ fn scribble_and_forge(fill: Vec<u8>, n: u64, len: u64) -> u8 {
     0
 }
 
+/// `len` bytes of `ch` as a `String`; first starts a thread that, once the reply is in the
+/// worker's replies region, flips the string's last byte there between `ch` and 0xFF (not
+/// UTF-8) for 50 ms, while the parent decodes it.
+#[task]
+fn scribble_own_reply(len: usize, ch: u8) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    let (start, end) = maps
+        .lines()
+        .find(|line| line.contains("multiproc-region"))
+        .and_then(|line| {
+            let (a, b) = line.split_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .expect("a replies region");
+    std::thread::spawn(move || {
+        let base = start as *mut u8;
+        let window = len..(len + 64).min(end - start);
+        let until = std::time::Instant::now() + Duration::from_millis(50);
+        // SAFETY: within this worker's own replies mapping, scribbled on on purpose.
+        unsafe {
+            let last = loop {
+                if std::time::Instant::now() > until {
+                    return;
+                }
+                if let Some(at) = window
+                    .clone()
+                    .rev()
+                    .find(|&at| base.add(at).read_volatile() == ch)
+                {
+                    break at;
+                }
+                std::hint::spin_loop();
+            };
+            while std::time::Instant::now() < until {
+                for _ in 0..1000 {
+                    base.add(last).write_volatile(0xFF);
+                    base.add(last).write_volatile(ch);
+                }
+            }
+        }
+    });
+    String::from_utf8(vec![ch; len]).expect("ASCII")
+}
+
+/// The parent decodes a reply from a copy of the replies region, never in place: a task
+/// that scribbles on the region while the parent decodes (a thread it left, native code
+/// gone wrong) gets a `Codec` error or its bytes, and can never leave the parent holding a
+/// `String` that is not UTF-8 (checked, then copied from bytes that changed in between).
+fn a_task_scribbling_on_its_reply_cannot_break_a_string_in_the_parent() -> TestResult {
+    let pool = Pool::new(1)?;
+    let len = 1 << 20;
+    // A large reply through the socket first: the next ones get a replies region.
+    ensure(pool.apply(bytes, (len,))?.len() == len, "first")?;
+    for attempt in 0..40 {
+        match pool.apply(scribble_own_reply, (len, b'q')) {
+            Ok(text) => ensure(
+                std::str::from_utf8(text.as_bytes()).is_ok(),
+                format!("attempt {attempt}: the parent holds a String that is not UTF-8"),
+            )?,
+            Err(err) => ensure(err.kind() == ErrorKind::Codec, err.to_string())?,
+        }
+    }
+    Ok(())
+}
+
 /// The worker's address space, in KiB.
 #[task]
 fn worker_vm_kib() -> u64 {
@@ -507,5 +575,6 @@ fn main() {
         a_large_argument_leaves_later_tasks_their_memory,
         garbage_in_the_status_page_does_not_defeat_a_deadline,
         a_deadline_does_not_count_an_argument_in_transit,
+        a_task_scribbling_on_its_reply_cannot_break_a_string_in_the_parent,
     ]);
 }

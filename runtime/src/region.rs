@@ -131,8 +131,10 @@ impl Region {
     pub(crate) fn get(&self, len: usize) -> Option<&[u8]> {
         // SAFETY: the mapping is `self.len` bytes, valid for our lifetime. The protocol gives
         // the reader the region alone while it reads (the writer writes only once the reader
-        // has recorded that it is done); a peer that broke it could only make us read other
-        // bytes, every access being bounds-checked against this constant length.
+        // has recorded that it is done). Only a worker reads in place, what the parent wrote:
+        // the parent keeps the protocol, and a worker's own task that broke it would harm its
+        // own process alone. The parent, whose peer runs untrusted tasks, copies instead
+        // (`copy_frame`).
         (len <= self.len).then(|| unsafe { std::slice::from_raw_parts(self.map.as_ptr(), len) })
     }
 
@@ -148,6 +150,37 @@ impl Region {
                     format!("a shared frame of {len} bytes overruns its region"),
                 )
             })
+    }
+
+    /// Copies the `len` bytes of a shared frame at the start of the region, as announced by
+    /// the peer, into `out` (in place of what it held): `Err` if that overruns the region.
+    ///
+    /// For a region whose peer may write it while it is read: the parent's replies region,
+    /// which a worker's task can scribble on (a thread it left running, native code gone
+    /// wrong). What is decoded must be bytes nobody else can change, or a check made while
+    /// decoding could be undone before the bytes it checked are used: a `String` validated
+    /// as UTF-8 and then copied could hold bytes that are not. One `memcpy` per large reply.
+    pub(crate) fn copy_frame(&self, len: u64, out: &mut Vec<u8>) -> Result<(), Error> {
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&len| len <= self.len)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Codec,
+                    format!("a shared frame of {len} bytes overruns its region"),
+                )
+            })?;
+        out.clear();
+        out.reserve(len);
+        // SAFETY: `len` is within the mapping (checked above) and within `out`'s capacity
+        // (reserved), and our own buffer cannot overlap the mapping. Raw pointers, no
+        // reference to the shared bytes: the peer may be writing them, and a racing write
+        // only changes which bytes land in our copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr(), out.as_mut_ptr(), len);
+            out.set_len(len);
+        }
+        Ok(())
     }
 
     /// Copies `bytes` to the start of the region, which must be long enough.

@@ -227,6 +227,9 @@ pub(crate) struct Slot {
     /// replies, read here.
     requests: Option<Region>,
     replies: Option<Region>,
+    /// Where a reply in `replies` is copied to be decoded (see `on_shared`); kept between
+    /// replies, and given up with a large region.
+    reply_copy: Vec<u8>,
     /// The number of the last shared frame written to `requests`.
     requests_sent: u64,
     /// How large a replies region the worker's replies call for: the largest reply seen on
@@ -256,6 +259,7 @@ impl Slot {
             items_run: 0,
             requests: None,
             replies: None,
+            reply_copy: Vec::new(),
             requests_sent: 0,
             want_replies: 0,
         }
@@ -959,7 +963,9 @@ impl Slot {
 
     /// True when the slot holds a region that an idle spell should give up.
     pub(crate) fn holds_large_regions(&self) -> bool {
-        large(self.requests.as_ref()) || large(self.replies.as_ref())
+        large(self.requests.as_ref())
+            || large(self.replies.as_ref())
+            || self.reply_copy.capacity() > RETAIN_REGION
     }
 
     /// With nothing in flight: gives up regions larger than [`RETAIN_REGION`], here and in the
@@ -973,6 +979,9 @@ impl Slot {
         };
         if !self.inflight.is_empty() {
             return;
+        }
+        if self.reply_copy.capacity() > RETAIN_REGION {
+            self.reply_copy = Vec::new();
         }
         let (requests, replies) = (large(self.requests.as_ref()), large(self.replies.as_ref()));
         let mut frames = Vec::new();
@@ -1138,11 +1147,18 @@ impl Slot {
 
     /// Handles the frames of a shared frame: `len` bytes at the start of `region`.
     fn on_shared(&mut self, region: &Region, len: u64) -> Result<bool, Error> {
-        let mut progress = false;
-        for body in protocol::frames(region.shared_frame(len)?, self.config.spawn.max_frame_len) {
-            progress |= self.on_frame(body?, false)?;
-        }
-        Ok(progress)
+        // Decoded from a copy: the worker's task may be writing the region (see
+        // `Region::copy_frame`).
+        let mut copy = std::mem::take(&mut self.reply_copy);
+        let handled = region.copy_frame(len, &mut copy).and_then(|()| {
+            let mut progress = false;
+            for body in protocol::frames(&copy, self.config.spawn.max_frame_len) {
+                progress |= self.on_frame(body?, false)?;
+            }
+            Ok(progress)
+        });
+        self.reply_copy = copy;
+        handled
     }
 
     /// Stores the outcomes of a `Results` frame. True when they complete a chunk.
