@@ -380,6 +380,45 @@ fn workers_are_recycled_after_max_tasks() -> TestResult {
     Ok(())
 }
 
+/// An initializer that appends its worker's pid to the file `log`: a trace of each start.
+#[task]
+fn log_start(log: String) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .expect("open the log");
+    writeln!(file, "{}", std::process::id()).expect("write the log");
+}
+
+#[task]
+fn square_at_gate(gate: String, x: u64) -> u64 {
+    support::pass_gate(&gate);
+    x * x
+}
+
+/// A closing pool with nothing left to run starts no replacement for a worker it retires
+/// (`max_tasks_per_child`): `join` used to start one, initializer and all, only to stop it.
+fn a_closing_pool_starts_no_replacement_it_cannot_use() -> TestResult {
+    let log = temp_path("starts");
+    let gate = support::Gate::new();
+    let pool = Pool::builder()
+        .processes(1)
+        .max_tasks_per_child(1)
+        .initializer(log_start, (log.clone(),))
+        .build()?;
+    let out = pool.starmap_async(square_at_gate, [(gate.path(), 3)]);
+    pool.close();
+    // The task is running (the gate waits for it): it finishes after the close.
+    gate.open();
+    support::within(Duration::from_mins(1), "join", move || pool.join())?;
+    ensure(out.get()? == [9], "the output")?;
+    let starts = std::fs::read_to_string(&log)?.lines().count();
+    let _ = std::fs::remove_file(&log);
+    ensure(starts == 1, format!("{starts} workers started"))
+}
+
 fn initializer_runs_in_every_worker() -> TestResult {
     let pool = Pool::builder()
         .processes(2)
@@ -777,6 +816,7 @@ fn with_a_deadline_chunks_of_one_never_run_twice() -> TestResult {
 #[multiproc::main]
 fn main() {
     support::run(tests![
+        a_closing_pool_starts_no_replacement_it_cannot_use,
         with_a_deadline_chunks_of_one_never_run_twice,
         crashes_in_a_row_fail_no_innocent_item,
         an_initializer_that_execs_away_is_bounded_by_the_start_timeout,

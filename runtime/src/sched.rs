@@ -867,6 +867,12 @@ impl Shared {
             &mut fds,
             PollTimeout::try_from(pause).unwrap_or(PollTimeout::MAX),
         );
+        self.has_work_to_come()
+    }
+
+    /// Whether a worker may still get work: the pool runs, or is closing with work queued or
+    /// a stream that may queue more.
+    pub(crate) fn has_work_to_come(&self) -> bool {
         let state = self.lock();
         match state.phase {
             Phase::Running => true,

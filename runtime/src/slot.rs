@@ -389,7 +389,13 @@ impl Slot {
     fn serve(mut slot: Box<Slot>) -> (Box<Slot>, Option<Error>) {
         loop {
             if slot.worker.is_none() {
-                if slot.shared.is_terminated() {
+                // No replacement (after a crash, or `max_tasks_per_child`) for a pool that
+                // is terminated, or closing with nothing left to run: `join` would start it,
+                // initializer and all, only to stop it. A first start already under way
+                // (`pending`) is finished, and its worker then asked to exit as usual.
+                if slot.shared.is_terminated()
+                    || (slot.pending.is_none() && !slot.shared.has_work_to_come())
+                {
                     return (slot, None);
                 }
                 let pending = slot.pending.take();
