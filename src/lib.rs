@@ -21,8 +21,10 @@
 /// [`Pool::starmap`], [`Pool::apply`] and the other calls accept. Arguments and the return
 /// type must be owned and implement serde's `Serialize` and `Deserialize` ([`Payload`]).
 ///
-/// The name becomes a unit struct (a value and a type) that dereferences to the function,
-/// as `typetag` and `linkme` make items of their own. So, in its module and where it is
+/// The name becomes a type and a constant of that type (a zero-sized value) that
+/// dereferences to the function, as `typetag` and `linkme` make items of their own. (A
+/// constant rather than a unit struct, so that `clippy::no_effect` does not take a call such
+/// as `log(line);` for a struct literal.) So, in its module and where it is
 /// imported: a `let` or a parameter of the same name does not shadow it (rename the
 /// binding); a module or a type of the same name clashes with it; it goes to an
 /// iterator's `map` as `*square` (the plain function pointer); and `#[deprecated]` on it

@@ -398,6 +398,64 @@ fn square_at_gate(gate: String, x: u64) -> u64 {
     x * x
 }
 
+/// This process's sockets (descriptor numbers).
+fn sockets() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            std::fs::read_link(entry.path())
+                .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
+        })
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Appends its pid to `log`, then returns `mib` MiB; meanwhile a thread aborts the worker as
+/// soon as bytes wait in one of its sockets' send queues (`SIOCOUTQ`): while it sends the
+/// outcome, after the task finished.
+#[task]
+fn die_while_answering(log: String, mib: usize) -> serde_bytes::ByteBuf {
+    // A task returning `()` called as a statement: CI's clippy pins that this is not taken
+    // for a struct literal with no effect (the task's name is a constant).
+    log_start(log);
+    let sockets = sockets();
+    std::thread::spawn(move || {
+        loop {
+            for &fd in &sockets {
+                let mut queued: nix::libc::c_int = 0;
+                // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int.
+                let ok = unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &raw mut queued) };
+                if ok == 0 && queued > 0 {
+                    std::process::abort();
+                }
+            }
+            std::hint::spin_loop();
+        }
+    });
+    serde_bytes::ByteBuf::from(vec![1u8; mib << 20])
+}
+
+/// With a deadline, an item whose worker dies after it finished, before its outcome came
+/// back, fails instead of running again: it ran, and with a deadline nothing runs twice.
+fn with_a_deadline_a_finished_item_whose_outcome_was_lost_does_not_run_again() -> TestResult {
+    let log = temp_path("answering");
+    let pool = Pool::new(1)?;
+    let err = pool
+        .with_timeout(Duration::from_mins(1))
+        .with_chunking(Chunking::Fixed(1))
+        .starmap(die_while_answering, [(log.clone(), 16)])
+        .map(|out| out.len())
+        .expect_err("the worker died");
+    let runs = std::fs::read_to_string(&log)?.lines().count();
+    let _ = std::fs::remove_file(&log);
+    ensure(
+        err.kind() == ErrorKind::Crashed && err.message().contains("after it finished"),
+        err.to_string(),
+    )?;
+    ensure(runs == 1, format!("it ran {runs} times"))
+}
+
 /// A closing pool with nothing left to run starts no replacement for a worker it retires
 /// (`max_tasks_per_child`): `join` used to start one, initializer and all, only to stop it.
 fn a_closing_pool_starts_no_replacement_it_cannot_use() -> TestResult {
@@ -817,6 +875,7 @@ fn with_a_deadline_chunks_of_one_never_run_twice() -> TestResult {
 fn main() {
     support::run(tests![
         a_closing_pool_starts_no_replacement_it_cannot_use,
+        with_a_deadline_a_finished_item_whose_outcome_was_lost_does_not_run_again,
         with_a_deadline_chunks_of_one_never_run_twice,
         crashes_in_a_row_fail_no_innocent_item,
         an_initializer_that_execs_away_is_bounded_by_the_start_timeout,

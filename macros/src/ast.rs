@@ -91,7 +91,7 @@ pub fn parse_task(input: TokenStream, errors: &mut Errors) -> Result<TaskFn, Tok
     Ok(TaskFn { item, arg_types })
 }
 
-/// The names of Rust's primitive types: a task's name is a type too (a unit struct), which
+/// The names of Rust's primitive types: a task's name is a type too (an empty struct), which
 /// would hide the primitive in its module.
 const PRIMITIVES: [&str; 17] = [
     "bool", "char", "str", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32", "u64",

@@ -86,7 +86,12 @@ fn emit_task(args: &TaskArgs, task: &ast::TaskFn) -> TokenStream {
     // The struct spans the function's name: "the trait `UnaryTask` is not implemented for
     // `pow`" then shows `fn pow`.
     let struct_token = spans::respan(quote!(struct), ident.span());
-    let semi = spans::respan(quote!(;), ident.span());
+    let fields = spans::respan(quote!({}), ident.span());
+    let const_token = spans::respan(quote!(const), ident.span());
+    let deprecated: Vec<&Attribute> = docs
+        .iter()
+        .filter(|attr| attr.path().is_ident("deprecated"))
+        .collect();
     let impls = task_impls(args, task, &krate, &hidden, signature)
         .into_iter()
         .map(|tokens| quote!(#(#cfgs)* #[allow(deprecated)] #tokens));
@@ -97,7 +102,16 @@ fn emit_task(args: &TaskArgs, task: &ast::TaskFn) -> TokenStream {
         #(#docs)*
         #[allow(non_camel_case_types)]
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-        #vis #struct_token #ident #semi
+        #vis #struct_token #ident #fields
+
+        // The value `square` is a constant, not a unit struct: a call `square(x);` of a task
+        // returning `()` is then not taken for a struct literal with no effect
+        // (`clippy::no_effect`).
+        #(#cfgs)*
+        #(#deprecated)*
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals, deprecated)]
+        #vis #const_token #ident: #ident = #ident {};
 
         #[doc(hidden)]
         // A task's arguments arrive by value from another process: owned is the point.
@@ -238,8 +252,8 @@ fn krate(path: Option<&syn::Path>) -> TokenStream {
     path.map_or_else(|| quote!(::multiproc), |path| quote!(#path))
 }
 
-/// Docs and `deprecated` go on the public unit struct (the name callers use), `cfg`s on every
-/// generated item, the rest on the function.
+/// Docs and `deprecated` go on the public struct (the name callers use; its constant gets
+/// `deprecated` too), `cfg`s on every generated item, the rest on the function.
 fn split_attrs(attrs: Vec<Attribute>) -> (Vec<Attribute>, Vec<Attribute>, Vec<Attribute>) {
     let mut docs = Vec::new();
     let mut cfgs = Vec::new();

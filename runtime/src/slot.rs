@@ -650,6 +650,21 @@ impl Slot {
         Some((index, page.item))
     }
 
+    /// A chunk with a deadline whose items all finished, as the status page shows, but whose
+    /// outcomes have not come in: the worker died between its last item and its answer. Its
+    /// last item is then the one to blame (at `(position, item)`, as for `running`): such a
+    /// chunk must not run again, as nothing with a deadline does unless retried (see the
+    /// README, "Guarantees"). Chunks without a deadline run again, as documented.
+    fn finished_unanswered(&self, page: Published) -> Option<(usize, u32)> {
+        let index = self.inflight.iter().position(|flight| {
+            status::seq_tag(flight.chunk.seq) == page.seq
+                && flight.chunk.timeout.is_some()
+                && page.item == flight.chunk.count
+                && flight.done < flight.chunk.count
+        })?;
+        Some((index, self.inflight[index].chunk.count - 1))
+    }
+
     /// When the slot must look at its worker again, if chunks with a deadline are in flight.
     /// While an item of one runs: at its deadline, counted from the start the worker
     /// published, to kill it. While none has started as far as the status page shows
@@ -1214,9 +1229,12 @@ impl Slot {
         let page = worker.status.read();
         let stderr_tail = worker.stderr.last_lines();
         drop(worker);
+        let finished = matches!(why, Lost::Died)
+            .then(|| self.finished_unanswered(page))
+            .flatten();
         let culprit = match why {
             Lost::TimedOut { chunk, item, .. } => Some((*chunk, *item)),
-            Lost::Died => self.running(page),
+            Lost::Died => self.running(page).or(finished),
             Lost::Protocol(_) => None,
         };
         self.reset_channel_state();
@@ -1229,7 +1247,8 @@ impl Slot {
                     if chunk.attempt < chunk.retries {
                         self.resend(chunk, item, item + 1, chunk.attempt + 1, 0, &mut again);
                     } else {
-                        let error = lost_error(why, pid, status, chunk.attempt + 1);
+                        let finished = finished.is_some();
+                        let error = lost_error(why, pid, status, chunk.attempt + 1, finished);
                         chunk.call.fail(chunk.first + item as usize, 1, &|index| {
                             error
                                 .for_item(task, index)
@@ -1266,8 +1285,8 @@ impl Slot {
                         let (signal, code) = status_parts(status);
                         let message = format!(
                             "{deaths} worker processes died while this item was being sent to \
-                             them, before it started; an argument larger than \
-                             `max_memory_per_child` does this"
+                             them, before it started as far as their status pages show; an \
+                             argument larger than `max_memory_per_child` does this"
                         );
                         flight.fail_rest(&|index| {
                             Error::new(ErrorKind::Crashed, message.clone())
@@ -1337,7 +1356,15 @@ impl Drop for FirstStart {
 }
 
 /// The error for the item a lost worker was running.
-fn lost_error(why: &Lost, pid: u32, status: std::process::ExitStatus, attempts: u32) -> Error {
+/// `finished`: the worker died after the item, before its outcome came back (see
+/// `Slot::finished_unanswered`).
+fn lost_error(
+    why: &Lost,
+    pid: u32,
+    status: std::process::ExitStatus,
+    attempts: u32,
+    finished: bool,
+) -> Error {
     let (kind, message, (signal, code)) = match why {
         Lost::TimedOut { after, .. } => (
             ErrorKind::Timeout,
@@ -1346,6 +1373,14 @@ fn lost_error(why: &Lost, pid: u32, status: std::process::ExitStatus, attempts: 
                  started were killed"
             ),
             (None, None),
+        ),
+        _ if finished => (
+            ErrorKind::Crashed,
+            format!(
+                "worker process {pid} died after it finished, before its outcome came back \
+                 (with a deadline, an item does not run again unless retried)"
+            ),
+            status_parts(status),
         ),
         _ => (
             ErrorKind::Crashed,
