@@ -218,9 +218,90 @@ fn scenario(which: &str) -> ! {
         "unused" => scenario_unused(&builder),
         "noisy-initializer" => scenario_noisy_initializer(builder),
         "stderr-held" => scenario_stderr_held(builder),
+        "terminal" => scenario_terminal(builder),
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
+}
+
+/// Prints `line` to stdout (flushed), returns its pid.
+#[task]
+fn print_line(line: String) -> u32 {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    writeln!(out, "{line}").expect("print");
+    out.flush().expect("flush");
+    std::process::id()
+}
+
+/// A task prints to the program's stdout, a terminal with `tostop` set.
+fn scenario_terminal(builder: PoolBuilder) {
+    use std::io::Write;
+    let pool = builder.build().expect("pool");
+    let pid = pool
+        .apply(print_line, ("printed by the worker".to_owned(),))
+        .expect("apply");
+    println!("done, worker {pid}");
+    let _ = std::io::stdout().flush();
+}
+
+/// A worker runs in a process group of its own (so that it can be killed with what it
+/// started), which on a terminal is a background group: with `stty tostop`, its writes to
+/// the terminal would stop it (SIGTTOU), and the call wait forever. It ignores SIGTTOU, so
+/// they go through, as from the program itself.
+fn a_worker_prints_to_a_terminal_with_tostop() -> TestResult {
+    use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    for method in ["fork", "spawn"] {
+        let pty = nix::pty::openpty(None, None)?;
+        let mut attrs = tcgetattr(&pty.slave)?;
+        attrs.local_flags |= LocalFlags::TOSTOP;
+        tcsetattr(&pty.slave, SetArg::TCSANOW, &attrs)?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .env_remove("MULTIPROC_START_METHOD")
+            .env(SCENARIO, format!("terminal:{method}"))
+            .stdout(std::fs::File::from(pty.slave));
+        // SAFETY: setsid and ioctl are async-signal-safe: the child, in a session of its
+        // own, takes the terminal on its stdout as its controlling one (its foreground).
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid()?;
+                if nix::libc::ioctl(1, nix::libc::TIOCSCTTY, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn()?;
+        drop(command);
+        let mut master = std::fs::File::from(pty.master);
+        let read = support::within(
+            std::time::Duration::from_mins(1),
+            "the scenario",
+            move || {
+                // Until every copy of the terminal's other end is closed (EIO).
+                let mut out = Vec::new();
+                let _ = master.read_to_end(&mut out);
+                String::from_utf8_lossy(&out).into_owned()
+            },
+        );
+        let out = match read {
+            Ok(out) => out,
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err.into());
+            }
+        };
+        let status = child.wait()?;
+        ensure(
+            status.success() && out.contains("printed by the worker") && out.contains("done"),
+            format!("{method}: {status}: {out:?}"),
+        )?;
+    }
+    Ok(())
 }
 
 /// An initializer that writes more to stderr than a pipe holds: the pool starts (the
@@ -865,6 +946,7 @@ fn main() {
         scenario(&which);
     }
     support::run(tests![
+        a_worker_prints_to_a_terminal_with_tostop,
         an_initializer_that_writes_much_to_stderr_starts,
         a_map_ends_while_the_program_holds_its_stderr,
         workers_see_the_environment_and_directory_of_the_caller,

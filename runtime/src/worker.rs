@@ -519,12 +519,18 @@ unsafe fn take_channel() -> Result<OwnedFd, Error> {
 
 /// What the parent used to set between fork and exec, set by the worker on itself so that
 /// the parent can start it with `posix_spawn`: SIGINT ignored (a worker leaves its pool when
-/// the parent does, not on a Ctrl-C sent to a process group), and the memory cap.
+/// the parent does, not on a Ctrl-C sent to a process group), and the memory cap. Also
+/// SIGTTOU ignored: a worker's process group is its own, a background one on a terminal,
+/// where with `stty tostop` a task printing to the program's stdout would be stopped, and
+/// its call wait forever; ignored, the write goes through, as it does from the program.
 fn limit_self(spec: WorkerSpec) -> Result<(), Error> {
     use nix::sys::signal::{SigHandler, Signal, signal};
     // SAFETY: installing SIG_IGN runs no handler code.
     unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) }
         .map_err(|err| Error::io("ignoring SIGINT failed", err.into()))?;
+    // SAFETY: as above.
+    unsafe { signal(Signal::SIGTTOU, SigHandler::SigIgn) }
+        .map_err(|err| Error::io("ignoring SIGTTOU failed", err.into()))?;
     if spec.max_memory > 0 {
         use nix::sys::resource::{Resource, setrlimit};
         setrlimit(Resource::RLIMIT_AS, spec.max_memory, spec.max_memory)
