@@ -398,19 +398,6 @@ fn square_at_gate(gate: String, x: u64) -> u64 {
     x * x
 }
 
-/// This process's sockets (descriptor numbers).
-fn sockets() -> Vec<i32> {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            std::fs::read_link(entry.path())
-                .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
-        })
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
 /// Appends its pid to `log`, then returns `mib` MiB; meanwhile a thread aborts the worker as
 /// soon as bytes wait in one of its sockets' send queues (`SIOCOUTQ`): while it sends the
 /// outcome, after the task finished.
@@ -419,7 +406,7 @@ fn die_while_answering(log: String, mib: usize) -> serde_bytes::ByteBuf {
     // A task returning `()` called as a statement: CI's clippy pins that this is not taken
     // for a struct literal with no effect (the task's name is a constant).
     log_start(log);
-    let sockets = sockets();
+    let sockets = support::sockets();
     std::thread::spawn(move || {
         loop {
             for &fd in &sockets {

@@ -64,29 +64,20 @@ fn start_sleeper() -> u32 {
 }
 
 /// Starts `sleep 600`, sends its pid, then hangs.
-#[allow(clippy::zombie_processes)]
 #[task]
 fn hang_with_a_child(pids: Sender<u32>) {
-    let child = Command::new("sleep")
-        .arg("600")
-        .spawn()
-        .expect("spawn sleep");
-    pids.send(child.id()).expect("send the pid");
+    pids.send(start_sleeper()).expect("send the pid");
     loop {
         std::thread::park();
     }
 }
 
 /// Starts `sleep 600`, sends its pid, writes a line to stderr, and returns.
-#[allow(clippy::zombie_processes)]
 #[task]
 fn leave_a_child_behind(pids: Sender<u32>) {
-    let child = Command::new("sleep")
-        .arg("600")
-        .spawn()
-        .expect("spawn sleep");
-    pids.send(child.id()).expect("send the pid");
-    eprintln!("leaving {}", child.id());
+    let sleeper = start_sleeper();
+    pids.send(sleeper).expect("send the pid");
+    eprintln!("leaving {sleeper}");
 }
 
 /// Moves into its parent's process group (the same session), says so, then hangs.

@@ -24,9 +24,8 @@ fn square(x: u64) -> u64 {
     x * x
 }
 
-/// Writes `bytes` to stderr, in lines of 1 KiB, and returns.
-#[task]
-fn flood(bytes: usize) -> usize {
+/// Writes `bytes` (rounded up to KiB) to stderr, in lines of 1 KiB; how many it wrote.
+fn write_lines(bytes: usize) -> usize {
     let line = [b'f'; 1023];
     let mut err = std::io::stderr();
     let mut written = 0;
@@ -36,6 +35,12 @@ fn flood(bytes: usize) -> usize {
         written += 1024;
     }
     written
+}
+
+/// Writes `bytes` to stderr, in lines of 1 KiB, and returns.
+#[task]
+fn flood(bytes: usize) -> usize {
+    write_lines(bytes)
 }
 
 /// Returns at once; a thread of the worker waits until the FIFO is opened for writing, then
@@ -287,14 +292,7 @@ fn scenario_no_thread(builder: PoolBuilder) {
 /// Writes more than two pipes hold to stderr, then runs until it is stopped.
 #[task]
 fn flood_then_spin(bytes: usize) -> u8 {
-    let line = [b'f'; 1023];
-    let mut err = std::io::stderr();
-    let mut written = 0;
-    while written < bytes {
-        err.write_all(&line).unwrap();
-        err.write_all(b"\n").unwrap();
-        written += 1024;
-    }
+    write_lines(bytes);
     loop {
         std::hint::spin_loop();
     }

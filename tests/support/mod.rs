@@ -240,12 +240,9 @@ pub fn run_self_within(
     ))
 }
 
-/// In a worker: writes `frame` (a length prefix and a body) onto its channel to the parent,
-/// as a task that forges frames would.
-pub fn write_raw_frame(frame: &[u8]) {
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    let fd: i32 = std::fs::read_dir("/proc/self/fd")
+/// This process's sockets (descriptor numbers).
+pub fn sockets() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
         .filter_map(Result::ok)
         .filter(|entry| {
@@ -253,8 +250,15 @@ pub fn write_raw_frame(frame: &[u8]) {
                 .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
         })
         .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .min()
-        .expect("the worker's channel");
+        .collect()
+}
+
+/// In a worker: writes `frame` (a length prefix and a body) onto its channel to the parent,
+/// as a task that forges frames would.
+pub fn write_raw_frame(frame: &[u8]) {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let fd = sockets().into_iter().min().expect("the worker's channel");
     // SAFETY: the worker's channel descriptor; ManuallyDrop keeps it open for the worker.
     let mut channel = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
     channel.write_all(frame).expect("write");
