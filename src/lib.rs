@@ -26,7 +26,8 @@
 /// constant rather than a unit struct, so that `clippy::no_effect` does not take a call such
 /// as `log(line);` for a struct literal.) So, in its module and where it is
 /// imported: a `let` or a parameter of the same name does not shadow it (rename the
-/// binding); a module or a type of the same name clashes with it; it goes to an
+/// binding: as a pattern the name is the constant, which `non_upper_case_globals` warns
+/// about); a module or a type of the same name clashes with it; it goes to an
 /// iterator's `map` as `*square` (the plain function pointer); and `#[deprecated]` on it
 /// warns where it is used. It goes on free functions only, not on those of an `impl` block.
 ///

@@ -472,11 +472,19 @@ fn a_closed_pool_refuses_calls_of_no_items() -> TestResult {
         pool.imap(square, Vec::<u64>::new()).next().is_none(),
         "imap",
     )?;
+    // Made before `close()`: it just ends, as a call of items made then runs.
+    let before = pool.imap(square, Vec::<u64>::new());
     pool.close();
+    ensure(before.count() == 0, "an empty imap made before close")?;
+    let refused_async = pool.map_async(square, Vec::<u64>::new());
+    ensure(
+        refused_async.successful() == Some(false),
+        "a refused call is not successful",
+    )?;
     let refused = [
         pool.map(square, Vec::<u64>::new()).map(|_| ()),
         pool.starmap(pow, Vec::<(u64, u32)>::new()).map(|_| ()),
-        pool.map_async(square, Vec::<u64>::new()).get().map(|_| ()),
+        refused_async.get().map(|_| ()),
     ];
     for outcome in refused {
         let err = outcome.expect_err("refused");

@@ -334,7 +334,7 @@ impl Call<'_> {
             && let Some(err) = self.pool.shared().refuses_calls()
         {
             // As Python's `map` of nothing on a closed pool: an error, not an empty list.
-            state.expect(0, true);
+            state.refuse();
             return AsyncResult::new(state, move |_| Err(err.with_task(T::NAME)));
         }
         let result = AsyncResult::new(Arc::clone(&state), move |state| {

@@ -204,9 +204,10 @@ where
             let count = items.len();
             self.state.expect(count, exhausted);
             if count == 0 {
-                self.stream = None;
-                if self.submitted == 0 {
-                    // A call of no items on a pool that takes no calls says so, once.
+                let streamed = self.stream.take().is_some();
+                if self.submitted == 0 && !streamed {
+                    // A call of no items made on a pool that takes no calls says so, once
+                    // (one made before `close()`, with its stream, just ends).
                     self.refused = self
                         .shared
                         .refuses_calls()
