@@ -650,19 +650,21 @@ impl Slot {
         Some((index, page.item))
     }
 
-    /// A chunk with a deadline whose items all finished, as the status page shows, but whose
-    /// outcomes have not come in: the worker died between its last item and its answer. Its
-    /// last item is then the one to blame (at `(position, item)`, as for `running`): such a
-    /// chunk must not run again, as nothing with a deadline does unless retried (see the
-    /// README, "Guarantees"). Chunks without a deadline run again, as documented.
+    /// A chunk of one item with a deadline that finished, as the status page shows, but
+    /// whose outcome has not come in: the worker died between the item and its answer. The
+    /// item is then the one to blame (at `(position, 0)`, as for `running`): with a deadline
+    /// and chunks of one, nothing runs twice unless retried (see the README, "Guarantees").
+    /// The finished items of a larger chunk run again, unblamed, as those that finished
+    /// before a crash in their chunk do.
     fn finished_unanswered(&self, page: Published) -> Option<(usize, u32)> {
         let index = self.inflight.iter().position(|flight| {
             status::seq_tag(flight.chunk.seq) == page.seq
                 && flight.chunk.timeout.is_some()
-                && page.item == flight.chunk.count
-                && flight.done < flight.chunk.count
+                && flight.chunk.count == 1
+                && page.item == 1
+                && flight.done == 0
         })?;
-        Some((index, self.inflight[index].chunk.count - 1))
+        Some((index, 0))
     }
 
     /// When the slot must look at its worker again, if chunks with a deadline are in flight.
