@@ -269,7 +269,8 @@ impl<O: Payload> CallState<O> {
             inbox.ready.push_back(batch);
             None
         };
-        let waker = inbox.waker.take();
+        // A future is woken once, when the work is done, not for each batch on the way.
+        let waker = inbox.is_complete().then(|| inbox.waker.take()).flatten();
         let notify = inbox.waiters > 0;
         drop(inbox);
         contained(|| drop(unread));
@@ -669,4 +670,40 @@ pub(crate) fn collect_in_order<O: Payload>(
         }
     }
     Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// An awaited result is woken when its work is done, not for each batch on the way: a
+    /// large `map_async` under an executor is polled twice, not once per chunk.
+    #[test]
+    fn a_future_is_woken_once_when_the_work_is_done() {
+        let state = CallState::<u64>::new("t", Duration::ZERO);
+        state.expect(2, true);
+        let woken = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&woken));
+        assert!(!state.register(&waker));
+        state.fail(0, 1, &|_| Error::closed("one"));
+        assert_eq!(
+            woken.0.load(Ordering::SeqCst),
+            0,
+            "woken for a batch on the way"
+        );
+        assert!(!state.register(&waker));
+        state.fail(1, 1, &|_| Error::closed("two"));
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "woken when done");
+        assert!(state.register(&waker));
+    }
 }
