@@ -357,6 +357,38 @@ fn stderr_tail_is_quoted() -> TestResult {
     Ok(())
 }
 
+/// Says what went wrong, prints a backtrace (as the standard library does with
+/// `RUST_BACKTRACE` set), then aborts.
+#[task]
+fn say_then_backtrace_then_abort() -> u8 {
+    eprintln!("memory allocation of 2147483648 bytes failed");
+    eprintln!("stack backtrace:");
+    for frame in 0..40 {
+        eprintln!("  {frame:>2}: some::function::name");
+        eprintln!("             at ./src/some/file.rs:{frame}:5");
+    }
+    eprintln!(
+        "note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace."
+    );
+    std::process::abort();
+}
+
+/// A backtrace printed as a worker dies does not push the line that says what went wrong
+/// out of the error's quote.
+fn the_quote_keeps_what_went_wrong_before_a_backtrace() -> TestResult {
+    let pool = Pool::new(1)?;
+    let err = pool
+        .apply(say_then_backtrace_then_abort, ())
+        .expect_err("aborts");
+    let tail = err.stderr_tail().unwrap_or_default();
+    ensure(
+        tail.contains("memory allocation of 2147483648 bytes failed")
+            && tail.contains("[80 lines of backtrace, on stderr]")
+            && tail.contains("note: Some details are omitted"),
+        tail.to_owned(),
+    )
+}
+
 fn workers_are_recycled_after_max_tasks() -> TestResult {
     let pool = Pool::builder()
         .processes(1)
@@ -874,6 +906,7 @@ fn main() {
         memory_cap_ends_a_runaway_task,
         retries_run_a_crashed_task_again,
         stderr_tail_is_quoted,
+        the_quote_keeps_what_went_wrong_before_a_backtrace,
         workers_are_recycled_after_max_tasks,
         initializer_runs_in_every_worker,
         failing_initializer_is_a_clear_error,

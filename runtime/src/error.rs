@@ -286,7 +286,9 @@ impl Error {
         self.inner.backtrace.as_deref()
     }
 
-    /// The last lines the worker wrote to its stderr before it died, when they were captured.
+    /// The last lines the worker wrote to its stderr before it died, when they were captured
+    /// (twelve at most; a backtrace's frames count as one line that says how many there
+    /// were, so that the line before them, which says what went wrong, stays in).
     ///
     /// ```
     /// # fn check(err: multiproc::Error) {

@@ -25,8 +25,9 @@ use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Bytes of a worker's stderr kept for error reports.
-const KEEP: usize = 8 * 1024;
+/// Bytes of a worker's stderr kept for error reports: room for a backtrace (with
+/// `RUST_BACKTRACE`) after the line that says what went wrong.
+const KEEP: usize = 32 * 1024;
 /// Lines quoted in an error.
 const LINES: usize = 12;
 /// Bytes read from a pipe at a time.
@@ -256,14 +257,47 @@ impl StderrTail {
         let (front, back) = seen.tail.as_slices();
         let text = String::from_utf8_lossy(&[front, back].concat()).into_owned();
         drop(seen);
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .collect();
+        let lines = without_backtraces(text.lines().filter(|line| !line.trim().is_empty()));
         let start = lines.len().saturating_sub(LINES);
         let tail = lines[start..].join("\n");
         (!tail.is_empty()).then_some(tail)
     }
+}
+
+/// The lines, each run of backtrace frames (`  12: symbol`, `      at file:line`) in one
+/// line that counts them: a backtrace printed as a worker dies (`RUST_BACKTRACE` set) would
+/// otherwise fill the quote and push out the line that says what went wrong (a failed
+/// allocation, say). The whole backtrace is on the program's stderr.
+fn without_backtraces<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<std::borrow::Cow<'a, str>> {
+    let mut kept = Vec::new();
+    let mut frames = 0;
+    for line in lines {
+        if is_backtrace_frame(line) {
+            frames += 1;
+            continue;
+        }
+        if frames > 0 {
+            kept.push(format!("  [{frames} lines of backtrace, on stderr]").into());
+            frames = 0;
+        }
+        kept.push(line.into());
+    }
+    if frames > 0 {
+        kept.push(format!("  [{frames} lines of backtrace, on stderr]").into());
+    }
+    kept
+}
+
+/// A line of a Rust backtrace's frames: indented, then `N: ` or `at `.
+fn is_backtrace_frame(line: &str) -> bool {
+    let text = line.trim_start();
+    if text.len() == line.len() {
+        return false;
+    }
+    text.starts_with("at ")
+        || text
+            .split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl Drop for StderrTail {
