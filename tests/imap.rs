@@ -145,6 +145,29 @@ impl Iterator for Counted {
     }
 }
 
+/// `size_hint` passes the input's upper bound through, and never promises more than comes.
+fn size_hint_bounds_what_comes() -> TestResult {
+    let pool = Pool::new(2)?;
+    let mut stream = pool.imap(square, 0..10u64);
+    ensure(
+        stream.size_hint() == (0, Some(10)),
+        format!("{:?}", stream.size_hint()),
+    )?;
+    let mut left = 10;
+    while let Some(output) = stream.next() {
+        output?;
+        left -= 1;
+        let (low, high) = stream.size_hint();
+        ensure(
+            low <= left && high == Some(left),
+            format!("{left} left, hint {low}..{high:?}"),
+        )?;
+    }
+    ensure(left == 0, "all came")?;
+    let endless = pool.imap(square, 0..);
+    ensure(endless.size_hint().1.is_none(), "an endless input")
+}
+
 fn imap_keeps_input_order() -> TestResult {
     let pool = Pool::new(2)?;
     let out: Vec<u64> = pool
@@ -437,6 +460,7 @@ fn a_stream_that_pulled_all_its_input_lets_a_closed_pool_go() -> TestResult {
 #[multiproc::main]
 fn main() {
     support::run(tests![
+        size_hint_bounds_what_comes,
         imap_keeps_input_order,
         imap_unordered_yields_in_completion_order,
         a_new_call_is_not_queued_behind_one_busy_worker,

@@ -286,6 +286,17 @@ where
             }
         }
     }
+
+    /// At least the outputs still owed for the input already pulled (each item pulled yields
+    /// one, a value or an error); at most those and what the input's own hint allows.
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let owed = self.submitted - self.yielded + usize::from(self.refused.is_some());
+        let input = self
+            .input
+            .as_ref()
+            .map_or(Some(0), |input| input.size_hint().1);
+        (owed, input.and_then(|left| owed.checked_add(left)))
+    }
 }
 
 impl<T: Task, I> Drop for IMap<T, I> {
