@@ -106,6 +106,9 @@ fn get_timeout_kills_nothing() -> TestResult {
         .get_timeout(Duration::from_millis(50))
         .expect_err("not ready");
     assert_eq!(err.kind(), ErrorKind::Timeout);
+    // It names the task, not an item.
+    assert_eq!(err.task(), Some("async_results::gated"));
+    assert_eq!(err.index(), None);
     // The work goes on: the worker was not killed, and once the task ends it is free again.
     gate.open();
     assert_eq!(pool.map(square, [3])?, vec![9]);

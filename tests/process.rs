@@ -198,7 +198,12 @@ fn terminate_and_kill_signal_it() -> TestResult {
         let err = joined.expect_err("stopped");
         assert_eq!(err.kind(), ErrorKind::Crashed, "{err}");
         assert_eq!(err.signal(), Some(signal as i32), "{err}");
-        ensure(err.message().contains("was stopped with"), err.to_string())?;
+        ensure(
+            err.to_string().contains(&format!(
+                "was stopped before the task finished (killed by {signal:?})"
+            )),
+            err.to_string(),
+        )?;
         assert_eq!(status.and_then(|s| s.signal()), Some(signal as i32));
     }
     // Signalling a process that has exited does nothing.

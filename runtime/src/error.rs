@@ -33,7 +33,8 @@ pub enum ErrorKind {
     /// waited for was ready (nothing was killed): a result's `get_timeout`,
     /// [`Process::join_timeout`](crate::Process::join_timeout), a channel's `recv_timeout`
     /// or a queue's `get_timeout`. The first names its task and item ([`Error::task`],
-    /// [`Error::index`]); the second has no item (`join_timeout` names its task).
+    /// [`Error::index`]); the second has no item (a result's and a process's name their
+    /// task).
     Timeout,
     /// A worker process could not be started or failed its start-up handshake; also a pool
     /// of zero processes, and a [`Process`](crate::Process) joined before it was started or

@@ -386,6 +386,8 @@ trait Completion: Send + Sync {
     fn wait(&self, deadline: Option<Instant>) -> bool;
     /// Registers `waker` unless already complete; true when complete.
     fn register(&self, waker: &Waker) -> bool;
+    /// The task the call runs.
+    fn task(&self) -> &'static str;
 }
 
 impl<O: Payload> Completion for CallState<O> {
@@ -411,6 +413,10 @@ impl<O: Payload> Completion for CallState<O> {
             slot => *slot = Some(waker.clone()),
         }
         false
+    }
+
+    fn task(&self) -> &'static str {
+        self.task
     }
 }
 
@@ -585,7 +591,7 @@ impl<T> AsyncResult<T> {
         if self.state.wait(Instant::now().checked_add(timeout)) {
             self.take()
         } else {
-            Err(Error::wait_timeout(timeout))
+            Err(Error::wait_timeout(timeout).with_task(self.state.task()))
         }
     }
 

@@ -228,14 +228,18 @@ fn supervise(
     state.reply = Some(match reply {
         Ok(Some(bytes)) => Ok(bytes),
         Ok(None) => {
+            let (signal, code) = status_parts(status);
             let message = match state.stopped_with {
-                Some(signal) => format!(
+                // The exit status, which the error shows, names the signal.
+                Some(sent) if signal == Some(sent as i32) => {
+                    format!("process {pid} was stopped before the task finished")
+                }
+                Some(sent) => format!(
                     "process {pid} was stopped with {} before the task finished",
-                    signal_name(signal as i32)
+                    signal_name(sent as i32)
                 ),
                 None => format!("process {pid} died while running it"),
             };
-            let (signal, code) = status_parts(status);
             Err(Error::new(ErrorKind::Crashed, message)
                 .with_task(task)
                 .with_status(signal, code)

@@ -103,7 +103,7 @@ pub trait Task: Copy + Send + Sync + 'static {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a `#[multiproc::task]` of one argument",
     label = "`map` and `imap` call the task with each item as its only argument",
-    note = "for a task of several arguments, call `starmap` with one tuple of arguments per call",
+    note = "for a task of several arguments, call `starmap` with one tuple of arguments per call; for a task of none, `apply(task, ())`",
     note = "for a plain function or a closure, mark a named `fn` with `#[multiproc::task]`; closures cannot be sent to another process"
 )]
 pub trait UnaryTask: Task {
