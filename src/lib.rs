@@ -25,11 +25,13 @@
 /// dereferences to the function, as `typetag` and `linkme` make items of their own. (A
 /// constant rather than a unit struct, so that `clippy::no_effect` does not take a call such
 /// as `log(line);` for a struct literal.) So, in its module and where it is
-/// imported: a `let` or a parameter of the same name does not shadow it (rename the
-/// binding: as a pattern the name is the constant, which `non_upper_case_globals` warns
-/// about); a module or a type of the same name clashes with it; it goes to an
-/// iterator's `map` as `*square` (the plain function pointer); and `#[deprecated]` on it
-/// warns where it is used. It goes on free functions only, not on those of an `impl` block.
+/// imported: a `let` or a parameter of the same name does not shadow it (rustc says
+/// "`tag` is interpreted as a constant, not a new binding": rename the binding, or give
+/// tasks names that variables do not take, such as verbs); a module or a type of the same
+/// name clashes with it; it goes to an iterator's `map` as `*square` (the plain function
+/// pointer); and `#[deprecated]` on it warns where it is used. It goes on free functions
+/// only, not on those of an `impl` block: there rustc says "struct is not supported in
+/// `trait`s or `impl`s" (move the function out of the block).
 ///
 /// Options:
 /// - `name = "..."`: the registered name; default `module_path!()::fn_name`. Two tasks with

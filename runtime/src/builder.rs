@@ -202,8 +202,10 @@ impl PoolBuilder {
     }
 
     /// Replaces a worker after it has run `tasks` items, to contain leaks. Counted in items
-    /// and checked between chunks: a chunk that is running finishes first, so use
-    /// [`Chunking::Fixed(1)`](Chunking::Fixed) for an exact count. `0` acts as 1.
+    /// and checked between chunks: a chunk that is running finishes first, so a worker may
+    /// run up to a chunk more (a `map` of 100 short items on 2 workers with a limit of 10
+    /// may see 8 workers, not 10). Use [`Chunking::Fixed(1)`](Chunking::Fixed) for an exact
+    /// count. `0` acts as 1.
     ///
     /// ```no_run
     /// # use multiproc::Pool;

@@ -40,12 +40,12 @@ use std::time::Duration;
 /// # Examples
 ///
 /// ```
-/// let (tx, rx) = multiproc_runtime::pipe::<(i32, Option<i32>, String)>()?;
+/// let (tx, rx) = multiproc::pipe::<(i32, Option<i32>, String)>()?;
 /// tx.send((42, None, "hello".to_owned()))?;
 /// assert_eq!(rx.recv()?, (42, None, "hello".to_owned()));
 /// drop(tx);
-/// assert_eq!(rx.recv().unwrap_err().kind(), multiproc_runtime::ErrorKind::Disconnected);
-/// # Ok::<(), multiproc_runtime::Error>(())
+/// assert_eq!(rx.recv().unwrap_err().kind(), multiproc::ErrorKind::Disconnected);
+/// # Ok::<(), multiproc::Error>(())
 /// ```
 ///
 /// With a child process: the `Sender` goes to it as a task argument, and the parent's copy
@@ -97,12 +97,12 @@ pub fn pipe<T: Payload>() -> Result<(Sender<T>, Receiver<T>), Error> {
 /// # Examples
 ///
 /// ```
-/// let (left, right) = multiproc_runtime::duplex::<String, u64>()?;
+/// let (left, right) = multiproc::duplex::<String, u64>()?;
 /// left.send("ping".to_owned())?;
 /// assert_eq!(right.recv()?, "ping");
 /// right.send(4)?;
 /// assert_eq!(left.recv()?, 4);
-/// # Ok::<(), multiproc_runtime::Error>(())
+/// # Ok::<(), multiproc::Error>(())
 /// ```
 #[allow(
     clippy::type_complexity,
@@ -127,12 +127,12 @@ pub fn duplex<A: Payload, B: Payload>() -> Result<(Connection<A, B>, Connection<
 /// # Examples
 ///
 /// ```
-/// let (tx, rx) = multiproc_runtime::pipe::<u32>()?;
+/// let (tx, rx) = multiproc::pipe::<u32>()?;
 /// let tx2 = tx.clone();
 /// tx.send(1)?;
 /// tx2.send(2)?;
 /// assert_eq!((rx.recv()?, rx.recv()?), (1, 2));
-/// # Ok::<(), multiproc_runtime::Error>(())
+/// # Ok::<(), multiproc::Error>(())
 /// ```
 pub struct Sender<T> {
     end: Endpoint,
@@ -141,7 +141,9 @@ pub struct Sender<T> {
 
 impl<T: Payload> Sender<T> {
     /// Sends `value` as one message. It blocks only while the pipe's buffer (the kernel's
-    /// socket buffer) is full, until a receiver takes messages out.
+    /// socket buffer: a few hundred small messages, about 200 KiB) is full, until a receiver
+    /// takes messages out. So a process that sends much must be read from while it runs:
+    /// joining it before reading what it sent can wait forever, as in Python.
     ///
     /// # Errors
     ///
@@ -153,10 +155,10 @@ impl<T: Payload> Sender<T> {
     /// # Examples
     ///
     /// ```
-    /// let (tx, rx) = multiproc_runtime::pipe::<Vec<u8>>()?;
+    /// let (tx, rx) = multiproc::pipe::<Vec<u8>>()?;
     /// tx.send(vec![0; 1 << 20])?; // large values travel whole, as one message
     /// assert_eq!(rx.recv()?.len(), 1 << 20);
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     #[allow(
         clippy::needless_pass_by_value,
@@ -173,10 +175,10 @@ impl<T: Payload> Sender<T> {
 /// # Examples
 ///
 /// ```
-/// let (tx, rx) = multiproc_runtime::pipe::<String>()?;
+/// let (tx, rx) = multiproc::pipe::<String>()?;
 /// tx.send("hello".to_owned())?;
 /// assert_eq!(rx.recv()?, "hello");
-/// # Ok::<(), multiproc_runtime::Error>(())
+/// # Ok::<(), multiproc::Error>(())
 /// ```
 pub struct Receiver<T> {
     end: Endpoint,
@@ -195,12 +197,12 @@ impl<T: Payload> Receiver<T> {
     /// # Examples
     ///
     /// ```
-    /// let (tx, rx) = multiproc_runtime::pipe::<u8>()?;
+    /// let (tx, rx) = multiproc::pipe::<u8>()?;
     /// tx.send(7)?;
     /// drop(tx);
     /// assert_eq!(rx.recv()?, 7);
     /// assert!(rx.recv().is_err()); // disconnected: no sender left
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn recv(&self) -> Result<T, Error> {
         self.end.recv()
@@ -217,10 +219,10 @@ impl<T: Payload> Receiver<T> {
     ///
     /// ```
     /// use std::time::Duration;
-    /// let (_tx, rx) = multiproc_runtime::pipe::<u8>()?;
+    /// let (_tx, rx) = multiproc::pipe::<u8>()?;
     /// let err = rx.recv_timeout(Duration::from_millis(10)).unwrap_err();
-    /// assert_eq!(err.kind(), multiproc_runtime::ErrorKind::Timeout);
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// assert_eq!(err.kind(), multiproc::ErrorKind::Timeout);
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn recv_timeout(&self, timeout: Duration) -> Result<T, Error> {
         self.end.recv_timeout(timeout, "no message arrived within")
@@ -235,11 +237,11 @@ impl<T: Payload> Receiver<T> {
     /// # Examples
     ///
     /// ```
-    /// let (tx, rx) = multiproc_runtime::pipe::<u8>()?;
+    /// let (tx, rx) = multiproc::pipe::<u8>()?;
     /// assert_eq!(rx.try_recv()?, None);
     /// tx.send(1)?;
     /// assert_eq!(rx.try_recv()?, Some(1));
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn try_recv(&self) -> Result<Option<T>, Error> {
         self.end.try_recv()
@@ -252,14 +254,14 @@ impl<T: Payload> Receiver<T> {
     /// # Examples
     ///
     /// ```
-    /// let (tx, rx) = multiproc_runtime::pipe::<u32>()?;
+    /// let (tx, rx) = multiproc::pipe::<u32>()?;
     /// for i in 0..3 {
     ///     tx.send(i)?;
     /// }
     /// drop(tx);
     /// let all: Result<Vec<u32>, _> = rx.iter().collect();
     /// assert_eq!(all?, vec![0, 1, 2]);
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn iter(&self) -> Messages<'_, T> {
         Messages { receiver: self }
@@ -280,13 +282,13 @@ impl<'a, T: Payload> IntoIterator for &'a Receiver<T> {
 /// # Examples
 ///
 /// ```
-/// let (tx, rx) = multiproc_runtime::pipe::<u32>()?;
+/// let (tx, rx) = multiproc::pipe::<u32>()?;
 /// tx.send(5)?;
 /// drop(tx);
-/// let mut messages: multiproc_runtime::Messages<'_, u32> = rx.iter();
+/// let mut messages: multiproc::Messages<'_, u32> = rx.iter();
 /// assert_eq!(messages.next().transpose()?, Some(5));
 /// assert!(messages.next().is_none());
-/// # Ok::<(), multiproc_runtime::Error>(())
+/// # Ok::<(), multiproc::Error>(())
 /// ```
 #[derive(Debug)]
 #[must_use = "an iterator does nothing unless iterated"]
@@ -311,12 +313,12 @@ impl<T: Payload> Iterator for Messages<'_, T> {
 /// # Examples
 ///
 /// ```
-/// let (left, right) = multiproc_runtime::duplex::<u32, String>()?;
+/// let (left, right) = multiproc::duplex::<u32, String>()?;
 /// left.send(3)?;
 /// let n = right.recv()?;
 /// right.send("x".repeat(n as usize))?;
 /// assert_eq!(left.recv()?, "xxx");
-/// # Ok::<(), multiproc_runtime::Error>(())
+/// # Ok::<(), multiproc::Error>(())
 /// ```
 pub struct Connection<S, R> {
     end: Endpoint,
@@ -334,10 +336,10 @@ impl<S: Payload, R: Payload> Connection<S, R> {
     /// # Examples
     ///
     /// ```
-    /// let (left, right) = multiproc_runtime::duplex::<u8, u8>()?;
+    /// let (left, right) = multiproc::duplex::<u8, u8>()?;
     /// drop(right);
     /// assert!(left.send(1).is_err()); // disconnected
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     #[allow(
         clippy::needless_pass_by_value,
@@ -358,10 +360,10 @@ impl<S: Payload, R: Payload> Connection<S, R> {
     /// # Examples
     ///
     /// ```
-    /// let (left, right) = multiproc_runtime::duplex::<u8, u8>()?;
+    /// let (left, right) = multiproc::duplex::<u8, u8>()?;
     /// right.send(9)?;
     /// assert_eq!(left.recv()?, 9);
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn recv(&self) -> Result<R, Error> {
         self.end.recv()
@@ -378,9 +380,9 @@ impl<S: Payload, R: Payload> Connection<S, R> {
     ///
     /// ```
     /// use std::time::Duration;
-    /// let (left, _right) = multiproc_runtime::duplex::<u8, u8>()?;
+    /// let (left, _right) = multiproc::duplex::<u8, u8>()?;
     /// assert!(left.recv_timeout(Duration::from_millis(10)).is_err());
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn recv_timeout(&self, timeout: Duration) -> Result<R, Error> {
         self.end.recv_timeout(timeout, "no message arrived within")
@@ -395,11 +397,11 @@ impl<S: Payload, R: Payload> Connection<S, R> {
     /// # Examples
     ///
     /// ```
-    /// let (left, right) = multiproc_runtime::duplex::<u8, u8>()?;
+    /// let (left, right) = multiproc::duplex::<u8, u8>()?;
     /// assert_eq!(left.try_recv()?, None);
     /// right.send(2)?;
     /// assert_eq!(left.try_recv()?, Some(2));
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn try_recv(&self) -> Result<Option<R>, Error> {
         self.end.try_recv()
@@ -466,17 +468,17 @@ macro_rules! endpoint_handle {
 
 endpoint_handle!(
     Sender<T>,
-    "```\nlet (tx, _rx) = multiproc_runtime::pipe::<u8>()?;\nlet tx2 = tx.try_clone()?;\n\
-     tx2.send(1)?;\n# Ok::<(), multiproc_runtime::Error>(())\n```"
+    "```\nlet (tx, _rx) = multiproc::pipe::<u8>()?;\nlet tx2 = tx.try_clone()?;\n\
+     tx2.send(1)?;\n# Ok::<(), multiproc::Error>(())\n```"
 );
 endpoint_handle!(
     Receiver<T>,
-    "```\nlet (tx, rx) = multiproc_runtime::pipe::<u8>()?;\nlet rx2 = rx.try_clone()?;\n\
-     tx.send(1)?;\nassert_eq!(rx2.recv()?, 1);\n# Ok::<(), multiproc_runtime::Error>(())\n```"
+    "```\nlet (tx, rx) = multiproc::pipe::<u8>()?;\nlet rx2 = rx.try_clone()?;\n\
+     tx.send(1)?;\nassert_eq!(rx2.recv()?, 1);\n# Ok::<(), multiproc::Error>(())\n```"
 );
 endpoint_handle!(
     Connection<S, R>,
-    "```\nlet (left, right) = multiproc_runtime::duplex::<u8, u8>()?;\n\
+    "```\nlet (left, right) = multiproc::duplex::<u8, u8>()?;\n\
      let left2 = left.try_clone()?;\nleft2.send(1)?;\nassert_eq!(right.recv()?, 1);\n\
-     # Ok::<(), multiproc_runtime::Error>(())\n```"
+     # Ok::<(), multiproc::Error>(())\n```"
 );

@@ -175,7 +175,8 @@ impl Pool {
     }
 
     /// Applies a one-argument task to every item, in parallel; the outputs in input order.
-    /// Python's `Pool.map`.
+    /// Python's `Pool.map`. Items are taken by value (they are encoded for another process):
+    /// for a slice, pass `v.iter().copied()` or `v.iter().cloned()`.
     ///
     /// # Errors
     ///
@@ -186,6 +187,8 @@ impl Pool {
     /// could not be encoded or decoded: an item whose arguments' `Serialize` fails or panics
     /// fails alone, and the others run), [`ErrorKind::Closed`](crate::ErrorKind::Closed) (the pool was closed or
     /// terminated first) or [`ErrorKind::Spawn`](crate::ErrorKind::Spawn) (no worker could be started).
+    /// Other items may have failed too (and items whose channel handles died with a crashed
+    /// worker did not run): [`imap`](Self::imap) gives each item's outcome.
     ///
     /// # Examples
     ///
@@ -319,7 +322,9 @@ impl Pool {
     /// all before it have come back. Outputs come back a chunk at a time (a worker may
     /// answer several short chunks at once); [`Chunking::Fixed(1)`](crate::Chunking) sends
     /// each item alone. A failing item yields its `Err` (of the kinds listed for
-    /// [`map`](Self::map)) and the stream goes on. Dropping the iterator stops feeding and
+    /// [`map`](Self::map)) and the stream goes on. An `imap` made after
+    /// [`close`](Self::close) yields `Closed` for its first chunk's items and ends there,
+    /// without reading the rest of its input. Dropping the iterator stops feeding and
     /// discards what is outstanding: queued chunks are dropped unrun when a worker comes
     /// to them (channel handles in their arguments close then), and those a worker already
     /// has run, their outputs dropped.

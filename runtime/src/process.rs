@@ -170,7 +170,9 @@ impl<T: Task> Process<T> {
     }
 
     /// Waits for the child to exit and returns the task's output. Python's `join()`, which
-    /// here also hands over what the task returned.
+    /// here also hands over what the task returned. A child blocked sending on a full
+    /// [`pipe`](crate::pipe) or [`Queue`](crate::Queue) does not exit: read what it sends
+    /// before (or while) joining it.
     ///
     /// # Errors
     ///

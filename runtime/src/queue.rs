@@ -39,14 +39,14 @@ use std::time::Duration;
 /// # Examples
 ///
 /// ```
-/// use multiproc_runtime::Queue;
+/// use multiproc::Queue;
 ///
 /// let q: Queue<Vec<u8>> = Queue::new()?;
 /// let q2 = q.clone();
 /// q2.put(vec![1, 2, 3])?;
 /// assert_eq!(q.get()?, vec![1, 2, 3]);
 /// assert_eq!(q.try_get()?, None);
-/// # Ok::<(), multiproc_runtime::Error>(())
+/// # Ok::<(), multiproc::Error>(())
 /// ```
 ///
 /// With a child process (`f` is a `#[multiproc::task]` that takes the queue and puts
@@ -85,8 +85,8 @@ impl<T: Payload> Queue<T> {
     /// # Examples
     ///
     /// ```
-    /// let q = multiproc_runtime::Queue::<String>::new()?;
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// let q = multiproc::Queue::<String>::new()?;
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn new() -> Result<Queue<T>, Error> {
         let (put_end, get_end) = endpoint_pair()?;
@@ -109,10 +109,10 @@ impl<T: Payload> Queue<T> {
     /// # Examples
     ///
     /// ```
-    /// let q = multiproc_runtime::Queue::new()?;
+    /// let q = multiproc::Queue::new()?;
     /// q.put((42, None::<i32>, "hello".to_owned()))?;
     /// assert_eq!(q.get()?, (42, None, "hello".to_owned()));
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     #[allow(
         clippy::needless_pass_by_value,
@@ -131,11 +131,11 @@ impl<T: Payload> Queue<T> {
     /// # Examples
     ///
     /// ```
-    /// let q = multiproc_runtime::Queue::new()?;
+    /// let q = multiproc::Queue::new()?;
     /// q.put(1u8)?;
     /// q.put(2u8)?;
     /// assert_eq!((q.get()?, q.get()?), (1, 2));
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn get(&self) -> Result<T, Error> {
         self.get_end.recv()
@@ -152,10 +152,10 @@ impl<T: Payload> Queue<T> {
     ///
     /// ```
     /// use std::time::Duration;
-    /// let q = multiproc_runtime::Queue::<u8>::new()?;
+    /// let q = multiproc::Queue::<u8>::new()?;
     /// let err = q.get_timeout(Duration::from_millis(10)).unwrap_err();
-    /// assert_eq!(err.kind(), multiproc_runtime::ErrorKind::Timeout);
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// assert_eq!(err.kind(), multiproc::ErrorKind::Timeout);
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn get_timeout(&self, timeout: Duration) -> Result<T, Error> {
         self.get_end
@@ -172,11 +172,11 @@ impl<T: Payload> Queue<T> {
     /// # Examples
     ///
     /// ```
-    /// let q = multiproc_runtime::Queue::new()?;
+    /// let q = multiproc::Queue::new()?;
     /// assert_eq!(q.try_get()?, None);
     /// q.put('x')?;
     /// assert_eq!(q.try_get()?, Some('x'));
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn try_get(&self) -> Result<Option<T>, Error> {
         self.get_end.try_recv()
@@ -193,11 +193,11 @@ impl<T> Queue<T> {
     /// # Examples
     ///
     /// ```
-    /// let q = multiproc_runtime::Queue::<u8>::new()?;
+    /// let q = multiproc::Queue::<u8>::new()?;
     /// let q2 = q.try_clone()?;
     /// q2.put(1)?;
     /// assert_eq!(q.get()?, 1);
-    /// # Ok::<(), multiproc_runtime::Error>(())
+    /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn try_clone(&self) -> Result<Queue<T>, Error> {
         Ok(Queue {
