@@ -385,6 +385,33 @@ fn results_at_and_around_the_frame_limit() -> TestResult {
     ensure(fits > 0, "an argument just under the limit fits")
 }
 
+/// A worker writes a reply straight into its replies region while the parent is done with
+/// it: replies that outgrow the region (which then grows), shrink again, or are too small
+/// for it (then sent through the socket from there) all arrive intact, in turn.
+fn replies_that_outgrow_their_region_arrive_intact() -> TestResult {
+    let pool = Pool::new(1)?;
+    let sizes = [
+        300 << 10,
+        1 << 20,
+        10,
+        4 << 20,
+        300 << 10,
+        (4 << 20) + 1,
+        8 << 20,
+        100,
+        (300 << 10) - 1,
+    ];
+    for (round, &len) in sizes.iter().enumerate() {
+        let salt = round as u8;
+        let out = pool.apply(patterned_of, (len, salt))?;
+        ensure(
+            *out == support::patterned(len, salt),
+            format!("reply {round} of {len} bytes"),
+        )?;
+    }
+    Ok(())
+}
+
 fn many_large_results_with_prefetch() -> TestResult {
     let pool = Pool::new(2)?;
     for round in 0..3u8 {
@@ -576,5 +603,6 @@ fn main() {
         garbage_in_the_status_page_does_not_defeat_a_deadline,
         a_deadline_does_not_count_an_argument_in_transit,
         a_task_scribbling_on_its_reply_cannot_break_a_string_in_the_parent,
+        replies_that_outgrow_their_region_arrive_intact,
     ]);
 }

@@ -4,11 +4,49 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::Any;
 
+/// Where encoded bytes go: a `Vec<u8>`, or a worker's replies (`worker::Out`), which may be
+/// built straight in shared memory.
+pub(crate) trait Sink {
+    fn push(&mut self, byte: u8);
+    fn extend_from_slice(&mut self, bytes: &[u8]);
+    fn len(&self) -> usize;
+    fn truncate(&mut self, len: usize);
+    /// The bytes written so far, to patch (a frame's length).
+    fn as_mut_slice(&mut self) -> &mut [u8];
+}
+
+impl Sink for Vec<u8> {
+    #[inline]
+    fn push(&mut self, byte: u8) {
+        Vec::push(self, byte);
+    }
+
+    #[inline]
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        Vec::extend_from_slice(self, bytes);
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    #[inline]
+    fn truncate(&mut self, len: usize) {
+        Vec::truncate(self, len);
+    }
+
+    #[inline]
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
 /// Appends the postcard encoding of `value` to `out`.
 #[inline]
-pub(crate) fn encode_into<T: Serialize + ?Sized>(
+pub(crate) fn encode_into<T: Serialize + ?Sized, S: Sink>(
     value: &T,
-    out: &mut Vec<u8>,
+    out: &mut S,
 ) -> postcard::Result<()> {
     postcard::serialize_with_flavor(value, Append(out))
 }
@@ -29,9 +67,9 @@ pub(crate) fn decode_front<T: DeserializeOwned>(input: &[u8]) -> postcard::Resul
 /// byte string, so a `Vec<u8>` found at the top of a value is written as a byte string: the
 /// same bytes, one copy. Inside other types, `serde_bytes` does the same (see `Payload`).
 #[inline]
-pub(crate) fn encode_value<T: Serialize + 'static>(
+pub(crate) fn encode_value<T: Serialize + 'static, S: Sink>(
     value: &T,
-    out: &mut Vec<u8>,
+    out: &mut S,
 ) -> postcard::Result<()> {
     match byte_vec(value) {
         Some(bytes) => encode_into(&AsBytes(bytes), out),
@@ -105,9 +143,9 @@ impl<'de> serde::Deserialize<'de> for ByteVec {
 /// A postcard output that appends to a borrowed vector. The small slices postcard writes
 /// (varints of one to ten bytes) are pushed byte by byte: a `memcpy` call per slice measured
 /// as a large share of encoding small values.
-struct Append<'a>(&'a mut Vec<u8>);
+struct Append<'a, S: Sink>(&'a mut S);
 
-impl postcard::ser_flavors::Flavor for Append<'_> {
+impl<S: Sink> postcard::ser_flavors::Flavor for Append<'_, S> {
     type Output = ();
 
     #[inline]

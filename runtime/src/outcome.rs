@@ -5,7 +5,7 @@
 //! reading it by hand keeps the per-item cost at a byte, where serde's derived enum machinery
 //! measured several times the cost of decoding the value itself (see BENCHMARKS.md).
 
-use crate::codec;
+use crate::codec::{self, Sink};
 use crate::error::{Error, ErrorKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -47,25 +47,25 @@ impl<T> Outcome<T> {
 
 /// Appends a successful outcome. On error, `out` may hold a partial encoding: truncate it.
 #[inline]
-pub(crate) fn encode_ok<T: Serialize + 'static>(
+pub(crate) fn encode_ok<T: Serialize + 'static, S: Sink>(
     value: &T,
-    out: &mut Vec<u8>,
+    out: &mut S,
 ) -> postcard::Result<()> {
     out.push(OK);
     codec::encode_value(value, out)
 }
 
-pub(crate) fn encode_panicked(
+pub(crate) fn encode_panicked<S: Sink>(
     message: &str,
     location: Option<&str>,
     backtrace: Option<&str>,
-    out: &mut Vec<u8>,
+    out: &mut S,
 ) {
     out.push(PANICKED);
     codec::encode_into(&(message, location, backtrace), out).expect("strings always encode");
 }
 
-pub(crate) fn encode_failed(message: &str, out: &mut Vec<u8>) {
+pub(crate) fn encode_failed<S: Sink>(message: &str, out: &mut S) {
     out.push(FAILED);
     codec::encode_into(message, out).expect("strings always encode");
 }

@@ -94,11 +94,11 @@ pub(crate) enum Header {
 
 /// Starts a frame in `buf`: a placeholder length, then the encoded header. The caller then
 /// appends the payload and calls [`end_frame`].
-pub(crate) fn begin_frame(buf: &mut Vec<u8>, header: &Header) -> usize {
+pub(crate) fn begin_frame<S: crate::codec::Sink>(buf: &mut S, header: &Header) -> usize {
     let start = buf.len();
     buf.extend_from_slice(&[0; PREFIX]);
-    // Encoding our own enum into a Vec cannot fail: no custom Serialize, no size limit.
-    postcard::to_io(header, &mut *buf).expect("encoding a header into a Vec cannot fail");
+    // Encoding our own enum cannot fail: no custom Serialize, no size limit.
+    crate::codec::encode_into(header, buf).expect("encoding a header cannot fail");
     start
 }
 

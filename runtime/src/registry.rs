@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 
 /// Runs `count` encoded argument tuples from `input`, appending one encoded outcome per item
 /// to `output`. Monomorphised per task in [`TaskEntry::new`].
-pub(crate) type RunChunk = fn(input: &[u8], count: u32, output: &mut Vec<u8>, hooks: &ItemHooks);
+pub(crate) type RunChunk =
+    fn(input: &[u8], count: u32, output: &mut crate::worker::Out, hooks: &ItemHooks);
 
 /// Called by the worker around every item: lets it publish which item is running.
 pub(crate) struct ItemHooks<'a> {

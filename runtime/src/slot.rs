@@ -1153,13 +1153,18 @@ impl Slot {
                 self.on_results(seq, first, count, payload)
             }
             Header::Shared { n, len } if socket => {
-                let region = self.replies.take().ok_or_else(|| {
+                let region = self.replies.as_ref().ok_or_else(|| {
                     protocol_error("a shared frame from a worker that has no region".to_owned())
                 })?;
-                let handled = self.on_shared(&region, len);
-                self.replies = Some(region);
+                // Decoded from a copy: the worker's task may be writing the region (see
+                // `Region::copy_frame`). Copied, the region is the worker's again at once,
+                // for its next reply while this one is decoded.
+                let mut copy = std::mem::take(&mut self.reply_copy);
+                let copied = region.copy_frame(len, &mut copy);
                 let worker = self.worker.as_ref().expect("frames come from a worker");
                 worker.status.took(false, n);
+                let handled = copied.and_then(|()| self.on_shared(&copy));
+                self.reply_copy = copy;
                 handled
             }
             other => Err(protocol_error(format!(
@@ -1168,20 +1173,13 @@ impl Slot {
         }
     }
 
-    /// Handles the frames of a shared frame: `len` bytes at the start of `region`.
-    fn on_shared(&mut self, region: &Region, len: u64) -> Result<bool, Error> {
-        // Decoded from a copy: the worker's task may be writing the region (see
-        // `Region::copy_frame`).
-        let mut copy = std::mem::take(&mut self.reply_copy);
-        let handled = region.copy_frame(len, &mut copy).and_then(|()| {
-            let mut progress = false;
-            for body in protocol::frames(&copy, self.config.spawn.max_frame_len) {
-                progress |= self.on_frame(body?, false)?;
-            }
-            Ok(progress)
-        });
-        self.reply_copy = copy;
-        handled
+    /// Handles the frames of a shared frame, copied out of the replies region.
+    fn on_shared(&mut self, frames: &[u8]) -> Result<bool, Error> {
+        let mut progress = false;
+        for body in protocol::frames(frames, self.config.spawn.max_frame_len) {
+            progress |= self.on_frame(body?, false)?;
+        }
+        Ok(progress)
     }
 
     /// Stores the outcomes of a `Results` frame. True when they complete a chunk.

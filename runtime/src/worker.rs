@@ -8,7 +8,7 @@
 //! answers with `Results`, until `Shutdown` or end of stream. It never returns to the user's
 //! `main` body.
 
-use crate::codec;
+use crate::codec::{self, Sink};
 use crate::error::{Error, ErrorKind};
 use crate::outcome;
 use crate::protocol::{self, FrameReader, Header};
@@ -225,7 +225,7 @@ fn serve(spec: WorkerSpec, fd: OwnedFd, status: Option<OwnedFd>) -> Result<(), E
         conn,
         received,
         next_fds: Vec::new(),
-        out: Vec::new(),
+        out: Out::default(),
         keep,
         requests: None,
         replies: None,
@@ -263,8 +263,9 @@ struct Server {
     next_fds: Vec<OwnedFd>,
     /// Results not yet sent. Every chunk already buffered runs before they go out in one
     /// write: under a stream of short chunks that is one system call per batch, not per
-    /// chunk; a chunk that arrives alone (or a timed one) is answered at once.
-    out: Vec<u8>,
+    /// chunk; a chunk that arrives alone (or a timed one) is answered at once. Written
+    /// straight into the replies region while it is free (see [`Out`]).
+    out: Out,
     /// The largest `out` kept once sent (see `protocol::KEEP_AT_MOST`).
     keep: usize,
     /// The shared regions (see `region`): requests, read here; replies, written here.
@@ -303,6 +304,7 @@ impl Server {
                 if requests {
                     self.requests = None;
                 } else {
+                    self.out.leave_region();
                     self.replies = None;
                 }
             }
@@ -314,6 +316,9 @@ impl Server {
                     )
                 })?;
                 // The old one goes first: under a memory cap both may not fit at once.
+                if !requests {
+                    self.out.leave_region();
+                }
                 let slot = if requests {
                     &mut self.requests
                 } else {
@@ -336,40 +341,7 @@ impl Server {
                 task,
                 count,
                 timed,
-            } => {
-                let entry = self.registry.entry(task).ok_or_else(|| {
-                    Error::new(ErrorKind::Codec, format!("unknown task id {task}"))
-                })?;
-                let status = &self.status;
-                let publish = |item| status.publish(seq, item, timed);
-                let hooks = ItemHooks {
-                    before_item: &publish,
-                };
-                let results = Header::Results {
-                    seq,
-                    first: 0,
-                    count,
-                };
-                let out = &mut self.out;
-                let start = protocol::begin_frame(out, &results);
-                let fds = std::mem::take(&mut self.next_fds);
-                crate::fdpass::supply(fds, || (entry.run())(payload, count, out, &hooks));
-                status.publish(seq, count, false);
-                if let Err(err) = protocol::end_frame(out, start, self.spec.max_frame_len) {
-                    // Too large to send: report that for every item instead.
-                    out.truncate(start);
-                    let start = protocol::begin_frame(out, &results);
-                    let message = err.to_string();
-                    for _ in 0..count {
-                        outcome::encode_failed(&message, out);
-                    }
-                    protocol::end_frame(out, start, u32::MAX)?;
-                }
-                if timed {
-                    // Deadlines are tracked chunk by chunk: answer at once.
-                    self.flush()?;
-                }
-            }
+            } => self.run(seq, task, count, timed, payload)?,
             Header::Shutdown => {
                 self.flush()?;
                 return Ok(Flow::Exit);
@@ -382,6 +354,59 @@ impl Server {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Runs a chunk of `count` items of task `task`, its arguments in `payload`, and adds
+    /// its results to `out` (sent at once for a `timed` chunk).
+    fn run(
+        &mut self,
+        seq: u64,
+        task: u32,
+        count: u32,
+        timed: bool,
+        payload: &[u8],
+    ) -> Result<(), Error> {
+        let entry = self
+            .registry
+            .entry(task)
+            .ok_or_else(|| Error::new(ErrorKind::Codec, format!("unknown task id {task}")))?;
+        let status = &self.status;
+        let publish = |item| status.publish(seq, item, timed);
+        let hooks = ItemHooks {
+            before_item: &publish,
+        };
+        let results = Header::Results {
+            seq,
+            first: 0,
+            count,
+        };
+        if self.out.is_empty()
+            && let Some(region) = &self.replies
+            && status.taken(false) == self.replies_sent
+        {
+            // The parent is done with the region: the results go straight there.
+            self.out.enter_region(region);
+        }
+        let out = &mut self.out;
+        let start = protocol::begin_frame(out, &results);
+        let fds = std::mem::take(&mut self.next_fds);
+        crate::fdpass::supply(fds, || (entry.run())(payload, count, out, &hooks));
+        status.publish(seq, count, false);
+        if let Err(err) = protocol::end_frame(out.as_mut_slice(), start, self.spec.max_frame_len) {
+            // Too large to send: report that for every item instead.
+            out.truncate(start);
+            let start = protocol::begin_frame(out, &results);
+            let message = err.to_string();
+            for _ in 0..count {
+                outcome::encode_failed(&message, out);
+            }
+            protocol::end_frame(out.as_mut_slice(), start, u32::MAX)?;
+        }
+        if timed {
+            // Deadlines are tracked chunk by chunk: answer at once.
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Handles the frames of a shared frame: `len` bytes at the start of `region`.
@@ -401,10 +426,25 @@ impl Server {
             return Ok(());
         }
         let len = self.out.len();
+        if self.out.in_region() {
+            // Written in place: announced when large, else its bytes go through the socket.
+            if len >= SHARED_MIN {
+                self.replies_sent += 1;
+                let shared = Header::Shared {
+                    n: self.replies_sent,
+                    len: len as u64,
+                };
+                write_all(&mut self.conn, &protocol::control_frame(&shared))?;
+            } else {
+                write_all(&mut self.conn, self.out.as_mut_slice())?;
+            }
+            self.out.sent();
+            return Ok(());
+        }
         let free = self.status.taken(false) == self.replies_sent;
         match self.replies.as_mut() {
             Some(region) if len >= SHARED_MIN && free && region.len() >= len => {
-                region.fill(&self.out);
+                region.fill(&self.out.vec);
                 self.replies_sent += 1;
                 let shared = Header::Shared {
                     n: self.replies_sent,
@@ -412,13 +452,134 @@ impl Server {
                 };
                 write_all(&mut self.conn, &protocol::control_frame(&shared))?;
             }
-            _ => write_all(&mut self.conn, &self.out)?,
+            _ => write_all(&mut self.conn, &self.out.vec)?,
         }
-        self.out.clear();
-        if self.out.capacity() > self.keep {
-            self.out = Vec::new();
+        self.out.vec.clear();
+        if self.out.vec.capacity() > self.keep {
+            self.out.vec = Vec::new();
         }
         Ok(())
+    }
+}
+
+/// A worker's results not yet sent: built in a `Vec`, or straight in the replies region
+/// while the parent is done with it (`Server::handle`), which spares a large reply its copy
+/// into the region. A reply that outgrows the region moves to the `Vec` (the parent then
+/// makes a larger region), and the region is left before it is replaced or given up.
+#[derive(Default)]
+pub(crate) struct Out {
+    vec: Vec<u8>,
+    region: Option<InRegion>,
+}
+
+/// The replies region being written: its mapping, its length, and the bytes written.
+struct InRegion {
+    base: std::ptr::NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+impl Out {
+    fn is_empty(&self) -> bool {
+        crate::codec::Sink::len(self) == 0
+    }
+
+    fn in_region(&self) -> bool {
+        self.region.is_some()
+    }
+
+    /// Writes what follows straight into `region`; `self` must be empty. The region must
+    /// outlive this until [`leave_region`](Self::leave_region).
+    fn enter_region(&mut self, region: &Region) {
+        debug_assert!(self.is_empty(), "entering a region with results pending");
+        self.region = Some(InRegion {
+            base: region.as_ptr(),
+            cap: region.len(),
+            len: 0,
+        });
+    }
+
+    /// Stops writing into the region: what was written there and not sent (nothing, after a
+    /// flush) moves to the `Vec`.
+    fn leave_region(&mut self) {
+        if let Some(region) = self.region.take() {
+            // SAFETY: the first `len` bytes of the mapping, which outlives region mode and
+            // which this process alone writes while it is in it.
+            let written = unsafe { std::slice::from_raw_parts(region.base.as_ptr(), region.len) };
+            self.vec.extend_from_slice(written);
+        }
+    }
+
+    /// What was written into the region has been sent: empty again, out of the region.
+    fn sent(&mut self) {
+        self.region = None;
+    }
+
+    /// `bytes` do not fit in the region: what it holds moves to the `Vec`, and they follow.
+    #[cold]
+    #[inline(never)]
+    fn outgrow_region(&mut self, bytes: &[u8]) {
+        self.leave_region();
+        self.vec.extend_from_slice(bytes);
+    }
+}
+
+impl crate::codec::Sink for Out {
+    #[inline]
+    fn push(&mut self, byte: u8) {
+        match &mut self.region {
+            None => self.vec.push(byte),
+            Some(region) if region.len < region.cap => {
+                // SAFETY: in bounds (checked above); see `leave_region`.
+                unsafe { region.base.as_ptr().add(region.len).write(byte) };
+                region.len += 1;
+            }
+            Some(_) => self.outgrow_region(&[byte]),
+        }
+    }
+
+    #[inline]
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        match &mut self.region {
+            None => self.vec.extend_from_slice(bytes),
+            Some(region) if region.cap - region.len >= bytes.len() => {
+                // SAFETY: in bounds (checked above); our own bytes cannot overlap the
+                // mapping; see `leave_region`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        region.base.as_ptr().add(region.len),
+                        bytes.len(),
+                    );
+                }
+                region.len += bytes.len();
+            }
+            Some(_) => self.outgrow_region(bytes),
+        }
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.region
+            .as_ref()
+            .map_or(self.vec.len(), |region| region.len)
+    }
+
+    fn truncate(&mut self, len: usize) {
+        match &mut self.region {
+            Some(region) => region.len = region.len.min(len),
+            None => self.vec.truncate(len),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match &mut self.region {
+            // SAFETY: see `leave_region`.
+            Some(region) => unsafe {
+                std::slice::from_raw_parts_mut(region.base.as_ptr(), region.len)
+            },
+            None => &mut self.vec,
+        }
     }
 }
 
@@ -661,12 +822,7 @@ fn guard_against_orphaning(parent: u32) -> Result<(), Error> {
 /// call too: a `Deserialize` of the arguments, a `Serialize` or a `Drop` of the result that
 /// panics fails the item, never the worker (one catch per item, at no cost while nothing
 /// panics).
-pub(crate) fn run_chunk<T: Task>(
-    input: &[u8],
-    count: u32,
-    output: &mut Vec<u8>,
-    hooks: &ItemHooks,
-) {
+pub(crate) fn run_chunk<T: Task>(input: &[u8], count: u32, output: &mut Out, hooks: &ItemHooks) {
     let mut rest = input;
     for index in 0..count {
         (hooks.before_item)(index);
@@ -729,7 +885,7 @@ enum Stage {
 fn run_item<T: Task>(
     rest: &mut &[u8],
     stage: &mut Stage,
-    output: &mut Vec<u8>,
+    output: &mut Out,
 ) -> Result<(), postcard::Error> {
     let (args, tail) = codec::decode_value::<T::Args>(rest)?;
     *rest = tail;
