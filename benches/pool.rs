@@ -27,9 +27,11 @@ fn main() {
     divan::main();
 }
 
-/// A started pool whose workers have each run a chunk already.
+/// A started pool whose workers have each run a chunk already. (`worker_pids` starts those
+/// a short map may not need: a pool asks for its workers as work needs them.)
 fn pool() -> Pool {
     let pool = Pool::new(WORKERS).expect("starting the pool");
+    assert_eq!(pool.worker_pids().len(), WORKERS, "every worker started");
     pool.map(square, 0..1000).expect("warm-up map");
     pool
 }

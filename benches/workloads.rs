@@ -76,7 +76,11 @@ fn pool(args: &Args) -> Pool {
         builder = builder.spin(Duration::from_micros(us));
     }
     let pool = builder.build().expect("starting the pool");
-    // Warm-up: every worker has started, run a chunk and sized its buffers.
+    // Warm-up: every worker has started (`worker_pids` starts those that a short map may not
+    // need: a pool asks for its workers as work needs them), run a chunk and sized its
+    // buffers.
+    let workers = pool.worker_pids().len();
+    assert_eq!(workers, pool.processes(), "every worker started");
     let warm = pool.map(square, 0..1000).expect("warm-up map");
     assert_eq!(warm[999], 999 * 999);
     pool

@@ -216,6 +216,7 @@ fn scenario(which: &str) -> ! {
         "answers-later" => scenario_answers_later(builder),
         "idle-past-start-timeout" => scenario_idle_past_start_timeout(builder),
         "unused" => scenario_unused(&builder),
+        "lazy" => scenario_lazy(&builder),
         "noisy-initializer" => scenario_noisy_initializer(builder),
         "stderr-held" => scenario_stderr_held(builder),
         "terminal" => scenario_terminal(builder),
@@ -724,6 +725,52 @@ fn scenario_unused(builder: &PoolBuilder) {
     println!("ok");
 }
 
+/// Waits (in the task) until `count` workers have arrived in the directory `dir`, 30 s at
+/// most, then returns its pid: items that only finish when that many run side by side.
+#[task]
+fn meet(dir: String, count: usize) -> u32 {
+    let pid = std::process::id();
+    std::fs::write(format!("{dir}/{pid}"), b"").expect("arrive");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(&dir).map_or(0, Iterator::count) < count
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    pid
+}
+
+/// A pool of forked workers starts one at once and the others when there is work for them
+/// (or `worker_pids` asks): one `apply` needs one worker, a `map` of three items that must
+/// run side by side gets three.
+fn scenario_lazy(builder: &PoolBuilder) {
+    let me = std::process::id();
+    let server = children(me);
+    assert_eq!(server.len(), 1, "the fork server");
+    let pool = builder.clone().processes(3).build().expect("pool");
+    assert_eq!(pool.apply(square, (4,)).expect("apply"), 16);
+    assert_eq!(children(me).len(), 2, "one worker for one apply");
+    let dir = std::env::temp_dir().join(format!("multiproc-meet-{me}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let dir_name = dir.to_string_lossy().into_owned();
+    let pids = pool
+        .with_chunking(multiproc::Chunking::Fixed(1))
+        .starmap(meet, (0..3).map(|_| (dir_name.clone(), 3)))
+        .expect("map");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut distinct = pids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "three side by side: {pids:?}");
+    assert_eq!(pool.worker_pids().len(), 3, "all three listed");
+    drop(pool);
+    // `worker_pids` starts those not yet asked for.
+    let pool = builder.clone().processes(4).build().expect("pool");
+    assert_eq!(pool.worker_pids().len(), 4, "listed, so started");
+    drop(pool);
+    println!("ok");
+}
+
 fn scenario_forked_child(builder: PoolBuilder) {
     // A copy of the program made with `fork` has its parent's fork server, whose
     // workers would not be its children: it starts its own by `exec`.
@@ -846,6 +893,10 @@ fn pools_dropped_before_use_leave_no_worker() -> TestResult {
     ok_forked("unused")
 }
 
+fn a_pool_starts_its_workers_as_work_needs_them() -> TestResult {
+    ok_forked("lazy")
+}
+
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
     let out = run_scenario("server-killed", "fork")?;
     ensure(out.contains("children=1") && out.contains("ok"), out)
@@ -946,6 +997,7 @@ fn main() {
         scenario(&which);
     }
     support::run(tests![
+        a_pool_starts_its_workers_as_work_needs_them,
         a_worker_prints_to_a_terminal_with_tostop,
         an_initializer_that_writes_much_to_stderr_starts,
         a_map_ends_while_the_program_holds_its_stderr,

@@ -352,9 +352,13 @@ impl PoolBuilder {
     ///
     /// Workers the fork server forks, in a pool without an initializer, are not waited for
     /// at all: a copy of this program can hardly fail its handshake, so `build` returns once
-    /// the server has the requests, and forks the workers while the program goes on. The
-    /// first call to use a worker reads the server's answer, sends its work at once and
-    /// reads the worker's handshake ahead of the reply. A worker that died meanwhile is
+    /// the server has the request for the first worker, and forks it while the program goes
+    /// on. The others are asked for when there is work for them: work queued beyond the
+    /// workers running (a `map`, an `imap`, a second call while the first runs), or
+    /// [`Pool::worker_pids`], which lists every worker. So a program that calls `apply` one
+    /// call at a time never starts more than one, and a `map` on a fresh pool starts the
+    /// others side by side, each from the thread that will serve it. The first call to use a worker reads the server's
+    /// answer, sends its work at once and reads the worker's handshake ahead of the reply. A worker that died meanwhile is
     /// replaced then, like one that dies while idle, and so is one the server declined to
     /// fork (see [`StartMethod::ForkServer`]: it is then started by running the
     /// executable). Such a pool also runs no thread of its own until its work needs one:
@@ -417,8 +421,15 @@ impl PoolBuilder {
         // forks them while this thread sets up the pool, then the slots take them over
         // (`start_slots`). Any other start must happen on the slot's thread, which outlives
         // the worker.
+        // Without an initializer, one worker is asked for now and the others when there is
+        // work for them (see `start_slots`).
         let launching = if spawn.fork_server {
-            Some(WorkerProcess::launch(&spawn, processes)?)
+            let now = if spawn.initializer.is_none() {
+                1
+            } else {
+                processes
+            };
+            Some(WorkerProcess::launch(&spawn, now)?)
         } else {
             None
         };
@@ -469,12 +480,14 @@ fn start_slots(
     mut launching: Option<Launching>,
 ) -> Result<Option<mpsc::Receiver<Result<u32, Error>>>, Error> {
     let mut forked = Vec::new();
+    let mut lazy = false;
     if config.spawn.initializer.is_none()
         && let Some(launching) = launching.take()
     {
         // Without waiting for the server: each answer is read when its worker is first
         // used (`Launched::adopt`), or asked for (`worker_pids`).
         forked = launching.deferred()?;
+        lazy = true;
     }
     let mut dormant = 0;
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -484,6 +497,12 @@ fn start_slots(
         if let Some(launched) = forked.get_mut(index).and_then(Option::take) {
             shared.park_dormant(slot.dormant(launched));
             dormant += 1;
+            continue;
+        }
+        if lazy && index >= forked.len() {
+            // Past the first worker: asked for when there is work for it. (Not counted in
+            // `dormant`: when the first worker did not fork, `build` waits for its start.)
+            shared.park_dormant(slot.cold());
             continue;
         }
         let ready = ready_tx.clone();

@@ -53,7 +53,8 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts a pool of `processes` workers. Same as `Pool::builder().processes(n).build()`.
+    /// Starts a pool of `processes` workers. Same as `Pool::builder().processes(n).build()`,
+    /// which says when each worker starts (forked ones when there is work for them).
     ///
     /// # Errors
     ///
@@ -100,9 +101,9 @@ impl Pool {
     }
 
     /// The process ids of the workers running now (a replaced worker has a new pid). Right
-    /// after [`Pool::new`], which may return before every worker is ready (see
-    /// [`PoolBuilder::build`](crate::PoolBuilder::build)), this first waits for the others'
-    /// first start attempts; a worker the fork server forks counts as started once the
+    /// after [`Pool::new`], which may return before every worker is ready, or asked for (see
+    /// [`PoolBuilder::build`](crate::PoolBuilder::build)), this first starts those not asked
+    /// for yet and waits for the others' first start attempts; a worker the fork server forks counts as started once the
     /// server has answered (read here if it was not yet). One the server did not fork (it
     /// declined, or it stopped answering or died before it did) is not listed until the
     /// pool first uses its place, and starts a worker there by running the executable.
@@ -116,6 +117,7 @@ impl Pool {
     /// # }
     /// ```
     pub fn worker_pids(&self) -> Vec<u32> {
+        self.shared.launch_cold(&self.config.spawn);
         self.shared.pids()
     }
 

@@ -216,6 +216,15 @@ struct State {
 }
 
 impl State {
+    /// See [`Shared::has_work_to_come`].
+    fn work_to_come(&self) -> bool {
+        match self.phase {
+            Phase::Running => true,
+            Phase::Closing => !self.queue.is_empty() || self.awaits_streams(),
+            Phase::Terminated => false,
+        }
+    }
+
     /// A closing pool waits for the work its live streams may still queue.
     fn awaits_streams(&self) -> bool {
         self.phase == Phase::Closing && self.streams > 0 && !self.joining
@@ -282,11 +291,21 @@ impl Parking {
         if !self.dormant || self.parked.is_none() {
             return false;
         }
+        self.start_thread(state_starting);
+        true
+    }
+
+    /// A dormant slot whose worker is not asked for yet (`Slot::cold`).
+    fn cold(&self) -> bool {
+        self.dormant && self.parked.as_ref().is_some_and(|slot| slot.is_cold())
+    }
+
+    /// Marks a dormant slot's thread as to start (see `wake_dormant`).
+    fn start_thread(&mut self, state_starting: &mut usize) {
         self.dormant = false;
         self.waiting = true;
         self.woken = true;
         *state_starting += 1;
-        true
     }
 }
 
@@ -315,14 +334,18 @@ impl State {
                 left -= 1;
             }
         }
+        // Dormant slots with a worker (started or starting) first; then those whose worker
+        // is still to be asked for, which take a start before they can run anything.
         let mut start = Vec::new();
-        for (index, slot) in self.slots.iter_mut().enumerate() {
-            if left == 0 {
-                break;
-            }
-            if slot.wake_dormant(&mut self.threads_starting) {
-                start.push(index);
-                left -= 1;
+        for cold in [false, true] {
+            for (index, slot) in self.slots.iter_mut().enumerate() {
+                if left == 0 {
+                    return start;
+                }
+                if slot.cold() == cold && slot.wake_dormant(&mut self.threads_starting) {
+                    start.push(index);
+                    left -= 1;
+                }
             }
         }
         start
@@ -421,6 +444,39 @@ impl Shared {
         self.threads
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Asks for the workers of the dormant slots that have none yet ([`Slot::cold`]), all at
+    /// once, as `build` asks for the first: for `worker_pids`, which lists every worker. A
+    /// worker the fork server does not take is left to the slot's thread, when there is
+    /// work for it (a start elsewhere than on a slot's thread could not outlive this one).
+    pub(crate) fn launch_cold(&self, spawn: &crate::spawn::SpawnOptions) {
+        let cold: Vec<Box<Slot>> = {
+            let mut state = self.lock();
+            // As a replacement: not for a pool that can get no more work.
+            if !state.work_to_come() {
+                return;
+            }
+            state
+                .slots
+                .iter_mut()
+                .filter(|parking| parking.cold())
+                .filter_map(|parking| parking.parked.take())
+                .collect()
+        };
+        if cold.is_empty() {
+            return;
+        }
+        let forked = crate::spawn::WorkerProcess::launch(spawn, cold.len())
+            .and_then(crate::spawn::Launching::deferred)
+            .unwrap_or_default();
+        let mut forked = forked.into_iter();
+        for mut slot in cold {
+            if let Some(launched) = forked.next().flatten() {
+                slot.adopt_launched(launched);
+            }
+            self.give_back(slot);
+        }
     }
 
     /// Parks a slot that has no thread ([`Slot::dormant`]).
@@ -873,12 +929,7 @@ impl Shared {
     /// Whether a worker may still get work: the pool runs, or is closing with work queued or
     /// a stream that may queue more.
     pub(crate) fn has_work_to_come(&self) -> bool {
-        let state = self.lock();
-        match state.phase {
-            Phase::Running => true,
-            Phase::Closing => !state.queue.is_empty() || state.awaits_streams(),
-            Phase::Terminated => false,
-        }
+        self.lock().work_to_come()
     }
 
     /// The pids of the workers running now, once every slot has finished its first start

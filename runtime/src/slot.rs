@@ -325,13 +325,31 @@ impl Slot {
     /// that only ever makes calls of one chunk at a time (`apply`) then runs no thread of
     /// its own.
     pub(crate) fn dormant(mut self, launched: Launched) -> Box<Slot> {
+        self.adopt_launched(launched);
+        self.shared.first_start_done();
+        Box::new(self)
+    }
+
+    /// A slot whose worker is not asked for yet (`Slot::dormant` without a worker): one of a
+    /// pool's forked workers past the first, started when there is work for it or
+    /// `worker_pids` asks (`Shared::launch_cold`). It does not count as starting.
+    pub(crate) fn cold(self) -> Box<Slot> {
+        self.shared.first_start_done();
+        Box::new(self)
+    }
+
+    /// A dormant slot without a worker: one that a thread must start (`needs_thread`).
+    pub(crate) fn is_cold(&self) -> bool {
+        self.worker.is_none() && self.pending.is_none()
+    }
+
+    /// Takes `launched`, a worker the fork server is forking, as this slot's pending one.
+    pub(crate) fn adopt_launched(&mut self, launched: Launched) {
         match launched.pid_answer() {
             Some(answer) => self.shared.set_pid_answer(self.index, answer),
             None => self.shared.set_pid(self.index, launched.pid()),
         }
-        self.shared.first_start_done();
         self.pending = Some(launched);
-        Box::new(self)
     }
 
     /// The body of a thread started for a slot that had none: serves until the pool stops.
