@@ -250,7 +250,7 @@ def plan(args, exes):
             "bare w4", None, None, "-"),
         Row("W4 bound: the same program with threads (a rayon pool of 2)", "ms", ms, False,
             "threads w4", None, None, "1.5 (rayon)"),
-        Row("W4 part: Pool::new(2), in-process (returns once the fork server has the requests)",
+        Row("W4 part: Pool::new(2), in-process (returns once the fork server has the first request)",
             "new_ms", ms, False,
             "rust start", None, None, "-"),
         Row("W4 part: first apply (the fork server's answer, the worker's start, the task)",
