@@ -5,7 +5,7 @@ mod support;
 
 use multiproc::{Chunking, ErrorKind, Pool, task};
 use std::time::Duration;
-use support::{TestResult, ensure, fork_then_abort, wait_gone};
+use support::{TestResult, ensure, fork_then_abort, wait_gone, within};
 
 #[task]
 fn square(x: u64) -> u64 {
@@ -387,6 +387,21 @@ fn the_quote_keeps_what_went_wrong_before_a_backtrace() -> TestResult {
             && tail.contains("note: Some details are omitted"),
         tail.to_owned(),
     )
+}
+
+/// When no worker can start at all (a memory cap no process fits in), a call on a pool of
+/// three fails instead of waiting forever: the last slots to give up pass the work on to
+/// the one left, which was never woken.
+fn a_call_fails_when_no_worker_of_three_can_start() -> TestResult {
+    let pool = Pool::builder()
+        .processes(3)
+        .max_memory_per_child(1)
+        .build()?;
+    let outcome = within(Duration::from_mins(2), "apply", move || {
+        let outcome = pool.apply(square, (3,)).map_err(|err| err.kind());
+        (outcome, pool)
+    })?;
+    ensure(outcome.0.is_err(), format!("{:?}", outcome.0))
 }
 
 fn workers_are_recycled_after_max_tasks() -> TestResult {
@@ -907,6 +922,7 @@ fn main() {
         retries_run_a_crashed_task_again,
         stderr_tail_is_quoted,
         the_quote_keeps_what_went_wrong_before_a_backtrace,
+        a_call_fails_when_no_worker_of_three_can_start,
         workers_are_recycled_after_max_tasks,
         initializer_runs_in_every_worker,
         failing_initializer_is_a_clear_error,

@@ -897,6 +897,48 @@ fn a_pool_starts_its_workers_as_work_needs_them() -> TestResult {
     ok_forked("lazy")
 }
 
+#[task]
+fn sleep_then_pid(ms: u64) -> u32 {
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    std::process::id()
+}
+
+/// `worker_pids` lists every worker of a fresh pool whatever else started them meanwhile:
+/// right after a burst of calls woke the others, and from two threads at once.
+fn worker_pids_lists_workers_started_meanwhile() -> TestResult {
+    let pool = Pool::new(4)?;
+    let pending: Vec<_> = (0..4)
+        .map(|_| pool.apply_async(sleep_then_pid, (200,)))
+        .collect();
+    let pids = pool.worker_pids();
+    for result in pending {
+        result.get()?;
+    }
+    ensure(pids.len() == 4, format!("after a burst: {pids:?}"))?;
+    for round in 0..5 {
+        let pool = std::sync::Arc::new(Pool::new(4)?);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let other = {
+            let (pool, barrier) = (
+                std::sync::Arc::clone(&pool),
+                std::sync::Arc::clone(&barrier),
+            );
+            std::thread::spawn(move || {
+                barrier.wait();
+                pool.worker_pids()
+            })
+        };
+        barrier.wait();
+        let mine = pool.worker_pids();
+        let theirs = other.join().expect("thread");
+        ensure(
+            mine.len() == 4 && theirs.len() == 4,
+            format!("round {round}: {mine:?} and {theirs:?}"),
+        )?;
+    }
+    Ok(())
+}
+
 fn a_pool_starts_when_the_fork_server_is_gone() -> TestResult {
     let out = run_scenario("server-killed", "fork")?;
     ensure(out.contains("children=1") && out.contains("ok"), out)
@@ -998,6 +1040,7 @@ fn main() {
     }
     support::run(tests![
         a_pool_starts_its_workers_as_work_needs_them,
+        worker_pids_lists_workers_started_meanwhile,
         a_worker_prints_to_a_terminal_with_tostop,
         an_initializer_that_writes_much_to_stderr_starts,
         a_map_ends_while_the_program_holds_its_stderr,

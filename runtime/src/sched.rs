@@ -321,8 +321,10 @@ impl State {
 
     /// Wakes up to `chunks` idle slots, one per chunk queued; then dormant ones, whose
     /// threads the caller starts ([`Shared::start_threads`]) once the lock is released.
+    /// A cold slot woken owes a first start ([`Slot::owe_first_start`]): the second number is
+    /// how many, for [`Shared::wake_idle`] to count.
     #[must_use]
-    fn wake_idle(&mut self, chunks: usize, wakers: &[Condvar]) -> Vec<usize> {
+    fn wake_idle(&mut self, chunks: usize, wakers: &[Condvar]) -> (Vec<usize>, usize) {
         let mut left = chunks;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if left == 0 {
@@ -337,18 +339,23 @@ impl State {
         // Dormant slots with a worker (started or starting) first; then those whose worker
         // is still to be asked for, which take a start before they can run anything.
         let mut start = Vec::new();
+        let mut owed = 0;
         for cold in [false, true] {
             for (index, slot) in self.slots.iter_mut().enumerate() {
                 if left == 0 {
-                    return start;
+                    return (start, owed);
                 }
                 if slot.cold() == cold && slot.wake_dormant(&mut self.threads_starting) {
+                    if cold && let Some(slot) = slot.parked.as_mut() {
+                        slot.owe_first_start();
+                        owed += 1;
+                    }
                     start.push(index);
                     left -= 1;
                 }
             }
         }
-        start
+        (start, owed)
     }
 }
 
@@ -446,6 +453,17 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// [`State::wake_idle`], with the first starts that cold slots woken owe counted (under
+    /// the state's lock, so that `worker_pids` cannot see a cold slot neither cold nor
+    /// counted): `worker_pids` waits for them.
+    fn wake_idle(&self, state: &mut State, chunks: usize) -> Vec<usize> {
+        let (start, owed) = state.wake_idle(chunks, &self.wakers);
+        if owed > 0 {
+            self.lock_pids().starting += owed;
+        }
+        start
+    }
+
     /// Asks for the workers of the dormant slots that have none yet ([`Slot::cold`]), all at
     /// once, as `build` asks for the first: for `worker_pids`, which lists every worker. A
     /// worker the fork server does not take is left to the slot's thread, when there is
@@ -457,12 +475,21 @@ impl Shared {
             if !state.work_to_come() {
                 return;
             }
-            state
+            let cold: Vec<Box<Slot>> = state
                 .slots
                 .iter_mut()
                 .filter(|parking| parking.cold())
                 .filter_map(|parking| parking.parked.take())
-                .collect()
+                .map(|mut slot| {
+                    slot.owe_first_start();
+                    slot
+                })
+                .collect();
+            // Counted before the lock goes: a concurrent `worker_pids` waits for these.
+            if !cold.is_empty() {
+                self.lock_pids().starting += cold.len();
+            }
+            cold
         };
         if cold.is_empty() {
             return;
@@ -473,8 +500,11 @@ impl Shared {
         let mut forked = forked.into_iter();
         for mut slot in cold {
             if let Some(launched) = forked.next().flatten() {
+                // Its pid (the server's answer) is known: its first start is under way.
                 slot.adopt_launched(launched);
+                slot.first_start_settled();
             }
+            // One the server did not take starts on its thread, which settles it.
             self.give_back(slot);
         }
     }
@@ -516,7 +546,7 @@ impl Shared {
                     }
                     let mut state = self.lock();
                     let queued = state.queue.len();
-                    more = state.wake_idle(queued, &self.wakers);
+                    more = self.wake_idle(&mut state, queued);
                 }
             }
             // After the handle is in `threads`: `join_threads` relies on that order.
@@ -646,7 +676,7 @@ impl Shared {
         let added = state.queue.len() - before;
         // A slot parks itself under this lock before it sleeps: with none idle, busy slots
         // find the chunks when they next look, and the wake-up system call is saved.
-        let start = state.wake_idle(added, &self.wakers);
+        let start = self.wake_idle(&mut state, added);
         drop(state);
         self.start_threads(start);
         Ok(())
@@ -719,7 +749,7 @@ impl Shared {
         for chunk in chunks.into_iter().rev() {
             state.queue.push_front(chunk);
         }
-        let start = state.wake_idle(added, &self.wakers);
+        let start = self.wake_idle(&mut state, added);
         drop(state);
         self.start_threads(start);
     }
@@ -1019,6 +1049,14 @@ impl Shared {
         let mut state = self.lock();
         state.live_slots -= 1;
         if state.live_slots > 0 {
+            // Work it was woken for and could not run goes to the slots left, one of which
+            // may not have been woken (a dormant one: it would wait for work forever).
+            let queued = state.queue.len();
+            if queued > 0 {
+                let start = self.wake_idle(&mut state, queued);
+                drop(state);
+                self.start_threads(start);
+            }
             return;
         }
         // A start that fails while the pool closes is not the pool's failure.

@@ -236,6 +236,8 @@ pub(crate) struct Slot {
     /// the socket that a region could have carried. (Not sized from requests: a large
     /// argument often has a small result, and regions count against `max_memory_per_child`.)
     want_replies: usize,
+    /// A first start this slot owes `worker_pids` (see `owe_first_start`).
+    owes_first_start: bool,
 }
 
 impl Slot {
@@ -262,6 +264,7 @@ impl Slot {
             reply_copy: Vec::new(),
             requests_sent: 0,
             want_replies: 0,
+            owes_first_start: false,
         }
     }
 
@@ -336,6 +339,20 @@ impl Slot {
     pub(crate) fn cold(self) -> Box<Slot> {
         self.shared.first_start_done();
         Box::new(self)
+    }
+
+    /// A cold slot leaves the cold state: `worker_pids` (through `Pids::starting`, which the
+    /// caller increments) waits until its first start attempt is settled.
+    pub(crate) fn owe_first_start(&mut self) {
+        self.owes_first_start = true;
+    }
+
+    /// The first start attempt this slot owed is over (with a worker or without), or the
+    /// slot leaves without one.
+    pub(crate) fn first_start_settled(&mut self) {
+        if std::mem::take(&mut self.owes_first_start) {
+            self.shared.first_start_done();
+        }
     }
 
     /// A dormant slot without a worker: one that a thread must start (`needs_thread`).
@@ -414,10 +431,13 @@ impl Slot {
                 if slot.shared.is_terminated()
                     || (slot.pending.is_none() && !slot.shared.has_work_to_come())
                 {
+                    slot.first_start_settled();
                     return (slot, None);
                 }
                 let pending = slot.pending.take();
-                if let Err(err) = slot.start_worker(pending, slot.config.restart_attempts) {
+                let started = slot.start_worker(pending, slot.config.restart_attempts);
+                slot.first_start_settled();
+                if let Err(err) = started {
                     return (slot, Some(err));
                 }
             }
@@ -540,6 +560,7 @@ impl Slot {
     /// [`finish`](Self::finish); an idle worker's grace ends at `deadline` at the latest
     /// (workers asked to exit together share one).
     fn finish_by(&mut self, deadline: Option<std::time::Instant>) {
+        self.first_start_settled();
         let busy = !self.inflight.is_empty();
         for flight in self.inflight.drain(..) {
             let task = flight.chunk.call.task_name();
