@@ -100,12 +100,12 @@ impl Pool {
         self.processes
     }
 
-    /// The process ids of the workers running now (a replaced worker has a new pid). Right
-    /// after [`Pool::new`], which may return before every worker is ready, or asked for (see
-    /// [`PoolBuilder::build`](crate::PoolBuilder::build)), this first starts those not asked
-    /// for yet and waits for the others' first start attempts; a worker the fork server forks counts as started once the
-    /// server has answered (read here if it was not yet). One the server did not fork (it
-    /// declined, or it stopped answering or died before it did) is not listed until the
+    /// The process ids of the workers running now (a replaced worker has a new pid). This
+    /// first starts the workers not asked for yet (a pool asks for them as work needs them:
+    /// see [`PoolBuilder::build`](crate::PoolBuilder::build)), then waits for every first
+    /// start under way; a worker the fork server forks counts as started once the server
+    /// has answered (read here if it was not yet). One the server did not fork when `build`
+    /// asked for it (it stopped answering or died before it did) is not listed until the
     /// pool first uses its place, and starts a worker there by running the executable.
     ///
     /// ```no_run
