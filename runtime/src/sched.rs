@@ -4,7 +4,10 @@
 //! caller about to block on one chunk may borrow it and do the round trip itself
 //! (`Shared::submit_and_wait`). A slot whose worker the fork server forked starts without a
 //! thread (dormant): callers borrow it as they would an idle one, the first work queued for
-//! it starts its thread, and a closing pool stops its worker from the thread that joins.
+//! it starts its thread, and a closing pool stops its worker from the thread that joins. The
+//! slots past a pool's first start dormant and cold, with no worker asked for: work queued
+//! for them starts their thread, which starts their worker (`worker_pids` asks for them all
+//! at once, `Shared::launch_cold`).
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Header};
@@ -466,8 +469,8 @@ impl Shared {
 
     /// Asks for the workers of the dormant slots that have none yet ([`Slot::cold`]), all at
     /// once, as `build` asks for the first: for `worker_pids`, which lists every worker. A
-    /// worker the fork server does not take is left to the slot's thread, when there is
-    /// work for it (a start elsewhere than on a slot's thread could not outlive this one).
+    /// worker the fork server does not take is started at once by the slot's own thread (by
+    /// running the executable: a start on this thread could not outlive it).
     pub(crate) fn launch_cold(&self, spawn: &crate::spawn::SpawnOptions) {
         let cold: Vec<Box<Slot>> = {
             let mut state = self.lock();
