@@ -87,7 +87,9 @@ impl Pool {
         PoolBuilder::default()
     }
 
-    /// The number of worker processes.
+    /// The number of worker processes: the pool's size, which its work may use at once (a
+    /// pool of forked workers starts them as work needs them; see
+    /// [`PoolBuilder::build`](crate::PoolBuilder::build)).
     ///
     /// ```no_run
     /// # use multiproc::Pool;
