@@ -141,9 +141,15 @@ impl Region {
     /// The `len` bytes of a shared frame at the start of the region, as announced by the
     /// peer: `Err` if that overruns the region.
     pub(crate) fn shared_frame(&self, len: u64) -> Result<&[u8], Error> {
+        let len = self.frame_len(len)?;
+        Ok(self.get(len).expect("within the region"))
+    }
+
+    /// A shared frame's length as announced by the peer, checked against the region's.
+    fn frame_len(&self, len: u64) -> Result<usize, Error> {
         usize::try_from(len)
             .ok()
-            .and_then(|len| self.get(len))
+            .filter(|&len| len <= self.len)
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::Codec,
@@ -161,15 +167,7 @@ impl Region {
     /// decoding could be undone before the bytes it checked are used: a `String` validated
     /// as UTF-8 and then copied could hold bytes that are not. One `memcpy` per large reply.
     pub(crate) fn copy_frame(&self, len: u64, out: &mut Vec<u8>) -> Result<(), Error> {
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&len| len <= self.len)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Codec,
-                    format!("a shared frame of {len} bytes overruns its region"),
-                )
-            })?;
+        let len = self.frame_len(len)?;
         out.clear();
         out.reserve(len);
         // SAFETY: `len` is within the mapping (checked above) and within `out`'s capacity

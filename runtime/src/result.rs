@@ -179,13 +179,13 @@ impl<O: Payload> CallState<O> {
         self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts `items` more submitted items; `seal` when the input is exhausted.
     /// A call refused as a whole (no items to fail one by one): complete, and failed.
     pub(crate) fn refuse(&self) {
         self.lock().failed = true;
         self.expect(0, true);
     }
 
+    /// Counts `items` more submitted items; `seal` when the input is exhausted.
     pub(crate) fn expect(&self, items: usize, seal: bool) {
         let mut inbox = self.lock();
         inbox.pending += items;

@@ -271,20 +271,21 @@ impl StderrTail {
 fn without_backtraces<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<std::borrow::Cow<'a, str>> {
     let mut kept = Vec::new();
     let mut frames = 0;
+    let fold = |kept: &mut Vec<std::borrow::Cow<'a, str>>, frames: &mut usize| {
+        if *frames > 0 {
+            kept.push(format!("  [{frames} lines of backtrace, on stderr]").into());
+            *frames = 0;
+        }
+    };
     for line in lines {
         if is_backtrace_frame(line) {
             frames += 1;
-            continue;
+        } else {
+            fold(&mut kept, &mut frames);
+            kept.push(line.into());
         }
-        if frames > 0 {
-            kept.push(format!("  [{frames} lines of backtrace, on stderr]").into());
-            frames = 0;
-        }
-        kept.push(line.into());
     }
-    if frames > 0 {
-        kept.push(format!("  [{frames} lines of backtrace, on stderr]").into());
-    }
+    fold(&mut kept, &mut frames);
     kept
 }
 

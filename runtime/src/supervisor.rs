@@ -151,7 +151,7 @@ impl Supervised {
     /// outlives a finished child's handle, as it does once the child is reaped.
     pub(crate) fn signal(&self, signal: Signal) {
         let mut state = self.life.lock();
-        if state.status.is_some() || has_exited(self.pid) {
+        if state.status.is_some() || exited(self.pid, false) {
             return;
         }
         // Not reaped, so the pid (and its group id) still name our child. ESRCH (it is
@@ -220,7 +220,7 @@ fn supervise(
         // A malformed reply: stop the child. Not reaped yet, so the group id is still ours.
         signal_child(pid, Signal::SIGKILL);
     }
-    wait_exited(pid);
+    exited(pid, true);
     worker.stderr.settle(None);
     let mut state = life.lock();
     let status = worker.wait();
@@ -340,20 +340,15 @@ fn read_reply(worker: &mut WorkerProcess) -> Result<Option<Vec<u8>>, Error> {
     }
 }
 
-/// Blocks until child `pid` has exited, without reaping it: reaping happens under the lock
-/// that signals take.
+/// Whether child `pid`, not reaped yet, has exited, without reaping it: reaping happens
+/// under the lock that signals take. With `block`, waits until it has.
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-fn wait_exited(pid: u32) {
-    use nix::sys::wait::{Id, WaitPidFlag, waitid};
-    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
-    while let Err(Errno::EINTR) = waitid(Id::Pid(Pid::from_raw(pid.cast_signed())), flags) {}
-}
-
-/// Whether child `pid`, not reaped yet, has exited (without reaping it).
-#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-fn has_exited(pid: u32) -> bool {
+fn exited(pid: u32, block: bool) -> bool {
     use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
-    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+    let mut flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+    if !block {
+        flags |= WaitPidFlag::WNOHANG;
+    }
     loop {
         match waitid(Id::Pid(Pid::from_raw(pid.cast_signed())), flags) {
             Err(Errno::EINTR) => {}
@@ -363,13 +358,9 @@ fn has_exited(pid: u32) -> bool {
     }
 }
 
-/// Elsewhere a child is taken as running until reaped.
+/// Elsewhere a child is taken as running until reaped, and the reaping itself waits, under
+/// the lock: once its stream has ended, the child is exiting.
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-fn has_exited(_pid: u32) -> bool {
+fn exited(_pid: u32, _block: bool) -> bool {
     false
 }
-
-/// Elsewhere the reaping itself waits, under the lock: the child's stream has ended, so it
-/// is exiting.
-#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-fn wait_exited(_pid: u32) {}

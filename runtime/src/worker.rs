@@ -381,8 +381,8 @@ impl Server {
             count,
         };
         if self.out.is_empty()
+            && self.replies_free()
             && let Some(region) = &self.replies
-            && status.taken(false) == self.replies_sent
         {
             // The parent is done with the region: the results go straight there.
             self.out.enter_region(region);
@@ -419,6 +419,21 @@ impl Server {
         Ok(Flow::Continue)
     }
 
+    /// Whether the parent is done with the last reply it was sent in the replies region.
+    fn replies_free(&self) -> bool {
+        self.status.taken(false) == self.replies_sent
+    }
+
+    /// Tells the parent that a reply of `len` bytes waits in the replies region.
+    fn announce_reply(&mut self, len: usize) -> Result<(), Error> {
+        self.replies_sent += 1;
+        let shared = Header::Shared {
+            n: self.replies_sent,
+            len: len as u64,
+        };
+        write_all(&mut self.conn, &protocol::control_frame(&shared))
+    }
+
     /// Sends the results gathered so far: through the replies region when they are large
     /// and it is free and big enough, else through the socket.
     fn flush(&mut self) -> Result<(), Error> {
@@ -429,28 +444,18 @@ impl Server {
         if self.out.in_region() {
             // Written in place: announced when large, else its bytes go through the socket.
             if len >= SHARED_MIN {
-                self.replies_sent += 1;
-                let shared = Header::Shared {
-                    n: self.replies_sent,
-                    len: len as u64,
-                };
-                write_all(&mut self.conn, &protocol::control_frame(&shared))?;
+                self.announce_reply(len)?;
             } else {
                 write_all(&mut self.conn, self.out.as_mut_slice())?;
             }
             self.out.sent();
             return Ok(());
         }
-        let free = self.status.taken(false) == self.replies_sent;
+        let free = self.replies_free();
         match self.replies.as_mut() {
             Some(region) if len >= SHARED_MIN && free && region.len() >= len => {
                 region.fill(&self.out.vec);
-                self.replies_sent += 1;
-                let shared = Header::Shared {
-                    n: self.replies_sent,
-                    len: len as u64,
-                };
-                write_all(&mut self.conn, &protocol::control_frame(&shared))?;
+                self.announce_reply(len)?;
             }
             _ => write_all(&mut self.conn, &self.out.vec)?,
         }
@@ -463,7 +468,7 @@ impl Server {
 }
 
 /// A worker's results not yet sent: built in a `Vec`, or straight in the replies region
-/// while the parent is done with it (`Server::handle`), which spares a large reply its copy
+/// while the parent is done with it (`Server::run`), which spares a large reply its copy
 /// into the region. A reply that outgrows the region moves to the `Vec` (the parent then
 /// makes a larger region), and the region is left before it is replaced or given up.
 #[derive(Default)]
@@ -481,7 +486,7 @@ struct InRegion {
 
 impl Out {
     fn is_empty(&self) -> bool {
-        crate::codec::Sink::len(self) == 0
+        Sink::len(self) == 0
     }
 
     fn in_region(&self) -> bool {
@@ -524,7 +529,7 @@ impl Out {
     }
 }
 
-impl crate::codec::Sink for Out {
+impl Sink for Out {
     #[inline]
     fn push(&mut self, byte: u8) {
         match &mut self.region {
