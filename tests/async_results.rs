@@ -42,9 +42,13 @@ impl Drop for MustRead {
     }
 }
 
-/// Waits at the gate (none when empty), then returns a [`MustRead`].
+/// Says it has started (writes to the FIFO `started`, which the test reads), waits at the
+/// gate, then returns a [`MustRead`]; empty paths skip either.
 #[task]
-fn must_read((gate, value): (String, u64)) -> MustRead {
+fn must_read((started, gate, value): (String, String, u64)) -> MustRead {
+    if !started.is_empty() {
+        let _ = std::fs::write(&started, b"started");
+    }
     if !gate.is_empty() {
         support::pass_gate(&gate);
     }
@@ -196,14 +200,21 @@ fn async_result_is_send() -> TestResult {
 fn outputs_whose_drop_panics_leave_the_pool_serving() -> TestResult {
     for dropped in ["map_async", "imap"] {
         let pool = Pool::new(1)?;
-        let gate = Gate::new();
+        let (started, gate) = (Gate::new(), Gate::new());
+        let held = (started.path(), gate.path(), 1);
+        // Dropped once the gated item runs (its worker has it: a queued one would be
+        // dropped unrun, and the gate below would wait for it forever).
+        let is_running = || std::fs::read(started.path()).map(drop);
         if dropped == "map_async" {
-            drop(pool.map_async(must_read, [(gate.path(), 1)]));
+            let outputs = pool.map_async(must_read, [held]);
+            is_running()?;
+            drop(outputs);
         } else {
             let mut outputs = pool
                 .with_chunking(multiproc::Chunking::Fixed(1))
-                .imap(must_read, [(String::new(), 0), (gate.path(), 1)]);
+                .imap(must_read, [(String::new(), String::new(), 0), held]);
             std::mem::forget(outputs.next().expect("one output")?);
+            is_running()?;
             drop(outputs);
         }
         // The output comes now, to nobody.
